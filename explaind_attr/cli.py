@@ -1,0 +1,325 @@
+"""The `explaind` command line: info, kernel, report, demo.
+
+    explaind info TRACE
+    explaind kernel TRACE --model MODULE:FACTORY --inputs MODULE:FUNCTION|FILE.npy
+    explaind report TRACE [--result R] [--model ... --inputs ...] [--out DIR]
+    explaind demo [--out DIR]
+
+MODULE is imported from the current directory. Errors raised by ExPLAIND (explaind_trace,
+explaind_kernel, explaind_attr) print one line on stderr and exit with code 2; --debug
+shows the traceback instead. Errors raised by the user's own code are not caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+_LIBRARY_PACKAGES = ("explaind_attr", "explaind_kernel", "explaind_trace")
+EXIT_LIBRARY_ERROR = 2
+
+
+# ----------------------------------------------------------------- argument resolution
+
+
+def _import_attr(spec: str, what: str) -> Any:
+    """Resolve MODULE:NAME, importing MODULE with the current directory on sys.path."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(
+            f"{what} must look like MODULE:NAME (e.g. mymodel:make_model), got {spec!r}"
+        )
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(
+            f"cannot import module {module_name!r} for {what} ({e}); run explaind from the "
+            "directory that holds it, or make it importable"
+        ) from e
+    try:
+        return getattr(module, attr)
+    except AttributeError as e:
+        raise UsageError(f"module {module_name!r} has no attribute {attr!r} ({what})") from e
+
+
+def _load_npy(path: str, what: str) -> Any:
+    import numpy as np
+    import torch
+
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {what} from {path!r}: {e}") from e
+
+
+def _load_model(spec: str) -> Any:
+    import torch
+
+    factory = _import_attr(spec, "--model")
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _load_inputs(spec: str, labels_path: str | None) -> tuple[Any, Any]:
+    """(inputs, labels) from FILE.npy or MODULE:FUNCTION; --labels wins over returned ones."""
+    labels = None
+    if spec.endswith(".npy"):
+        inputs = _load_npy(spec, "--inputs")
+    else:
+        value = _import_attr(spec, "--inputs")()
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            inputs, labels = value
+        else:
+            inputs = value
+    if labels_path is not None:
+        labels = _load_npy(labels_path, "--labels")
+    return inputs, labels
+
+
+def _compute(args: argparse.Namespace) -> Any:
+    if not args.model or not args.inputs:
+        raise UsageError("computing a kernel result needs --model MODULE:FACTORY and --inputs")
+    if args.nodes < 1:
+        raise UsageError(f"--nodes must be ≥ 1, got {args.nodes}")
+    model = _load_model(args.model)
+    inputs, labels = _load_inputs(args.inputs, args.labels)
+    if args.outputs == "label" and labels is None:
+        raise UsageError(
+            "--outputs label needs labels: pass --labels FILE.npy, or return (inputs, labels) "
+            "from the --inputs function"
+        )
+    try:
+        from explaind_kernel import compute_kernel
+    except ImportError as e:
+        raise UsageError(f"the kernel engine (explaind_kernel) cannot be imported: {e}") from e
+    options: dict[str, Any] = {}
+    if args.no_progress:
+        options["progress"] = False
+    return compute_kernel(
+        args.trace,
+        model,
+        inputs,
+        outputs=args.outputs,
+        labels=labels,
+        quadrature=f"gauss:{args.nodes}",
+        device=args.device,
+        **options,
+    )
+
+
+def _default_path(trace: str, suffix: str) -> Path:
+    return Path(trace.split("://", 1)[-1].rstrip("/\\") + suffix)
+
+
+def _trace_id(trace: str) -> str:
+    from explaind_trace import open_trace
+
+    from .results import trace_id_of
+
+    with open_trace(trace) as reader:
+        return trace_id_of(reader)
+
+
+def _samples_from_trace(trace: str, ids: Sequence[str]) -> dict[str, Any] | None:
+    """Input rows of `ids` read from the trace, when its reader offers `sample(id)`."""
+    from explaind_trace import open_trace
+
+    with open_trace(trace) as reader:
+        get = getattr(reader, "sample", None)
+        if get is None:
+            log.info("the trace reader offers no sample(id); the report shows no inputs")
+            return None
+        out = {}
+        for sid in ids:
+            try:
+                out[sid] = get(sid)
+            except (KeyError, LookupError):
+                continue
+        return out
+
+
+# ----------------------------------------------------------------------- subcommands
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    try:
+        from explaind_trace.info import describe, format_info
+    except ImportError as e:
+        raise UsageError(
+            f"`explaind info` needs explaind_trace.info, which cannot be imported: {e}"
+        ) from e
+    print(format_info(describe(args.path)))
+    return 0
+
+
+def _cmd_kernel(args: argparse.Namespace) -> int:
+    result = _compute(args)
+    out = Path(args.out) if args.out else _default_path(args.trace, ".result.explaind")
+    result.save(out)
+    log.info("kernel result saved to %s", out)
+    print(result.completeness_line())
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from explaind_kernel.result import KernelResult
+
+    from .errors import ResultMismatchError
+    from .report import build_report
+    from .results import check_result_matches
+
+    out_dir = Path(args.out) if args.out else _default_path(args.trace, ".report")
+    result: KernelResult | None = None
+    save_to = out_dir / "result.explaind"
+    if args.result and Path(args.result).exists():
+        loaded = KernelResult.load(args.result)
+        try:
+            check_result_matches(loaded, _trace_id(args.trace))
+            result = loaded
+        except ResultMismatchError as e:
+            print(f"explaind: note: {e}; computing a new one", file=sys.stderr)
+    elif args.result:
+        save_to = Path(args.result)
+    if result is None:
+        result = _compute(args)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        result.save(save_to)
+        log.info("kernel result saved to %s", save_to)
+    samples = _samples_from_trace(args.trace, result.sample_ids)
+    paths = build_report(result, out_dir, samples=samples, title=f"ExPLAIND report: {args.trace}")
+    print(result.completeness_line())
+    print(f"report: {paths.html}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    options = {"progress": False} if args.no_progress else {}
+    try:
+        outcome = run_demo(args.out, quick=args.quick, **options)
+    except NotImplementedError as e:
+        raise UsageError(str(e)) from e
+    return outcome if isinstance(outcome, int) and not isinstance(outcome, bool) else 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _kernel_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument(
+        "--model",
+        required=required,
+        metavar="MODULE:FACTORY",
+        help="FACTORY() builds a model of the traced architecture",
+    )
+    p.add_argument(
+        "--inputs",
+        required=required,
+        metavar="MODULE:FUNCTION|FILE.npy",
+        help="test inputs: FUNCTION() returns a tensor or (inputs, labels)",
+    )
+    p.add_argument(
+        "--outputs",
+        choices=("all", "predicted", "label"),
+        default="all",
+        help="which outputs to explain (default: all)",
+    )
+    p.add_argument("--labels", metavar="FILE.npy", help="labels for --outputs label")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Gauss-Legendre nodes per step (default: 2)",
+    )
+    p.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser of the `explaind` command."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks instead of one-line errors",
+    )
+    common.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,
+        help="log more (-v info, -vv debug)",
+    )
+    parser = argparse.ArgumentParser(
+        prog="explaind",
+        parents=[common],
+        description="Exact model, data and training attribution for recorded PyTorch runs.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", parents=[common], help="describe a recorded trace")
+    p.add_argument("path", metavar="TRACE")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("kernel", parents=[common], help="compute and save a kernel result")
+    p.add_argument("trace", metavar="TRACE")
+    _kernel_options(p, required=True)
+    p.add_argument("--out", metavar="RESULT", help="result file (default: TRACE.result.explaind)")
+    p.set_defaults(func=_cmd_kernel)
+
+    p = sub.add_parser("report", parents=[common], help="write an HTML/markdown report")
+    p.add_argument("trace", metavar="TRACE")
+    _kernel_options(p, required=False)
+    p.add_argument("--result", metavar="R", help="a saved result to use when it fits TRACE")
+    p.add_argument("--out", metavar="DIR", help="report directory (default: TRACE.report)")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("demo", parents=[common], help="run the end-to-end demo")
+    p.add_argument("--out", metavar="DIR", default="explaind-demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def _is_library_error(e: BaseException) -> bool:
+    return (type(e).__module__ or "").split(".")[0] in _LIBRARY_PACKAGES
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for ExPLAIND errors)."""
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    verbose = getattr(args, "verbose", 0) or 0
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
+    logging.basicConfig(level=level, format="explaind: %(levelname)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except Exception as e:
+        if debug or not _is_library_error(e):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"explaind: error: {message}", file=sys.stderr)
+        return EXIT_LIBRARY_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+"""Reports: self-contained HTML, markdown, CSVs and PNG plots of a kernel result."""
+
+from __future__ import annotations
+
+from .build import ReportPaths, build_report
+
+__all__ = ["ReportPaths", "build_report"]

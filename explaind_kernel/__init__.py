@@ -1,0 +1,39 @@
+"""explaind_kernel: a recorded training run rewritten exactly as a kernel machine.
+
+    result = explaind_kernel.compute_kernel("runs/a.lmdb", model, test_x, outputs="all")
+    print(result.completeness_line())
+"""
+
+from .config import KernelConfig
+from .engine import compute_kernel, trace_fingerprint
+from .errors import (
+    EmptyTraceError,
+    InputError,
+    KernelError,
+    ModelMismatchError,
+    ResultFileError,
+    UnsupportedOptimizerError,
+)
+from .quadrature import Quadrature, register_quadrature
+from .result import KeepOptions, KernelResult
+from .rules import OptimizerRule, ParamStep, RuleOutput, register_rule
+
+__all__ = [
+    "compute_kernel",
+    "trace_fingerprint",
+    "KernelConfig",
+    "KernelResult",
+    "KeepOptions",
+    "Quadrature",
+    "register_quadrature",
+    "OptimizerRule",
+    "ParamStep",
+    "RuleOutput",
+    "register_rule",
+    "KernelError",
+    "InputError",
+    "ModelMismatchError",
+    "EmptyTraceError",
+    "UnsupportedOptimizerError",
+    "ResultFileError",
+]

@@ -1,0 +1,86 @@
+"""Kernel configuration: a small frozen dataclass saved with every result."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .quadrature import Quadrature
+from .result import KeepOptions
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """How the path kernel is computed.
+
+    quadrature:    rule and node count for J̄_t, e.g. "gauss:2" or "midpoint:100".
+    adaptive_tol:  when set, a step whose measured |quadrature error| exceeds it is recomputed
+                   with more nodes (up to `max_nodes`).
+    dtype:         "float32" (default) or "float64" (verification).
+    device:        "cuda", "cpu", ... (None: CUDA when available, else CPU).
+    memory_budget: bytes the per-chunk adjoint state may take; test inputs are chunked to fit.
+    block_rows:    training-batch rows whose per-sample gradients are held at once.
+    step_windows:  number of equal step windows for windowed views (or explicit edges).
+    keep:          which joint slices to keep (see KeepOptions).
+    allow_tf32:    permit TF32 matmuls on CUDA (off by default: fp32 means fp32).
+    progress:      show a tqdm progress bar.
+    prefetch:      read and replay the trace in a background thread while computing.
+    cpu_threads:   torch intra-op threads while computing on CPU (None: leave as is); small
+                   models on few cores run much faster with 1. Restored afterwards.
+    """
+
+    quadrature: str = "gauss:2"
+    adaptive_tol: float | None = None
+    max_nodes: int = 8
+    dtype: str = "float32"
+    device: str | None = None
+    memory_budget: int = 2 * 1024**3
+    block_rows: int = 64
+    step_windows: int | tuple[int, ...] = 10
+    keep: KeepOptions = field(default_factory=KeepOptions)
+    allow_tf32: bool = False
+    progress: bool = True
+    prefetch: bool = True
+    cpu_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        Quadrature.parse(self.quadrature)
+        if self.dtype not in _DTYPES:
+            raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.adaptive_tol is not None and not self.adaptive_tol > 0:
+            raise InputError(f"adaptive_tol must be positive, got {self.adaptive_tol!r}")
+        if self.max_nodes < Quadrature.parse(self.quadrature).nodes:
+            raise InputError(
+                f"max_nodes ({self.max_nodes}) is below the quadrature's node count "
+                f"({self.quadrature}); raise max_nodes."
+            )
+        if self.memory_budget <= 0:
+            raise InputError(f"memory_budget must be positive bytes, got {self.memory_budget!r}")
+        if self.block_rows < 1:
+            raise InputError(f"block_rows must be ≥ 1, got {self.block_rows!r}")
+        if isinstance(self.step_windows, int) and self.step_windows < 1:
+            raise InputError(f"step_windows must be ≥ 1, got {self.step_windows!r}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise InputError(f"cpu_threads must be ≥ 1, got {self.cpu_threads!r}")
+        if not isinstance(self.keep, KeepOptions):
+            raise InputError("keep must be an explaind_kernel.KeepOptions instance")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if isinstance(d["step_windows"], tuple):
+            d["step_windows"] = list(d["step_windows"])
+        return d

@@ -1,0 +1,563 @@
+"""The adjoint sweep: a recorded run rewritten exactly as a kernel machine (design.md §1–3).
+
+Sweeping the trace backward, segment by segment (θ_t rebuilt by optimizer replay), each step τ
+gets the integrated Jacobian J̄_τ of the explained rows, the optimizer rule turns it into the
+adjoint Z_τ, and the recorded training forwards of step τ are replayed to contract per-sample
+gradients with Z_τ. Memory: one adjoint per explained row plus one segment of θ_t — it does not
+grow with the number of training samples or steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import KernelConfig
+from .errors import EmptyTraceError, InputError, ModelMismatchError, UnsupportedOptimizerError
+from .functional import FunctionalModel, OutputSelector, primary_output, to_compute
+from .jacobian import TestSide
+from .prefetch import SegmentPrefetcher, StepBundle
+from .quadrature import Quadrature
+from .result import KernelResult
+from .rules import ParamStep, rule_for
+from .rules.base import row_dot
+from .training_side import TrainingSide
+
+log = logging.getLogger(__name__)
+
+SliceSpec = Mapping[str, tuple[str, Any]]
+
+
+def compute_kernel(
+    trace: Any,
+    model: nn.Module,
+    inputs: Tensor | Sequence[Tensor],
+    *,
+    outputs: str | Callable[[Tensor], Tensor] = "all",
+    labels: Tensor | np.ndarray | Sequence[int] | None = None,
+    output_names: list[str] | None = None,
+    slices: SliceSpec | None = None,
+    config: KernelConfig | None = None,
+    **options: Any,
+) -> KernelResult:
+    """Rewrite the traced model's outputs on `inputs` as an exact kernel machine.
+
+    trace:   a path/URL of a trace or an open `explaind_trace.TraceReader`.
+    model:   a model of the traced architecture (never modified; a private copy is used).
+    inputs:  test inputs [N, ...] (or a tuple of tensors passed positionally).
+    outputs: "all", "predicted" (argmax of the final model), "label" (needs `labels`) or a
+             function of the model output returning [n, O] (margin, loss of the test point...).
+    slices:  {name: (parameter name, index or boolean mask)} user-defined parameter slices.
+    config / options: a KernelConfig, or its fields as keyword arguments.
+    """
+    if config is None:
+        config = KernelConfig(**options)
+    elif options:
+        raise InputError("pass either config= or keyword options, not both")
+    reader, owned = _open(trace)
+    try:
+        return _Sweep(reader, model, inputs, outputs, labels, output_names, slices, config).run()
+    finally:
+        if owned:
+            reader.close()
+
+
+def _open(trace: Any):
+    if hasattr(trace, "replay") and hasattr(trace, "segments"):
+        return trace, False
+    from explaind_trace import open_trace
+
+    return open_trace(trace), True
+
+
+@dataclass
+class _Acc:
+    """float64 accumulators of one chunk of rows."""
+
+    rows: int
+    steps: int
+    comps: int
+    windows: int
+    keep: Any
+    nparams: int
+
+    def __post_init__(self) -> None:
+        r, t, c, w = self.rows, self.steps, self.comps, self.windows
+        z = np.zeros
+        self.step = {k: z((r, t)) for k in _STEP_KEYS}
+        self.components = z((r, c))
+        self.component_data = z((r, c))
+        self.component_window = z((r, c, w)) if self.keep.component_window else None
+        self.data = z((r, 64))
+        self.sample_component = z((r, 64, self.nparams)) if self.keep.sample_component else None
+        self.sample_window = z((r, 64, w)) if self.keep.sample_window else None
+
+    def grow(self, n: int) -> None:
+        cap = self.data.shape[1]
+        if n <= cap:
+            return
+        new = max(n, 2 * cap)
+        self.data = _pad(self.data, 1, new)
+        if self.sample_component is not None:
+            self.sample_component = _pad(self.sample_component, 1, new)
+        if self.sample_window is not None:
+            self.sample_window = _pad(self.sample_window, 1, new)
+
+
+_STEP_KEYS = (
+    "data",
+    "weight_decay",
+    "nondata",
+    "initial_state",
+    "residual",
+    "quadrature_error",
+    "buffer_drift",
+)
+
+
+def _pad(a: np.ndarray, axis: int, size: int) -> np.ndarray:
+    shape = list(a.shape)
+    shape[axis] = size
+    out = np.zeros(shape)
+    idx = tuple(slice(0, s) for s in a.shape)
+    out[idx] = a
+    return out
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+class _Sweep:
+    def __init__(self, reader, model, inputs, outputs, labels, output_names, slices, config):
+        self.reader, self.model, self.config = reader, model, config
+        self.T = int(reader.num_steps)
+        if self.T == 0:
+            raise EmptyTraceError(
+                "the trace holds no committed optimizer step, so there is nothing to explain; "
+                "record at least one optimizer.step() inside explaind_trace.record()."
+            )
+        try:
+            reader.check_model(model)
+        except Exception as e:  # the trace's mismatch error names what differs
+            if type(e).__name__ == "TraceMismatchError":
+                raise ModelMismatchError(str(e)) from e
+            raise
+        self.rule = rule_for(_optimizer_class(reader))
+        self.device = config.resolved_device()
+        self.dtype = config.torch_dtype
+        self.names = list(reader.param_names)
+        meta = reader.meta
+        self.fm = FunctionalModel(
+            model,
+            output_module=getattr(meta, "output_module", None),
+            device=self.device,
+            dtype=self.dtype,
+        )
+        self.inputs = self._inputs(inputs)
+        self.N = int(self.inputs[0].shape[0])
+        self.selector = OutputSelector(outputs, names=output_names)
+        self.labels = labels
+        self.slices = self._slices(slices or {})
+        self.quad = Quadrature.parse(config.quadrature)
+        self.edges = self._windows()
+        if not reader.finished:
+            log.warning(
+                "the trace is unfinished (the run was interrupted); explaining the model after "
+                "its last committed step %d",
+                self.T,
+            )
+
+    # ---------------------------------------------------------------- set-up
+    def _c(self, t: Tensor) -> Tensor:
+        return to_compute(t, self.device, self.dtype)
+
+    def _cd(self, d: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: self._c(v) if isinstance(v, Tensor) else v for k, v in d.items()}
+
+    def _inputs(self, inputs) -> tuple[Tensor, ...]:
+        xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+        if not xs or not all(isinstance(x, Tensor) for x in xs):
+            raise InputError("inputs must be a tensor [N, ...] or a tuple of tensors")
+        n = xs[0].shape[0] if xs[0].dim() else 0
+        if n == 0 or any(x.dim() == 0 or x.shape[0] != n for x in xs):
+            raise InputError(
+                f"test inputs must share a non-empty leading batch dimension; got shapes "
+                f"{[tuple(x.shape) for x in xs]}"
+            )
+        self._check_against_trace(xs)
+        return tuple(self._c(x) for x in xs)
+
+    def _check_against_trace(self, xs: tuple[Tensor, ...]) -> None:
+        try:
+            fwds = self.reader.step(0).forwards
+        except Exception:  # a trace without forwards has nothing to compare with
+            return
+        if not fwds:
+            return
+        trained = [a for a in fwds[0].args if isinstance(a, Tensor)]
+        if len(trained) != len(xs):
+            raise InputError(
+                f"the model was trained with {len(trained)} tensor input(s) per forward but "
+                f"{len(xs)} test input tensor(s) were given; pass them in the same order."
+            )
+        for j, (a, x) in enumerate(zip(trained, xs)):
+            if tuple(a.shape[1:]) != tuple(x.shape[1:]) or a.is_floating_point() != x.is_floating_point():
+                raise InputError(
+                    f"test input {j} has shape {tuple(x.shape)} ({x.dtype}) but the model was "
+                    f"trained on rows of shape {tuple(a.shape[1:])} ({a.dtype}); pass test inputs "
+                    "shaped like the training inputs, batch first."
+                )
+
+    def _slices(self, spec: SliceSpec) -> dict[str, tuple[str, Tensor]]:
+        shapes = dict(zip(self.names, [tuple(s) for s in _param_shapes(self.reader)]))
+        out: dict[str, tuple[str, Tensor]] = {}
+        for name, (pname, index) in spec.items():
+            if pname not in shapes:
+                raise InputError(
+                    f"slice {name!r} refers to parameter {pname!r}, which the trace does not "
+                    f"hold; traced parameters: {self.names}"
+                )
+            mask = torch.zeros(shapes[pname], dtype=torch.bool)
+            if isinstance(index, Tensor) and index.dtype == torch.bool:
+                if tuple(index.shape) != shapes[pname]:
+                    raise InputError(
+                        f"slice {name!r}: mask shape {tuple(index.shape)} differs from "
+                        f"{pname!r} shape {shapes[pname]}"
+                    )
+                mask = index.clone()
+            else:
+                mask[index] = True
+            out[name] = (pname, mask.to(self.device))
+        return out
+
+    def _windows(self) -> list[int]:
+        sw = self.config.step_windows
+        if isinstance(sw, int):
+            edges = sorted({int(round(x)) for x in np.linspace(0, self.T, min(sw, self.T) + 1)})
+        else:
+            edges = sorted({0, self.T, *[int(e) for e in sw if 0 < int(e) < self.T]})
+        return edges
+
+    def _chunk_size(self, width: int) -> int:
+        nparams = sum(int(np.prod(s)) for s in _param_shapes(self.reader))
+        itemsize = torch.finfo(self.dtype).bits // 8
+        # jbar, jacobian temporaries, adjoint, carry, z_grad (+ score accumulator)
+        copies = 6 + (1 if self.config.keep.param_scores else 0)
+        per_input = max(1, width * nparams * itemsize * copies)
+        return max(1, min(self.N, self.config.memory_budget // per_input))
+
+    # ------------------------------------------------------------------- run
+    def run(self) -> KernelResult:
+        cfg, reader = self.config, self.reader
+        tf32 = (
+            _tf32(cfg.allow_tf32) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        with tf32, _threads(cfg.cpu_threads if self.device.type == "cpu" else None), torch.no_grad():
+            final = reader.final()
+            if final is not None:
+                theta_T, buf_T = final.params, final.buffers
+            else:
+                theta_T, buf_T = reader.params_at(self.T), reader.buffers_at(self.T - 1)
+            self.theta_T = self._cd(theta_T)
+            self.buf_T = self._cd(buf_T)
+            index = self._index()
+            self.fm.set_modes(False)
+            probe = self.selector(self.fm(self.theta_T, self.buf_T, tuple(x[:1] for x in self.inputs)), index[:1])
+            width = int(probe.shape[1])
+            chunk = self._chunk_size(width)
+            pieces = []
+            bar = tqdm(
+                total=self.T * math.ceil(self.N / chunk),
+                desc="path kernel",
+                unit="step",
+                disable=not cfg.progress,
+            )
+            try:
+                self.sample_index: dict[str, int] = {}
+                for start in range(0, self.N, chunk):
+                    stop = min(self.N, start + chunk)
+                    xs = tuple(x[start:stop] for x in self.inputs)
+                    pieces.append(self._sweep(xs, index[start:stop], width, bar))
+            finally:
+                bar.close()
+                self.fm.close()
+        return self._assemble(pieces, width)
+
+    def _index(self) -> Tensor:
+        mode = self.selector.mode
+        if mode == "label":
+            if self.labels is None:
+                raise InputError("outputs='label' needs labels= (one class index per test input)")
+            idx = torch.as_tensor(np.asarray(self.labels), dtype=torch.long).reshape(-1)
+            if idx.numel() != self.N:
+                raise InputError(f"labels has {idx.numel()} entries for {self.N} test inputs")
+            return idx.to(self.device)
+        if mode == "predicted":
+            self.fm.set_modes(False)
+            out = primary_output(self.fm(self.theta_T, self.buf_T, self.inputs))
+            return out.reshape(self.N, -1).argmax(dim=1)
+        return torch.zeros(self.N, dtype=torch.long, device=self.device)
+
+    # ------------------------------------------------------------- the sweep
+    def _sweep(self, xs, index, width: int, bar) -> dict[str, Any]:
+        cfg, rule = self.config, self.rule
+        test = TestSide(self.fm, self.selector, xs, index)
+        train = TrainingSide(self.fm, block_rows=cfg.block_rows)
+        rows = int(xs[0].shape[0]) * width
+        comp_names = self.names + [f"slice:{s}" for s in self.slices]
+        acc = _Acc(rows, self.T, len(comp_names), len(self.edges) - 1, cfg.keep, len(self.names))
+        scores = (
+            {n: torch.zeros(rows, *self.theta_T[n].shape, dtype=self.dtype, device=self.device) for n in self.names}
+            if cfg.keep.param_scores
+            else None
+        )
+        nodes_used = np.zeros(self.T, dtype=np.int64)
+        carry: dict[str, Tensor | None] = {n: None for n in self.names}
+        theta_next, buf_next = self.theta_T, self.buf_T
+        f_T = test.values(theta_next, buf_next)
+        f_next = f_T
+        bundles = SegmentPrefetcher(self.reader, enabled=cfg.prefetch)
+        try:
+            for bundle in bundles:
+                for sb in reversed(bundle):
+                    f_next = self._step(
+                        sb, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next
+                    )
+                    theta_next, buf_next = self._cd(sb.step.params), self._cd(sb.buffers)
+                    bar.update(1)
+        finally:
+            bundles.close()
+        out = {"f0": _np(f_next), "fT": _np(f_T), "acc": acc, "nodes": nodes_used}
+        if scores is not None:
+            out["scores"] = {n: _np(v.abs().sum(0)) for n, v in scores.items()}
+        return out
+
+    def _step(self, sb: StepBundle, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next):
+        rs, t, rule = sb.step, sb.step.index, self.rule
+        rec = rs.record
+        theta = self._cd(rs.params)
+        buf = self._cd(sb.buffers)
+        delta = {n: theta_next[n] - theta[n] for n in self.names}
+        f_a = test.values(theta, buf)
+        f_b = test.values(theta_next, buf)
+        path = _np(f_b).astype(np.float64) - _np(f_a)
+        drift = _np(f_next) - _np(f_b)
+
+        quad = self.quad
+        while True:
+            nodes, weights = quad.points()
+            jbar = test.integrated_jacobian(theta, delta, buf, nodes, weights)
+            comp = {n: row_dot(jbar[n], delta[n]) for n in self.names}
+            lin = sum(_np(v) for v in comp.values())
+            qerr = path - lin
+            tol = self.config.adaptive_tol
+            if tol is None or np.max(np.abs(qerr)) <= tol or quad.nodes >= self.config.max_nodes:
+                break
+            quad = quad.with_nodes(min(self.config.max_nodes, quad.nodes * 2))
+        nodes_used[t] = quad.nodes
+
+        # optimizer rule: adjoint w.r.t. the recorded gradient, decay, reconstruction
+        z_grad: dict[str, Tensor] = {}
+        wd = np.zeros(acc.rows)
+        resid = np.zeros(acc.rows)
+        total_g = np.zeros(acc.rows)
+        init = np.zeros(acc.rows)
+        for n in self.names:
+            g = rec.grads.get(n)
+            g = self._c(g) if g is not None else None
+            hp = rec.groups[rec.group_of[n]]
+            before = self._cd(rs.state_before.get(n, {}))
+            after = self._cd(rs.state_after.get(n, {}))
+            out = rule.backward(
+                ParamStep(n, jbar[n], theta[n], delta[n], g, hp, before, after), carry[n]
+            )
+            carry[n] = out.carry
+            wd += _np(out.weight_decay)
+            resid += _np(row_dot(jbar[n], delta[n] - out.recon))
+            if out.z_grad is not None and g is not None:
+                z_grad[n] = out.z_grad
+                total_g += _np(row_dot(out.z_grad, g))
+            if t == 0:
+                init += _np(rule.initial_state_term(carry[n], before, acc.rows, jbar[n]))
+
+        w = int(np.searchsorted(self.edges, t, side="right") - 1)
+        for c, n in enumerate(self.names):
+            v = _np(comp[n])
+            acc.components[:, c] += v
+            if acc.component_window is not None:
+                acc.component_window[:, c, w] += v
+        for j, (sname, (pname, mask)) in enumerate(self.slices.items()):
+            c = len(self.names) + j
+            v = _np(row_dot(jbar[pname] * mask, delta[pname]))
+            acc.components[:, c] += v
+            if acc.component_window is not None:
+                acc.component_window[:, c, w] += v
+        if scores is not None:
+            for n in self.names:
+                scores[n] += jbar[n] * delta[n]
+        del jbar
+
+        # training side: replay each recorded forward of step t
+        data_t = np.zeros(acc.rows)
+        if z_grad:
+            prev_buf = sb.buffers_before
+            for fwd in rec.forwards:
+                if getattr(fwd, "buffers", None) is not None:
+                    prev_buf = fwd.buffers
+                prods = train.products(
+                    theta, self._cd(prev_buf), fwd, z_grad, per_param=acc.sample_component is not None
+                )
+                k = _np(prods.k)  # [B, R]
+                cols = [self._sample(sid, acc) for sid in fwd.ids]
+                np.add.at(acc.data.T, cols, k)
+                if acc.sample_window is not None:
+                    np.add.at(acc.sample_window[:, :, w].T, cols, k)
+                if acc.sample_component is not None:
+                    for c, n in enumerate(self.names):
+                        if n in prods.k_param:
+                            np.add.at(acc.sample_component[:, :, c].T, cols, _np(prods.k_param[n]))
+                data_t += k.sum(0)
+                for c, n in enumerate(self.names):
+                    if n in prods.grad_sum:
+                        acc.component_data[:, c] += _np(row_dot(z_grad[n], prods.grad_sum[n]))
+                for j, (sname, (pname, mask)) in enumerate(self.slices.items()):
+                    if pname in prods.grad_sum:
+                        v = row_dot(z_grad[pname] * mask, prods.grad_sum[pname])
+                        acc.component_data[:, len(self.names) + j] += _np(v)
+
+        st = acc.step
+        st["data"][:, t] = data_t
+        st["weight_decay"][:, t] = wd
+        st["nondata"][:, t] = total_g - data_t
+        st["initial_state"][:, t] = init
+        st["residual"][:, t] = resid
+        st["quadrature_error"][:, t] = qerr
+        st["buffer_drift"][:, t] = drift
+        return f_a
+
+    def _sample(self, sid: str, acc: _Acc) -> int:
+        j = self.sample_index.get(sid)
+        if j is None:
+            j = self.sample_index[sid] = len(self.sample_index)
+        acc.grow(j + 1)
+        return j
+
+    # -------------------------------------------------------------- assemble
+    def _assemble(self, pieces: list[dict[str, Any]], width: int) -> KernelResult:
+        S = len(self.sample_index)
+
+        def cat(get) -> np.ndarray:
+            arrs = [get(p) for p in pieces]
+            full = np.concatenate(arrs, axis=0)
+            return full.reshape(self.N, width, *full.shape[1:])
+
+        step = {k: cat(lambda p, k=k: p["acc"].step[k]) for k in _STEP_KEYS}
+        data = cat(lambda p: p["acc"].data[:, :S]) if S else np.zeros((self.N, width, 0))
+        keep = self.config.keep
+        comp_names = self.names + [f"slice:{s}" for s in self.slices]
+        scores = None
+        if keep.param_scores:
+            scores = {n: sum(p["scores"][n] for p in pieces) for n in self.names}
+        res = KernelResult(
+            trace_id=trace_fingerprint(self.reader),
+            config=self.config.to_dict(),
+            output_names=self.selector.output_names(width),
+            sample_ids=sorted(self.sample_index, key=self.sample_index.get),
+            component_names=comp_names,
+            component_kinds=["param"] * len(self.names) + ["slice"] * len(self.slices),
+            window_edges=list(self.edges),
+            num_steps=self.T,
+            f0=cat(lambda p: p["f0"][:, None]).reshape(self.N, width),
+            fT=cat(lambda p: p["fT"][:, None]).reshape(self.N, width),
+            weight_decay=step["weight_decay"].sum(-1),
+            nondata=step["nondata"].sum(-1),
+            initial_state=step["initial_state"].sum(-1),
+            residual=step["residual"].sum(-1),
+            quadrature_error=step["quadrature_error"].sum(-1),
+            buffer_drift=step["buffer_drift"].sum(-1),
+            data=data,
+            step_data=step["data"],
+            step_weight_decay=step["weight_decay"],
+            step_nondata=step["nondata"],
+            step_initial_state=step["initial_state"],
+            step_residual=step["residual"],
+            step_quadrature_error=step["quadrature_error"],
+            step_buffer_drift=step["buffer_drift"],
+            components=cat(lambda p: p["acc"].components),
+            component_data=cat(lambda p: p["acc"].component_data),
+            sample_component=cat(lambda p: p["acc"].sample_component[:, :S]) if keep.sample_component else None,
+            sample_window=cat(lambda p: p["acc"].sample_window[:, :S]) if keep.sample_window else None,
+            component_window=cat(lambda p: p["acc"].component_window) if keep.component_window else None,
+            param_scores=scores,
+            step_nodes=pieces[0]["nodes"] if pieces else None,
+            extra={
+                "finished": bool(self.reader.finished),
+                "optimizer": _optimizer_name(self.reader),
+                "device": str(self.device),
+            },
+        )
+        max_abs, rel = res.completeness()
+        log.info("path kernel done: %s", res.completeness_line())
+        return res
+
+
+@contextlib.contextmanager
+def _tf32(allow: bool) -> Iterator[None]:
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n is not None:
+            torch.set_num_threads(old)
+
+
+def _param_shapes(reader) -> list[tuple[int, ...]]:
+    return [tuple(p.shape) for p in reader.meta.params]
+
+
+def trace_fingerprint(reader) -> str:
+    """A stable id of a trace (hash of its header): results carry it to refuse mixing traces."""
+    raw = msgpack.packb(reader.meta.raw, use_bin_type=True)
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+def _optimizer_name(reader) -> str:
+    return str(reader.meta.optimizer.class_name)
+
+
+def _optimizer_class(reader) -> type:
+    from explaind_trace.optimizers import optimizer_class_by_name
+
+    name = _optimizer_name(reader)
+    try:
+        return optimizer_class_by_name(name, reader.meta.optimizer.rule)
+    except Exception as e:
+        raise UnsupportedOptimizerError(
+            f"the trace was recorded with optimizer {name!r}, which is not registered here ({e}); "
+            "register it with explaind_trace.register_optimizer and "
+            "explaind_kernel.register_rule."
+        ) from e

@@ -1,0 +1,27 @@
+"""Errors raised by explaind_kernel. Each message says what happened, why, and what to do."""
+
+from __future__ import annotations
+
+
+class KernelError(Exception):
+    """Base class of every error explaind_kernel raises."""
+
+
+class ModelMismatchError(KernelError):
+    """The model handed to the kernel does not match the traced one."""
+
+
+class InputError(KernelError):
+    """Test inputs or output selection are malformed."""
+
+
+class UnsupportedOptimizerError(KernelError):
+    """No adjoint rule is registered for the traced optimizer class."""
+
+
+class EmptyTraceError(KernelError):
+    """The trace holds no committed optimizer step."""
+
+
+class ResultFileError(KernelError):
+    """A result file cannot be read (wrong format, newer version, another trace)."""

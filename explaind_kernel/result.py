@@ -1,0 +1,227 @@
+"""The typed result of a path-kernel computation, with its completeness residual.
+
+Every array is a float64 numpy array whose two leading axes are (test input N, explained
+output O). The decomposition it carries is exact by construction of the engine:
+
+    f_T = f_0 + data.sum(-1) + weight_decay + nondata + initial_state
+              + residual + quadrature_error + buffer_drift
+
+and `completeness_residual` is what is left of that identity (rounding only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+
+from .errors import ResultFileError
+
+RESULT_FORMAT = "explaind.kernel_result"
+RESULT_VERSION = 1
+
+#: The [N, O] scalar terms of the decomposition, in report order.
+TERM_FIELDS = (
+    "weight_decay",
+    "nondata",
+    "initial_state",
+    "residual",
+    "quadrature_error",
+    "buffer_drift",
+)
+#: Per-step versions of the terms, each [N, O, T].
+STEP_FIELDS = (
+    "step_data",
+    "step_weight_decay",
+    "step_nondata",
+    "step_initial_state",
+    "step_residual",
+    "step_quadrature_error",
+    "step_buffer_drift",
+)
+#: Optional joint slices, chosen up front with `KeepOptions`.
+JOINT_FIELDS = ("sample_component", "sample_window", "component_window")
+
+
+@dataclass(frozen=True)
+class KeepOptions:
+    """Which finer-grained joint slices the engine keeps (memory is chosen up front).
+
+    sample_component: data contributions per (training sample, parameter tensor) [N,O,S,C].
+    sample_window:    data contributions per (training sample, step window)      [N,O,S,W].
+    component_window: path contributions per (component, step window)            [N,O,C,W].
+    param_scores:     per-parameter-element influence scores (sum over rows of |J̄ ⊙ Δθ|).
+    """
+
+    sample_component: bool = False
+    sample_window: bool = False
+    component_window: bool = True
+    param_scores: bool = False
+
+
+@dataclass
+class KernelResult:
+    """Exact decomposition of f(x; θ_T) over training samples, components and steps."""
+
+    # identity
+    trace_id: str
+    config: dict[str, Any]
+    output_names: list[str]
+    sample_ids: list[str]
+    component_names: list[str]  # parameter tensors first, then user slices ("slice:NAME")
+    component_kinds: list[str]  # "param" | "slice"
+    window_edges: list[int]  # W+1 step boundaries, first 0, last T
+    num_steps: int
+    # [N, O]
+    f0: np.ndarray
+    fT: np.ndarray
+    weight_decay: np.ndarray
+    nondata: np.ndarray
+    initial_state: np.ndarray
+    residual: np.ndarray
+    quadrature_error: np.ndarray
+    buffer_drift: np.ndarray
+    # [N, O, S]: data contributions per distinct training sample, summed over steps
+    data: np.ndarray
+    # [N, O, T]
+    step_data: np.ndarray
+    step_weight_decay: np.ndarray
+    step_nondata: np.ndarray
+    step_initial_state: np.ndarray
+    step_residual: np.ndarray
+    step_quadrature_error: np.ndarray
+    step_buffer_drift: np.ndarray
+    # [N, O, C]: Σ_t J̄_t[c]·Δθ_t[c] per component (all sources: data, decay, non-data, residual)
+    components: np.ndarray
+    # [N, O, C]: the data part of `components` (sum over samples), parameter tensors only for slices
+    component_data: np.ndarray
+    # optional joint slices (None when not kept)
+    sample_component: np.ndarray | None = None
+    sample_window: np.ndarray | None = None
+    component_window: np.ndarray | None = None
+    param_scores: dict[str, np.ndarray] | None = None
+    # per-step quadrature node counts actually used (adaptive mode may raise them)
+    step_nodes: np.ndarray | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def num_inputs(self) -> int:
+        return int(self.f0.shape[0])
+
+    @property
+    def num_outputs(self) -> int:
+        return int(self.f0.shape[1])
+
+    @property
+    def data_total(self) -> np.ndarray:
+        """[N, O] sum of all training-sample contributions."""
+        return self.data.sum(axis=-1)
+
+    @property
+    def reconstructed(self) -> np.ndarray:
+        """[N, O] f_0 plus every reported term."""
+        out = self.f0 + self.data_total
+        for name in TERM_FIELDS:
+            out = out + getattr(self, name)
+        return out
+
+    @property
+    def completeness_residual(self) -> np.ndarray:
+        """[N, O] f_T minus the reconstruction: rounding only, by construction."""
+        return self.fT - self.reconstructed
+
+    def completeness(self) -> tuple[float, float]:
+        """(max |reconstructed − actual|, that divided by max |actual|)."""
+        max_abs = float(np.max(np.abs(self.completeness_residual))) if self.fT.size else 0.0
+        scale = float(np.max(np.abs(self.fT))) if self.fT.size else 0.0
+        return max_abs, (max_abs / scale if scale > 0 else max_abs)
+
+    def completeness_line(self) -> str:
+        """The one-line summary printed by the CLI."""
+        max_abs, rel = self.completeness()
+        return f"completeness: max_abs={max_abs:.3e} rel={rel:.3e}"
+
+    @property
+    def step_total(self) -> np.ndarray:
+        """[N, O, T] the measured change of f over each step (sum of all step terms)."""
+        return sum(getattr(self, name) for name in STEP_FIELDS)
+
+    # ------------------------------------------------------------------ file
+    def save(self, path: str | Path) -> Path:
+        """Write the result as msgpack + raw little-endian float64 bytes (no pickle)."""
+        path = Path(path)
+        payload: dict[str, Any] = {"format": RESULT_FORMAT, "version": RESULT_VERSION}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            payload[f.name] = _encode(value)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(msgpack.packb(payload, use_bin_type=True))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> KernelResult:
+        """Read a result written by `save`; never runs code from the file."""
+        path = Path(path)
+        try:
+            payload = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
+        except (OSError, ValueError, msgpack.UnpackException) as e:
+            raise ResultFileError(
+                f"{path} is not a readable ExPLAIND kernel result ({e}); "
+                "write one with `explaind kernel` or KernelResult.save()."
+            ) from e
+        if not isinstance(payload, dict) or payload.get("format") != RESULT_FORMAT:
+            raise ResultFileError(
+                f"{path} is not an ExPLAIND kernel result file; "
+                "write one with `explaind kernel` or KernelResult.save()."
+            )
+        if payload.get("version", 0) > RESULT_VERSION:
+            raise ResultFileError(
+                f"{path} was written by a newer ExPLAIND (result version {payload['version']}, "
+                f"this one reads up to {RESULT_VERSION}); upgrade explaind."
+            )
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in payload:
+                kwargs[f.name] = _decode(payload[f.name])
+        return cls(**kwargs)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        return {
+            "__nd__": True,
+            "dtype": arr.dtype.newbyteorder("<").str,
+            "shape": list(arr.shape),
+            "data": arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes(),
+        }
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+_ALLOWED_DTYPES = {"<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1", "<u8", "<u4"}
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if value.get("__nd__") is True:
+            dtype = value["dtype"]
+            if dtype not in _ALLOWED_DTYPES:
+                raise ResultFileError(f"unsupported array dtype {dtype!r} in result file")
+            arr = np.frombuffer(value["data"], dtype=np.dtype(dtype))
+            return arr.reshape(value["shape"]).astype(np.dtype(dtype).newbyteorder("="))
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value

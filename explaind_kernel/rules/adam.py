@@ -1,0 +1,61 @@
+"""Adam, AdamW (decoupled decay) and amsgrad, with PyTorch's semantics.
+
+    s_t = ±g_t (+ wd·θ_t, coupled)    m_t = β1·m_{t−1} + (1−β1)·s_t
+    D_t = 1 / (sqrt(v̂_t) / sqrt(1−β2^k) + eps)     (v̂: v, or its running max with amsgrad)
+    Δθ_t = −(lr/(1−β1^k))·D_t ⊙ m_t  (− lr·wd·θ_t, decoupled)
+
+Backward: λ_t = −(lr/(1−β1^k))·D_t ⊙ J̄_t + carry,  z_s = (1−β1)·λ_t,  carry_{t−1} = β1·λ_t.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import OptimizerRule, ParamStep, RuleOutput, register_rule, row_dot
+
+
+def _step_count(state: dict) -> float:
+    step = state.get("step")
+    return float(step.item() if isinstance(step, torch.Tensor) else step)
+
+
+@register_rule(torch.optim.Adam)
+class AdamRule(OptimizerRule):
+    """Adam and its subclass AdamW (which sets decoupled_weight_decay)."""
+
+    state_key = "exp_avg"
+
+    def backward(self, p: ParamStep, carry: torch.Tensor | None) -> RuleOutput:
+        rows = p.jbar.shape[0]
+        zero = p.jbar.new_zeros(rows)
+        if p.grad is None:  # the optimizer skipped this tensor: state unchanged, no update
+            return RuleOutput(None, zero, torch.zeros_like(p.theta), carry)
+        hp = p.hp
+        beta1, beta2 = (float(b) for b in hp["betas"])
+        lr, eps, wd = float(hp["lr"]), float(hp["eps"]), float(hp["weight_decay"])
+        decoupled = bool(hp.get("decoupled_weight_decay", False))
+        sign = -1.0 if hp.get("maximize", False) else 1.0
+        k = _step_count(p.state_after)
+        bc1 = 1.0 - beta1**k
+        bc2_sqrt = math.sqrt(1.0 - beta2**k)
+        key = "max_exp_avg_sq" if hp.get("amsgrad", False) else "exp_avg_sq"
+        v = p.state_after[key].to(p.jbar.dtype)
+        d = 1.0 / (v.sqrt() / bc2_sqrt + eps)
+        step_size = lr / bc1
+
+        lam = p.jbar * (-step_size * d)
+        if carry is not None:
+            lam = lam + carry
+        z_s = (1.0 - beta1) * lam
+        m = p.state_after["exp_avg"].to(p.jbar.dtype)
+        recon = -step_size * d * m
+        decay = zero
+        if wd != 0.0:
+            if decoupled:
+                decay = row_dot(p.jbar, -lr * wd * p.theta)
+                recon = recon - lr * wd * p.theta
+            else:
+                decay = row_dot(z_s, wd * p.theta)
+        return RuleOutput(sign * z_s, decay, recon, beta1 * lam)

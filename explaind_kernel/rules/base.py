@@ -1,0 +1,109 @@
+"""Optimizer rules: the backward recursion of the adjoint for one optimizer class.
+
+An optimizer is a linear map of its gradient "sources" once its nonlinear state (Adam's second
+moment, the step count) is taken as recorded (design.md §2). A rule turns the integrated
+Jacobian J̄_t of one parameter tensor into
+
+* the adjoint with respect to the gradient recorded at step t (`z_grad`), so that a training
+  sample's kernel value is ⟨z_grad, J(x_i)ᵀ c_i⟩,
+* the weight-decay contribution of step t,
+* the reconstructed update Δθ̂_t (the residual Δθ_t − Δθ̂_t is reported, never hidden),
+* the adjoint carried to step t−1 through the optimizer's momentum state.
+
+Rules are registered per optimizer class with `@register_rule(cls)` and resolved along the
+class's MRO, so a subclass of a supported optimizer reuses its parent's rule.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import UnsupportedOptimizerError
+
+
+@dataclass
+class ParamStep:
+    """What a rule sees of one parameter tensor at step t (all tensors in compute dtype)."""
+
+    name: str
+    jbar: Tensor  # [R, *shape] integrated Jacobian of the explained rows
+    theta: Tensor  # θ_t
+    delta: Tensor  # Δθ_t = θ_{t+1} − θ_t
+    grad: Tensor | None  # gradient recorded at step t (None: the optimizer skipped this tensor)
+    hp: dict[str, Any]  # the group's hyperparameters used at step t
+    state_before: dict[str, Any]
+    state_after: dict[str, Any]
+
+
+@dataclass
+class RuleOutput:
+    """A rule's answer for one parameter tensor at step t."""
+
+    z_grad: Tensor | None  # [R, *shape] adjoint w.r.t. the recorded gradient
+    weight_decay: Tensor  # [R] weight-decay contribution of step t
+    recon: Tensor  # Δθ̂_t, [*shape]
+    carry: Tensor | None  # adjoint w.r.t. the momentum state before step t
+
+
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """⟨a_r, b⟩ for every row r of a [R, *shape] against b [*shape] → [R]."""
+    return a.reshape(a.shape[0], -1) @ b.reshape(-1)
+
+
+class OptimizerRule(abc.ABC):
+    """The adjoint recursion of one optimizer family."""
+
+    #: name of the optimizer-state tensor the carry is the adjoint of (momentum)
+    state_key: str | None = None
+
+    @abc.abstractmethod
+    def backward(self, p: ParamStep, carry: Tensor | None) -> RuleOutput:
+        """Process step t (sweeping backward), given the adjoint carried from step t+1."""
+
+    def initial_state_term(
+        self, carry: Tensor | None, state_before: dict[str, Any], rows: int, like: Tensor
+    ) -> Tensor:
+        """[R] contribution of the optimizer state that existed before the first traced step."""
+        zero = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        if carry is None or self.state_key is None:
+            return zero
+        buf = state_before.get(self.state_key)
+        if not isinstance(buf, Tensor):
+            return zero
+        return row_dot(carry, buf.to(carry.dtype))
+
+
+_RULES: dict[type, OptimizerRule] = {}
+
+
+def register_rule(optimizer_cls: type) -> Callable[[type[OptimizerRule]], type[OptimizerRule]]:
+    """Class decorator: register an `OptimizerRule` subclass for `optimizer_cls` (and subclasses)."""
+
+    def deco(rule_cls: type[OptimizerRule]) -> type[OptimizerRule]:
+        _RULES[optimizer_cls] = rule_cls()
+        return rule_cls
+
+    return deco
+
+
+def registered_rules() -> list[str]:
+    """Qualified names of the optimizer classes that have a rule."""
+    return sorted(f"{c.__module__}.{c.__qualname__}" for c in _RULES)
+
+
+def rule_for(optimizer_cls: type) -> OptimizerRule:
+    """The rule registered for `optimizer_cls` or its nearest base class."""
+    for klass in optimizer_cls.__mro__:
+        if klass in _RULES:
+            return _RULES[klass]
+    raise UnsupportedOptimizerError(
+        f"no path-kernel rule is registered for {optimizer_cls.__module__}."
+        f"{optimizer_cls.__qualname__}; rules exist for {registered_rules()}. "
+        "Write an OptimizerRule and register it with @explaind_kernel.register_rule(YourOptimizer)."
+    )

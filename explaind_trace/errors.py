@@ -1,0 +1,56 @@
+"""Errors raised by explaind_trace. Each message says what happened, why, and what to do."""
+
+from __future__ import annotations
+
+__all__ = [
+    "TraceError",
+    "RecordingError",
+    "UnsupportedOptimizerError",
+    "StoreError",
+    "TraceExistsError",
+    "NotATraceError",
+    "SchemaVersionError",
+    "TraceCorruptError",
+    "TraceMismatchError",
+    "TraceWriteError",
+]
+
+
+class TraceError(Exception):
+    """Base class of every error explaind_trace raises."""
+
+
+class RecordingError(TraceError):
+    """The training loop does something the recorder cannot capture faithfully."""
+
+
+class UnsupportedOptimizerError(RecordingError):
+    """The optimizer's class has no registered replay support."""
+
+
+class StoreError(TraceError):
+    """A store cannot be opened, read or written."""
+
+
+class TraceExistsError(StoreError):
+    """A trace already exists where a new one was to be written."""
+
+
+class NotATraceError(StoreError):
+    """The location exists but does not hold an ExPLAIND trace."""
+
+
+class SchemaVersionError(StoreError):
+    """The trace was written by a newer schema than this library reads."""
+
+
+class TraceCorruptError(StoreError):
+    """A stored record does not decode (wrong dtype, truncated bytes, bad structure)."""
+
+
+class TraceMismatchError(TraceError):
+    """A model or value does not match what the trace recorded."""
+
+
+class TraceWriteError(TraceError):
+    """The background writer failed; steps committed before the failure stay readable."""

@@ -1,0 +1,259 @@
+"""What the recorder's hooks capture: inputs, output cotangents, buffers, gradient identity.
+
+Nothing here changes a value the training loop sees: inputs are copied, tensor hooks
+return ``None``, RNG states are read, not set.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import codec
+from .errors import RecordingError, TraceCorruptError
+from .schema import CapturedForward
+
+__all__ = [
+    "find_batch_size",
+    "capture_inputs",
+    "OutputCapture",
+    "BufferTracker",
+    "GradTracker",
+    "mode_overrides",
+]
+
+
+def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", copy=True)
+
+
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, tuple | list):
+        for o in obj:
+            yield from _tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _tensors(o)
+
+
+def find_batch_size(args: tuple, kwargs: dict[str, Any]) -> tuple[int, torch.device]:
+    """Batch size B (dim 0 of the first tensor input with at least one dim) and its device."""
+    for t in _tensors((args, kwargs)):
+        if t.dim() >= 1:
+            return int(t.shape[0]), t.device
+    raise RecordingError(
+        "the model was called without a tensor input that has a batch dimension, so its "
+        "samples cannot be recorded. Pass the batch as a tensor argument (dim 0 = batch)."
+    )
+
+
+def capture_inputs(
+    args: tuple, kwargs: dict[str, Any], batch_size: int
+) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
+    """Trees for args/kwargs plus CPU copies of batched (``slots``) and constant tensors."""
+    slots: list[torch.Tensor] = []
+    consts: list[torch.Tensor] = []
+
+    def node(obj: Any, where: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            try:
+                codec.dtype_name(obj.dtype)
+            except TraceCorruptError as e:
+                raise RecordingError(f"model input {where}: {e}") from None
+            if obj.layout != torch.strided:
+                raise RecordingError(f"model input {where} is a {obj.layout} tensor; only dense tensors are recorded")
+            if obj.dim() >= 1 and obj.shape[0] == batch_size:
+                slots.append(_cpu_copy(obj))
+                return {"k": "b", "i": len(slots) - 1}
+            consts.append(_cpu_copy(obj))
+            return {"k": "t", "i": len(consts) - 1}
+        if obj is None:
+            return {"k": "n"}
+        if isinstance(obj, bool | int | float | str):
+            if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**64:
+                raise RecordingError(f"model input {where} = {obj} does not fit in 64 bits")
+            return {"k": "v", "v": obj}
+        if isinstance(obj, tuple | list):
+            kind = "tuple" if isinstance(obj, tuple) else "list"
+            return {"k": kind, "items": [node(o, f"{where}[{i}]") for i, o in enumerate(obj)]}
+        if isinstance(obj, dict):
+            if not all(isinstance(k, str) for k in obj):
+                raise RecordingError(f"model input {where} is a dict with non-string keys")
+            return {
+                "k": "dict",
+                "keys": list(obj),
+                "items": [node(v, f"{where}[{k!r}]") for k, v in obj.items()],
+            }
+        raise RecordingError(
+            f"model input {where} has type {type(obj).__name__}, which cannot be recorded. "
+            "Model inputs must be tensors, numbers, strings, None, or tuples/lists/dicts of these."
+        )
+
+    args_tree = node(tuple(args), "args")
+    kwargs_tree = node(dict(kwargs), "kwargs")
+    return args_tree, kwargs_tree, slots, consts
+
+
+def mode_overrides(model: torch.nn.Module) -> dict[str, bool]:
+    """Submodules whose training flag differs from the root's."""
+    root = model.training
+    return {name: m.training for name, m in model.named_modules() if name and m.training != root}
+
+
+class OutputCapture:
+    """Cotangent accumulation for one recorded forward (sums over repeated backwards)."""
+
+    def __init__(self, captured: CapturedForward, scale_fn: Callable[[], torch.Tensor | None]):
+        self.captured = captured
+        self.received = False
+        self.attached = False
+        self._scale_fn = scale_fn
+        self._acc: list[torch.Tensor | None] = []
+        self._scale: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self._live = True
+
+    def attach(self, output: Any, *, where: str) -> bool:
+        """Register cotangent hooks on the output leaves; False if none requires grad."""
+        leaves: list[torch.Tensor] = []
+
+        def node(obj: Any) -> Any:
+            if isinstance(obj, torch.Tensor):
+                leaves.append(obj)
+                return {"k": "t", "i": len(leaves) - 1}
+            if isinstance(obj, tuple | list):
+                kind = "tuple" if isinstance(obj, tuple) else "list"
+                return {"k": kind, "items": [node(o) for o in obj]}
+            if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+                return {"k": "dict", "keys": list(obj), "items": [node(v) for v in obj.values()]}
+            return {"k": "n"}
+
+        tree = node(output)
+        grad_leaves = [i for i, t in enumerate(leaves) if t.requires_grad]
+        if not grad_leaves:
+            return False
+        b = self.captured.batch_size
+        for i in grad_leaves:
+            t = leaves[i]
+            if t.dim() == 0:
+                if where == "model":
+                    raise RecordingError(
+                        "the model returned a scalar (0-dim) output, e.g. a loss computed inside "
+                        "forward; cotangents must be recorded per sample. Pass output='name' "
+                        "naming the submodule whose output is the per-sample model output."
+                    )
+                raise RecordingError(f"the {where} output is a scalar; it must have dim 0 = batch size {b}")
+            if t.shape[0] != b:
+                raise RecordingError(
+                    f"the {where} output has shape {tuple(t.shape)} but the batch size of the "
+                    f"inputs is {b}; dim 0 of every output tensor must index the batch."
+                )
+            try:
+                codec.dtype_name(t.dtype)
+            except TraceCorruptError as e:
+                raise RecordingError(f"the {where} output: {e}") from None
+        self.captured.output = tree
+        self._acc = [None] * len(leaves)
+        for i in grad_leaves:
+            self._handles.append(leaves[i].register_hook(self._hook(i)))
+        self.attached = True
+        return True
+
+    def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        def on_grad(grad: torch.Tensor) -> None:
+            if not self._live:
+                return None
+            g = grad.detach()
+            prev = self._acc[i]
+            scale = self._scale_fn()
+            if scale is not None:
+                # divide in at least fp32 (the scale may not fit fp16), keep the output's dtype
+                self._scale = scale
+                wide = torch.promote_types(g.dtype, torch.float32)
+                g = (g.to(wide) / scale.to(device=g.device, dtype=wide)).to(g.dtype)
+            elif prev is None:
+                g = g.clone()  # autograd may reuse the buffer it handed us
+            self._acc[i] = g if prev is None else prev + g
+            self.received = True
+            return None
+
+        return on_grad
+
+    def release(self) -> None:
+        """Stop listening for gradients."""
+        self._live = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def finish(self) -> CapturedForward:
+        """Copy the accumulated cotangents into the captured record (CPU)."""
+        self.release()
+        cf = self.captured
+        cf.cotangents = [None if a is None else _cpu_copy(a) for a in self._acc]
+        cf.grad_scale = 1.0 if self._scale is None else float(self._scale.item())
+        return cf
+
+
+class BufferTracker:
+    """Detects buffer changes by tensor identity and in-place version counters."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._last: dict[str, tuple[int, int]] | None = None
+
+    def _signature(self) -> dict[str, tuple[int, int]]:
+        return {n: (id(b), b._version) for n, b in self.model.named_buffers() if b is not None}
+
+    def snapshot_if_changed(self) -> dict[str, torch.Tensor] | None:
+        sig = self._signature()
+        if sig == self._last:
+            return None
+        self._last = sig
+        return self.snapshot()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: _cpu_copy(b) for n, b in self.model.named_buffers() if b is not None}
+
+
+class GradTracker:
+    """Remembers each parameter's ``.grad`` after its last accumulation.
+
+    ``cleared()`` tells whether the gradients of the last backward have been discarded
+    since (set to None, replaced, or zeroed in place) without an optimizer step.
+    """
+
+    def __init__(self, named_params: dict[str, torch.nn.Parameter]) -> None:
+        self.params = named_params
+        self.seen: dict[str, tuple[weakref.ref, int]] = {}
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in named_params.items()]
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def on_accumulated(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                self.seen[name] = (weakref.ref(p.grad), p.grad._version)
+
+        return on_accumulated
+
+    def cleared(self) -> bool:
+        changed = []
+        for name, (ref, version) in self.seen.items():
+            g = self.params[name].grad
+            if g is None or ref() is not g:
+                return True
+            if g._version != version:
+                changed.append(g)
+        return bool(changed) and not any(bool(g.any()) for g in changed)
+
+    def reset(self) -> None:
+        self.seen.clear()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()

@@ -1,0 +1,187 @@
+"""Optimizers the recorder can replay: a registry keyed by class, resolved along the MRO.
+
+Replay builds a fresh optimizer of the recorded class, so only classes registered here
+(or subclasses of them already imported by the running program) are ever instantiated;
+a class name read from a trace is looked up, never imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+import torch
+
+from .errors import UnsupportedOptimizerError
+
+__all__ = [
+    "register_optimizer",
+    "resolve_optimizer",
+    "supported_optimizers",
+    "optimizer_class_by_name",
+    "qualified_name",
+    "capture_hyperparams",
+    "restore_hyperparams",
+    "export_state",
+    "load_state",
+]
+
+logger = logging.getLogger(__name__)
+
+_REGISTRY: dict[type, None] = {}
+O = TypeVar("O", bound=type)
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_optimizer(cls: O) -> O:
+    """Register an optimizer class (usable as a decorator) as replayable.
+
+    A registered optimizer must be deterministic given its parameters, gradients, param
+    groups and ``state_dict``: replay rebuilds it from exactly those.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise TypeError(f"register_optimizer needs a torch.optim.Optimizer subclass, got {cls!r}")
+    _REGISTRY[cls] = None
+    return cls
+
+
+for _cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
+    register_optimizer(_cls)
+
+
+def supported_optimizers() -> list[str]:
+    """Qualified names of the registered optimizer classes."""
+    return sorted(qualified_name(c) for c in _REGISTRY)
+
+
+def _unsupported(what: str) -> UnsupportedOptimizerError:
+    return UnsupportedOptimizerError(
+        f"{what} is not supported: replaying it exactly needs registered support. Supported: "
+        f"{', '.join(supported_optimizers())}. If your optimizer is deterministic given its "
+        "parameters, gradients, param groups and state_dict, register it with "
+        "explaind_trace.register_optimizer(YourOptimizer) before recording."
+    )
+
+
+def resolve_optimizer(cls: type) -> type:
+    """The registered class ``cls`` is replayed as (itself or its nearest registered base)."""
+    for base in cls.__mro__:
+        if base in _REGISTRY:
+            return base
+    raise _unsupported(f"optimizer {qualified_name(cls)}")
+
+
+def _subclasses(cls: type) -> Iterable[type]:
+    stack = [cls]
+    while stack:
+        c = stack.pop()
+        yield c
+        stack.extend(c.__subclasses__())
+
+
+def optimizer_class_by_name(name: str, rule: str | None = None) -> type:
+    """The class a trace names: a registered class or an already imported subclass of one.
+
+    Falls back to the registered ``rule`` class (with a warning) when ``name`` is not loaded.
+    """
+    for registered in list(_REGISTRY):
+        for c in _subclasses(registered):
+            if qualified_name(c) == name:
+                resolve_optimizer(c)
+                return c
+    if rule is not None and rule != name:
+        for registered in _REGISTRY:
+            if qualified_name(registered) == rule:
+                logger.warning(
+                    "optimizer class %s is not loaded in this process; replaying with its "
+                    "registered base %s (import the class first for an exact replay)",
+                    name,
+                    rule,
+                )
+                return registered
+    raise _unsupported(f"the traced optimizer class {name!r}")
+
+
+def _plain(value: Any) -> tuple[Any, str | None]:
+    """A msgpack-able hyperparameter value and, for tensors, their dtype name."""
+    if isinstance(value, torch.Tensor):
+        return float(value.item()), str(value.dtype).removeprefix("torch.")
+    if isinstance(value, tuple | list):
+        items = [_plain(v) for v in value]
+        dtypes = {d for _, d in items if d is not None}
+        return [v for v, _ in items], (dtypes.pop() if dtypes else None)
+    if value is None or isinstance(value, bool | int | float | str):
+        return value, None
+    return None, "skip"
+
+
+def capture_hyperparams(group: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Plain hyperparameters of a param group (no ``params``) and which keys were tensors."""
+    values: dict[str, Any] = {}
+    tensor_keys: dict[str, str] = {}
+    for key, value in group.items():
+        if key == "params":
+            continue
+        plain, dtype = _plain(value)
+        if dtype == "skip":
+            logger.debug("hyperparameter %r of type %s is not recorded", key, type(value))
+            continue
+        values[key] = plain
+        if dtype is not None:
+            tensor_keys[key] = dtype
+    return values, tensor_keys
+
+
+def restore_hyperparams(
+    group: dict[str, Any], values: dict[str, Any], tensor_keys: dict[str, str] | None = None
+) -> None:
+    """Set a live param group's hyperparameters from recorded values."""
+    tensor_keys = tensor_keys or {}
+    for key, value in values.items():
+        if key in tensor_keys:
+            dtype = getattr(torch, tensor_keys[key])
+            if isinstance(value, list):
+                value = tuple(torch.tensor(v, dtype=dtype) for v in value)
+            else:
+                value = torch.tensor(value, dtype=dtype)
+        elif key == "betas" and isinstance(value, list):
+            value = tuple(value)
+        group[key] = value
+
+
+def export_state(
+    optimizer: torch.optim.Optimizer, names: dict[int, str], *, copy: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Optimizer state keyed by parameter name (tensors cloned to CPU when ``copy``)."""
+    out: dict[str, dict[str, Any]] = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            entry: dict[str, Any] = {}
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    entry[k] = v.detach().to("cpu", copy=True) if copy else v
+                elif v is None or isinstance(v, bool | int | float | str):
+                    entry[k] = v
+            out[names[id(p)]] = entry
+    return out
+
+
+def load_state(
+    optimizer: torch.optim.Optimizer, state: dict[str, dict[str, Any]], order: list[str]
+) -> None:
+    """Load name-keyed state into ``optimizer`` through ``load_state_dict``.
+
+    ``order`` lists the parameter names in the optimizer's param-group order.
+    """
+    sd = optimizer.state_dict()
+    index = {name: i for i, name in enumerate(order)}
+    # load_state_dict deep-copies the state, so the caller's tensors are never aliased
+    sd["state"] = {index[name]: dict(st) for name, st in state.items() if name in index}
+    optimizer.load_state_dict(sd)

@@ -1,0 +1,559 @@
+"""Record an unmodified PyTorch training loop through hooks.
+
+    with explaind_trace.record(model, optimizer, store="runs/a.lmdb") as rec:
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+Hooks used: a forward pre-hook and forward hook on the model (inputs, RNG state, modes,
+buffers; the output), optionally a forward hook on the ``output=`` submodule, tensor hooks
+on the output (cotangents dL/d(output)), post-accumulate-grad hooks on the parameters
+(to notice gradients discarded without a step) and the optimizer's step pre/post hooks.
+All are removed when recording ends, also when the loop raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import weakref
+from collections.abc import Iterable, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from . import codec
+from .errors import NotATraceError, RecordingError, TraceCorruptError, TraceExistsError, TraceWriteError
+from .hooks import BufferTracker, GradTracker, OutputCapture, capture_inputs, find_batch_size, mode_overrides
+from .optimizers import capture_hyperparams, export_state, qualified_name, resolve_optimizer
+from .schema import (
+    FORMAT,
+    META,
+    SCHEMA_VERSION,
+    CapturedForward,
+    CapturedState,
+    CapturedStep,
+    library_version,
+)
+from .stores import Store, open_store
+from .writer import TraceWriter
+
+__all__ = ["Recorder", "record"]
+
+logger = logging.getLogger(__name__)
+
+_attached: weakref.WeakSet[Any] = weakref.WeakSet()
+_MAX_ID_LEN = 200
+
+
+def _describe(t: torch.Tensor) -> dict[str, Any]:
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+
+
+class Recorder:
+    """Records a training run into a trace; ``record()`` wraps it as a context manager.
+
+    Call ``start()`` before the first forward and ``close(error=...)`` after the last step
+    (integrations use this form). Options are keyword-only:
+
+    - ``store``: where to write (path, ``scheme://`` URL or ``Store`` instance; the
+      recorder closes it). Default: a new ``runs/explaind-<time>-<pid>.lmdb``.
+    - ``checkpoint_every``: a full checkpoint every K optimizer steps.
+    - ``output``: name of the submodule whose output is the model output (for models that
+      compute the loss inside ``forward``).
+    - ``scaler``: the ``torch.amp.GradScaler`` in use, so cotangents are unscaled.
+    - ``grad_codec``: ``"lossless"`` (default) or ``"bf16"`` (lossy, recorded in metadata).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        store: Store | str | os.PathLike[str] | None = None,
+        checkpoint_every: int = 100,
+        output: str | None = None,
+        scaler: Any = None,
+        progress: bool = False,
+        grad_codec: str = "lossless",
+        compression_level: int = 3,
+        queue_size: int = 8,
+        max_pending_forwards: int = 256,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
+        if grad_codec not in ("lossless", "bf16"):
+            raise ValueError(f"grad_codec must be 'lossless' or 'bf16', got {grad_codec!r}")
+        if not 1 <= compression_level <= 22:
+            raise ValueError(f"compression_level must be in 1..22, got {compression_level!r}")
+        if scaler is not None and not hasattr(scaler, "get_scale"):
+            raise TypeError("scaler must be a torch.amp.GradScaler (or offer get_scale())")
+        self.model = model
+        self.optimizer = optimizer
+        self.store_spec = store
+        self.checkpoint_every = checkpoint_every
+        self.output = output
+        self.scaler = scaler
+        self.grad_codec = grad_codec
+        self.compression_level = compression_level
+        self.queue_size = queue_size
+        self.max_pending_forwards = max_pending_forwards
+        self._progress = progress
+        self._started = False
+        self._closed = False
+        self._handles: list[Any] = []
+        self._stack: list[OutputCapture | None] = []
+        self._pending: list[OutputCapture] = []
+        self._in_flight: CapturedStep | None = None
+        self._next_ids: list[str] | None = None
+        self._step = 0
+        self._skipped = 0
+        self._warned_pending = False
+        self.writer: TraceWriter | None = None
+        self.store: Store | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps recorded so far (handed to the writer)."""
+        return self._step
+
+    def flush(self) -> None:
+        """Block until every recorded step is committed to the store."""
+        if self.writer is not None and not self._closed:
+            self.writer.flush()
+
+    def start(self) -> Recorder:
+        """Validate the setup, open the store, write the metadata and attach the hooks."""
+        if self._started:
+            raise RecordingError("this Recorder was already started; create a new one per run.")
+        self._validate()
+        meta = self._meta()
+        spec = self.store_spec
+        if spec is None:
+            spec = os.path.join("runs", f"explaind-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.lmdb")
+            logger.info("recording trace to %s", spec)
+        store = open_store(spec, readonly=False)
+        try:
+            self._refuse_existing(store, spec)
+            self.store = store
+            self.writer = TraceWriter(
+                store, grad_codec=self.grad_codec, level=self.compression_level, queue_size=self.queue_size
+            )
+            self.writer.write_meta(meta)
+            self._attach()
+        except BaseException:
+            self._detach()
+            if self.writer is not None:
+                with contextlib.suppress(TraceWriteError):
+                    self.writer.close()
+            store.close()
+            raise
+        self._started = True
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(desc="recording", unit="step", disable=not self._progress)
+        return self
+
+    def _refuse_existing(self, store: Store, spec: Any) -> None:
+        if store.get(META) is not None:
+            raise TraceExistsError(
+                f"a trace already exists at {spec}; traces are never overwritten. "
+                "Choose a new path, or delete the old trace first."
+            )
+        if next(iter(store.keys()), None) is not None:
+            raise NotATraceError(f"{spec} holds data that is not an ExPLAIND trace; it was left untouched.")
+
+    def _validate(self) -> None:
+        model, opt = self.model, self.optimizer
+        resolve_optimizer(type(opt))  # raises UnsupportedOptimizerError
+        for obj, what in ((model, "model"), (opt, "optimizer")):
+            if obj in _attached:
+                raise RecordingError(
+                    f"this {what} is already being recorded; one recorder per model and optimizer. "
+                    "Close the first recording before starting another."
+                )
+        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not self._params:
+            raise RecordingError(
+                "the model has no trainable parameters (requires_grad=True), so there is "
+                "nothing to record. Unfreeze parameters before recording."
+            )
+        for n, p in self._params.items():
+            try:
+                codec.dtype_name(p.dtype)
+            except TraceCorruptError as e:
+                raise RecordingError(f"parameter {n!r}: {e}") from None
+        self._names = {id(p): n for n, p in self._params.items()}
+        all_params = {id(p) for p in model.parameters()}
+        self._frozen_in_opt: list[torch.Tensor] = []
+        self._group_ids: list[list[int]] = []
+        self._group_names: list[list[str]] = []
+        for gi, group in enumerate(opt.param_groups):
+            ids, names = [], []
+            for p in group["params"]:
+                if id(p) in self._names:
+                    ids.append(id(p))
+                    names.append(self._names[id(p)])
+                elif id(p) in all_params:
+                    self._frozen_in_opt.append(p)
+                else:
+                    raise RecordingError(
+                        f"param group {gi} of the optimizer holds a tensor of shape {tuple(p.shape)} "
+                        "that is not a parameter of the model, so it cannot be named in the trace. "
+                        "Record with the model that owns every optimized parameter."
+                    )
+            self._group_ids.append(ids)
+            self._group_names.append(names)
+        self._output_module = None
+        if self.output is not None:
+            try:
+                self._output_module = model.get_submodule(self.output)
+            except AttributeError as e:
+                raise RecordingError(
+                    f"output={self.output!r} does not name a submodule of the model ({e}). "
+                    "Use a name from model.named_modules()."
+                ) from None
+
+    def _meta(self) -> dict[str, Any]:
+        opt = self.optimizer
+        groups = []
+        for names, group in zip(self._group_names, opt.param_groups):
+            hp, tkeys = capture_hyperparams(group)
+            groups.append({"params": names, "hyperparams": hp, "tensor_hyperparams": tkeys})
+        first = next(iter(self._params.values()))
+        return {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "library_version": library_version(),
+            "torch_version": torch.__version__,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "model_class": qualified_name(type(self.model)),
+            "params": [{"name": n, **_describe(p)} for n, p in self._params.items()],
+            "buffers": [{"name": n, **_describe(b)} for n, b in self.model.named_buffers() if b is not None],
+            "optimizer": {
+                "class": qualified_name(type(opt)),
+                "rule": qualified_name(resolve_optimizer(type(opt))),
+                "groups": groups,
+            },
+            "output_module": self.output,
+            "checkpoint_every": self.checkpoint_every,
+            "codec": {"grad_codec": self.grad_codec, "level": self.compression_level, "lossy": self.grad_codec != "lossless"},
+            "device": str(first.device),
+            "grad_scaler": self.scaler is not None,
+        }
+
+    def _attach(self) -> None:
+        m, opt = self.model, self.optimizer
+        self._fwd_buffers = BufferTracker(m)
+        self._step_buffers = BufferTracker(m)
+        self._grads = GradTracker(self._params)
+        self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
+        if self._output_module is not None:
+            self._handles.append(self._output_module.register_forward_hook(self._output_hook))
+        self._handles.append(opt.register_step_pre_hook(self._pre_step))
+        self._handles.append(opt.register_step_post_hook(self._post_step))
+        _attached.add(m)
+        _attached.add(opt)
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        grads = getattr(self, "_grads", None)
+        if grads is not None:
+            grads.remove()
+        for cap in [*self._pending, *(c for c in self._stack if c is not None)]:
+            cap.release()
+        self._pending.clear()
+        self._stack.clear()
+        _attached.discard(self.model)
+        _attached.discard(self.optimizer)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Remove the hooks, write the final state and progress, join the writer.
+
+        ``error`` is the exception that ended the loop, if any (recorded as the trace's
+        error, ``finished=False``). Raises ``TraceWriteError`` if writing failed and no
+        other error is being propagated.
+        """
+        if self._closed or not self._started:
+            self._closed = True
+            return
+        self._closed = True
+        try:
+            self._detach()
+        finally:
+            self._finish(error)
+
+    def _finish(self, error: BaseException | None) -> None:
+        assert self.writer is not None and self.store is not None  # set by start()
+        try:
+            self._bar.close()
+            if not self.writer.failed:
+                text = None if error is None else f"{type(error).__name__}: {error}"
+                self.writer.write_final(self._state(self._step), text)
+        except TraceWriteError:
+            pass  # reported by writer.close() below
+        finally:
+            try:
+                self.writer.close()
+            except TraceWriteError:
+                if error is None:
+                    raise
+                logger.error("the trace writer also failed while the training loop raised", exc_info=True)
+            finally:
+                self.store.close()
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def set_sample_ids(self, ids: Iterable[int | str]) -> None:
+        """Sample ids (ints or strings) for the rows of the next recorded forward."""
+        out = []
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int | str):
+                raise TypeError(f"sample ids must be ints or strings, got {type(i).__name__}")
+            s = str(i)
+            if len(s) > _MAX_ID_LEN:
+                raise ValueError(f"sample id {s[:30]!r}... is longer than {_MAX_ID_LEN} characters")
+            out.append(s)
+        self._next_ids = out
+
+    def _state(self, step: int) -> CapturedState:
+        return CapturedState(
+            step=step,
+            params={n: p.detach().to("cpu", copy=True) for n, p in self._params.items()},
+            buffers=self._fwd_buffers.snapshot(),
+            optimizer_state=export_state(self.optimizer, self._names),
+        )
+
+    def _current_scale(self) -> torch.Tensor | None:
+        s = self.scaler
+        if s is None or not s.is_enabled():
+            return None
+        t = getattr(s, "_scale", None)
+        if isinstance(t, torch.Tensor):
+            return t.detach().clone()
+        return torch.tensor(float(s.get_scale()))
+
+    def _write_skip(self, caps: list[OutputCapture], reason: str) -> None:
+        assert self.writer is not None
+        forwards = [c.finish() for c in caps]
+        logger.info("%d forward(s) before step %d got gradients that were discarded without a step (%s)", len(forwards), self._step, reason)
+        self.writer.write_skip(self._step, reason, forwards)
+        self._skipped += 1
+        self._grads.reset()
+
+    def _prune_pending(self) -> None:
+        waiting = [c for c in self._pending if not c.received]
+        excess = len(waiting) - self.max_pending_forwards
+        if excess <= 0:
+            return
+        if not self._warned_pending:
+            logger.warning(
+                "more than %d grad-enabled forwards without a backward are pending; dropping the "
+                "oldest (run evaluation under torch.no_grad() to avoid recording it)",
+                self.max_pending_forwards,
+            )
+            self._warned_pending = True
+        drop = {id(c) for c in waiting[:excess]}
+        for c in waiting[:excess]:
+            c.release()
+        self._pending = [c for c in self._pending if id(c) not in drop]
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._closed:
+            return None
+        nested = bool(self._stack)
+        self._stack.append(None)  # popped by _post_forward, which always runs
+        assert self.writer is not None
+        self.writer.check()
+        if nested or not torch.is_grad_enabled():
+            return None
+        received = [c for c in self._pending if c.received]
+        if received and self._grads.cleared():
+            self._pending = [c for c in self._pending if not c.received]
+            self._write_skip(received, "grads_cleared")
+        self._prune_pending()
+        batch, device = find_batch_size(args, kwargs)
+        ids = self._next_ids
+        if ids is not None and len(ids) != batch:
+            self._next_ids = None
+            raise RecordingError(
+                f"set_sample_ids() gave {len(ids)} ids but the next forward has batch size {batch}; "
+                "give one id per row of the batch."
+            )
+        self._next_ids = None
+        args_tree, kwargs_tree, slots, consts = capture_inputs(args, kwargs, batch)
+        captured = CapturedForward(
+            batch_size=batch,
+            args=args_tree,
+            kwargs=kwargs_tree,
+            slots=slots,
+            tensors=consts,
+            rng_state=torch.get_rng_state(),
+            cuda_rng_state=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            training=module.training,
+            mode_overrides=mode_overrides(module),
+            buffers=self._fwd_buffers.snapshot_if_changed(),
+            user_ids=ids,
+        )
+        self._stack[-1] = OutputCapture(captured, self._current_scale)
+        return None
+
+    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._closed or not self._stack:
+            return None
+        cap = self._stack.pop()
+        if cap is None:
+            return None
+        if output is None:  # the forward raised (or returned nothing): nothing to record
+            cap.release()
+            return None
+        if self._output_module is None:
+            try:
+                cap.attach(output, where="model")
+            except BaseException:
+                cap.release()
+                raise
+        if cap.attached:
+            self._pending.append(cap)
+        else:
+            cap.release()
+        return None
+
+    def _output_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._closed or not self._stack or self._stack[-1] is None:
+            return None
+        cap = self._stack[-1]
+        if getattr(cap, "output_seen", False):
+            raise RecordingError(
+                f"the output module {self.output!r} ran twice in one forward of the model; "
+                "name a submodule that runs once per forward as output=."
+            )
+        cap.output_seen = True
+        cap.attach(output, where=f"output module {self.output!r}")
+        return None
+
+    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._closed:
+            return None
+        assert self.writer is not None
+        self.writer.check()
+        # args is (optimizer, *step_args)
+        if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+            raise RecordingError(
+                "optimizer.step(closure) is not supported: the closure recomputes gradients after "
+                "the recorder has read them. Call backward() before step() instead."
+            )
+        self._stack.clear()
+        self._check_groups()
+        for p in self._frozen_in_opt:
+            if p.grad is not None:
+                raise RecordingError(
+                    "a parameter that was frozen (requires_grad=False) when recording started now "
+                    "has a gradient; the trace cannot name it. Unfreeze parameters before recording."
+                )
+        received = [c for c in self._pending if c.received]
+        for c in self._pending:
+            if not c.received:
+                c.release()
+        self._pending = []
+        if received and self._grads.cleared():
+            self._write_skip(received, "grads_cleared")
+            received = []
+        t = self._step
+        grads = {}
+        for n, p in self._params.items():
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout != torch.strided:
+                raise RecordingError(f"parameter {n!r} has a {g.layout} gradient; only dense gradients are supported")
+            grads[n] = g.detach().to("cpu", copy=True)
+        groups, tkeys = [], []
+        for group in optimizer.param_groups:
+            hp, tk = capture_hyperparams(group)
+            groups.append(hp)
+            tkeys.append(tk)
+        buffers = self._step_buffers.snapshot_if_changed()
+        ckpt = self._state(t) if t % self.checkpoint_every == 0 else None
+        self._in_flight = CapturedStep(
+            index=t,
+            grads=grads,
+            groups=groups,
+            tensor_hyperparams=tkeys,
+            forwards=[c.finish() for c in received],
+            buffers=buffers,
+            checkpoint=ckpt,
+        )
+        return None
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self._closed or self._in_flight is None:
+            return None
+        assert self.writer is not None
+        step, self._in_flight = self._in_flight, None
+        self._step += 1
+        self._grads.reset()
+        self.writer.write_step(step)
+        self._bar.update(1)
+        return None
+
+    def _check_groups(self) -> None:
+        groups = self.optimizer.param_groups
+        ids = [[id(p) for p in g["params"] if id(p) in self._names] for g in groups]
+        if ids != self._group_ids:
+            raise RecordingError(
+                "the optimizer's param groups changed after recording started (add_param_group or "
+                "replaced params); a trace needs fixed groups. Create all groups before recording."
+            )
+
+
+@contextlib.contextmanager
+def record(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    store: Store | str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 100,
+    output: str | None = None,
+    scaler: Any = None,
+    progress: bool = False,
+    **options: Any,
+) -> Iterator[Recorder]:
+    """Record the training loop run inside the ``with`` block into a trace.
+
+    See ``Recorder`` for the options. On an exception the trace keeps every committed
+    step, records the error with ``finished=False``, and the exception propagates.
+    """
+    rec = Recorder(
+        model,
+        optimizer,
+        store=store,
+        checkpoint_every=checkpoint_every,
+        output=output,
+        scaler=scaler,
+        progress=progress,
+        **options,
+    )
+    rec.start()
+    try:
+        yield rec
+    except BaseException as e:
+        rec.close(error=e)
+        raise
+    rec.close()

@@ -1,0 +1,188 @@
+"""Rebuild θ_t by replaying the recorded optimizer on the recorded gradients.
+
+From the nearest checkpoint at or before ``start``: a fresh optimizer of the recorded
+(registered) class over cloned parameters, with the recorded param groups and state; for
+each step, ``p.grad`` and the group hyperparameters come from the record, then ``step()``.
+On CPU this reproduces training bit for bit. At every later checkpoint (and at the final
+state) the rebuilt values are compared with the stored ones; differences are reported
+and the stored values win.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .optimizers import export_state, load_state, optimizer_class_by_name, restore_hyperparams
+from .records import Checkpoint, StepRecord
+
+if TYPE_CHECKING:
+    from .reader import TraceReader
+
+__all__ = ["ReplayStep", "DriftReport", "replay_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayStep:
+    """θ_t, θ_{t+1} and the optimizer state around step ``index``."""
+
+    index: int
+    params: dict[str, torch.Tensor]
+    next_params: dict[str, torch.Tensor]
+    state_before: dict[str, dict[str, Any]]
+    state_after: dict[str, dict[str, Any]]
+    record: StepRecord
+
+
+@dataclass
+class DriftReport:
+    """Replayed vs stored values at each checkpoint (key: the step the state precedes).
+
+    ``checkpoints``: max abs difference over all parameters; ``state``: over the optimizer
+    state tensors; ``params``: per parameter, only where it differs. Zero means bitwise equal.
+    """
+
+    checkpoints: dict[int, float] = field(default_factory=dict)
+    state: dict[int, float] = field(default_factory=dict)
+    params: dict[int, dict[str, float]] = field(default_factory=dict)
+    lossy: bool = False
+
+    @property
+    def max_abs_diff(self) -> float:
+        vals = [*self.checkpoints.values(), *self.state.values()]
+        return max(vals, default=0.0)
+
+    @property
+    def exact(self) -> bool:
+        """Every checked parameter and state tensor matched bit for bit."""
+        return all(v == 0.0 for v in (*self.checkpoints.values(), *self.state.values()))
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return float("inf")
+    if a.numel() == 0:
+        return 0.0
+    if torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)):
+        return 0.0
+    if not (a.is_floating_point() or a.is_complex()):
+        return float((a.long() - b.long()).abs().max())
+    return float((a.double() - b.double()).abs().max())
+
+
+def _compare(t: int, rebuilt: dict[str, torch.Tensor], state: dict[str, dict[str, Any]], stored: Checkpoint, report: DriftReport) -> None:
+    per = {n: _diff(p, stored.params[n]) for n, p in rebuilt.items() if n in stored.params}
+    report.checkpoints[t] = max(per.values(), default=0.0)
+    bad = {n: d for n, d in per.items() if d != 0.0}
+    if bad:
+        report.params[t] = bad
+    sdiff = 0.0
+    for name, st in stored.optimizer_state.items():
+        mine = state.get(name, {})
+        for k, v in st.items():
+            w = mine.get(k)
+            if isinstance(v, torch.Tensor):
+                sdiff = max(sdiff, _diff(w, v) if isinstance(w, torch.Tensor) else float("inf"))
+            elif w != v:
+                sdiff = float("inf")
+    report.state[t] = sdiff
+    if report.checkpoints[t] != 0.0 or sdiff != 0.0:
+        log = logger.info if report.lossy else logger.warning
+        log(
+            "replay drift at step %d: parameters differ by up to %.3g, optimizer state by up to %.3g "
+            "(continuing from the stored checkpoint)",
+            t,
+            report.checkpoints[t],
+            sdiff,
+        )
+
+
+class _Replayer:
+    def __init__(self, reader: TraceReader, ckpt: Checkpoint) -> None:
+        meta = reader.meta
+        cls = optimizer_class_by_name(meta.optimizer.class_name, meta.optimizer.rule)
+        self.params = {n: ckpt.params[n].clone().requires_grad_(True) for n in reader.param_names}
+        self.names = {id(p): n for n, p in self.params.items()}
+        groups = []
+        for g in meta.optimizer.groups:
+            group: dict[str, Any] = {"params": [self.params[n] for n in g.params]}
+            restore_hyperparams(group, g.hyperparams, g.tensor_hyperparams)
+            groups.append(group)
+        self.order = [n for g in meta.optimizer.groups for n in g.params]
+        self.opt = cls(groups)
+        load_state(self.opt, ckpt.optimizer_state, self.order)
+
+    def step(self, grads: dict[str, torch.Tensor], groups: list[dict[str, Any]], tkeys: list[dict[str, str]]) -> None:
+        for gi, group in enumerate(self.opt.param_groups):
+            restore_hyperparams(group, groups[gi], tkeys[gi] if gi < len(tkeys) else None)
+        for n, p in self.params.items():
+            g = grads.get(n)
+            p.grad = None if g is None else g.clone()
+        self.opt.step()
+        for p in self.params.values():
+            p.grad = None
+
+    def reset(self, ckpt: Checkpoint) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(ckpt.params[n])
+        load_state(self.opt, ckpt.optimizer_state, self.order)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        return export_state(self.opt, self.names)
+
+
+def replay_steps(
+    reader: TraceReader, start: int, stop: int, *, with_state: bool = True, report: DriftReport | None = None
+) -> Iterator[ReplayStep]:
+    """Yield ``ReplayStep`` for ``t`` in ``range(start, stop)`` (see module docstring)."""
+    if start >= stop:
+        return
+    report = report if report is not None else DriftReport(lossy=reader.lossy)
+    ckpts = set(reader.checkpoint_steps)
+    base = max((c for c in ckpts if c <= start), default=None)
+    if base is None:
+        raise KeyError(f"{reader.name}: no checkpoint at or before step {start}")
+    rep = _Replayer(reader, reader.checkpoint(base))
+    final = None
+    if stop == reader.num_steps and reader.progress.get("final"):
+        final = reader.final()
+    before = rep.snapshot()
+    for t in range(base, stop):
+        emit = t >= start
+        if emit:
+            record = reader.step(t)
+            grads, groups, tkeys = record.grads, record.groups, record.tensor_hyperparams
+            state_before = rep.state() if with_state else {}
+        else:
+            grads, groups, tkeys = reader.step_update(t)
+        rep.step(grads, groups, tkeys)
+        stored = None
+        if t + 1 in ckpts:
+            stored = reader.checkpoint(t + 1)
+        elif t + 1 == reader.num_steps and final is not None:
+            stored = final
+        if stored is not None:
+            _compare(t + 1, rep.params, rep.state(), stored, report)
+            rep.reset(stored)
+        after = rep.snapshot()
+        if emit:
+            yield ReplayStep(
+                index=t,
+                params=before,
+                next_params=after,
+                state_before=state_before,
+                state_after=rep.state() if with_state else {},
+                record=record,
+            )
+        before = after

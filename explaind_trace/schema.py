@@ -1,0 +1,230 @@
+"""Trace layout: keys, schema version, and the encoding of captured records into store values.
+
+Captured data (CPU tensors plus plain values) arrives here from the recorder's hooks; the
+writer thread turns it into msgpack bytes. Decoding lives in ``reader.py``.
+
+Input and output structures are stored as small trees whose nodes are maps with a ``k``
+field: ``b`` (a batched input slot, rebuilt from the per-sample rows), ``t`` (the i-th tensor
+of the record's ``tensors``/``cotangents`` list), ``v`` (a plain value), ``n`` (None),
+``tuple``/``list`` (``items``) and ``dict`` (``keys`` and ``items``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import codec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "FORMAT",
+    "META",
+    "PROGRESS",
+    "FINAL",
+    "step_key",
+    "ckpt_key",
+    "skip_key",
+    "sample_key",
+    "CapturedForward",
+    "CapturedStep",
+    "CapturedState",
+]
+
+SCHEMA_VERSION = 1
+FORMAT = "explaind-trace"
+META = "meta"
+PROGRESS = "progress"
+FINAL = "final"
+
+
+def library_version() -> str:
+    """The installed explaind version (``0.1.0`` when running from a source tree)."""
+    try:
+        return importlib.metadata.version("explaind")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
+def step_key(t: int) -> str:
+    return f"step/{t:08d}"
+
+
+def ckpt_key(t: int) -> str:
+    return f"ckpt/{t:08d}"
+
+
+def skip_key(n: int) -> str:
+    return f"skip/{n:08d}"
+
+
+def sample_key(content_id: str) -> str:
+    return f"sample/{content_id}"
+
+
+@dataclass
+class CapturedForward:
+    """One forward pass as the hooks saw it; tensors already copied to CPU."""
+
+    batch_size: int
+    args: Any  # tree (see module docstring)
+    kwargs: Any
+    slots: list[torch.Tensor]  # batched inputs, dim 0 == batch_size
+    tensors: list[torch.Tensor]  # constant (non-batched) input tensors
+    rng_state: torch.Tensor
+    cuda_rng_state: torch.Tensor | None
+    training: bool
+    mode_overrides: dict[str, bool]
+    buffers: dict[str, torch.Tensor] | None
+    user_ids: list[str] | None
+    output: Any = None  # tree of the output's structure, leaves {"k": "t", "i": j}
+    cotangents: list[torch.Tensor | None] = field(default_factory=list)
+    grad_scale: float = 1.0
+
+
+@dataclass
+class CapturedState:
+    """Parameters, buffers and optimizer state (per parameter name) at one instant."""
+
+    step: int
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    optimizer_state: dict[str, dict[str, Any]]
+
+
+@dataclass
+class CapturedStep:
+    """Everything recorded for optimizer step ``index``."""
+
+    index: int
+    grads: dict[str, torch.Tensor]
+    groups: list[dict[str, Any]]
+    tensor_hyperparams: list[dict[str, str]]
+    forwards: list[CapturedForward]
+    buffers: dict[str, torch.Tensor] | None
+    checkpoint: CapturedState | None = None
+
+
+class Encoder:
+    """Turns captured records into store values; remembers which samples are stored.
+
+    Used by the writer thread only (not thread-safe). ``raw_bytes`` counts the gradient
+    bytes as fp32 plus the input batch bytes; ``stored_bytes`` the bytes handed to the
+    store (without the progress record).
+    """
+
+    def __init__(self, *, grad_codec: str = "lossless", level: int = 3) -> None:
+        self.lossy = "bf16" if grad_codec == "bf16" else None
+        self.level = level
+        self.known_samples: set[str] = set()
+        self.raw_bytes = 0
+        self.stored_bytes = 0
+
+    def tensor(self, t: torch.Tensor, *, lossy: bool = False) -> dict[str, Any]:
+        return codec.encode_tensor(t, lossy=self.lossy if lossy else None, level=self.level)
+
+    def tensors(self, d: dict[str, torch.Tensor], *, lossy: bool = False) -> dict[str, Any]:
+        return {k: self.tensor(v, lossy=lossy) for k, v in d.items()}
+
+    def state(self, s: CapturedState) -> dict[str, Any]:
+        return {
+            "step": s.step,
+            "params": self.tensors(s.params),
+            "buffers": self.tensors(s.buffers),
+            "optimizer_state": {
+                name: {
+                    k: self.tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()
+                }
+                for name, st in s.optimizer_state.items()
+            },
+        }
+
+    def samples(self, f: CapturedForward, out: list[tuple[str, bytes]]) -> list[str]:
+        """Content ids of the rows of ``f``; appends unseen samples to ``out``."""
+        b = f.batch_size
+        views = []
+        for t in f.slots:
+            u8 = np.frombuffer(codec.tensor_to_bytes(t), dtype=np.uint8)
+            views.append((codec.dtype_name(t.dtype), list(t.shape[1:]), u8.reshape(b, -1)))
+            self.raw_bytes += t.numel() * t.element_size()
+        headers = [f"{d}{s}".encode() for d, s, _ in views]
+        ids = []
+        for i in range(b):
+            h = hashlib.blake2b(digest_size=16)
+            for head, (_, _, rows) in zip(headers, views):
+                h.update(head)
+                h.update(rows[i].data)
+            cid = h.hexdigest()
+            ids.append(cid)
+            if cid in self.known_samples:
+                continue
+            self.known_samples.add(cid)
+            rec = {
+                "rows": [
+                    codec.encode_bytes(rows[i], dtype, shape, level=self.level)
+                    for dtype, shape, rows in views
+                ]
+            }
+            out.append((sample_key(cid), codec.pack(rec)))
+        return ids
+
+    def forward(self, f: CapturedForward, out: list[tuple[str, bytes]]) -> dict[str, Any]:
+        rows = self.samples(f, out)
+        return {
+            "batch_size": f.batch_size,
+            "rows": rows,
+            "ids": f.user_ids,
+            "slots": [
+                {"dtype": codec.dtype_name(t.dtype), "shape": list(t.shape[1:])} for t in f.slots
+            ],
+            "args": f.args,
+            "kwargs": f.kwargs,
+            "tensors": [self.tensor(t) for t in f.tensors],
+            "output": f.output,
+            "cotangents": [None if c is None else self.tensor(c) for c in f.cotangents],
+            "rng_state": self.tensor(f.rng_state),
+            "cuda_rng_state": None if f.cuda_rng_state is None else self.tensor(f.cuda_rng_state),
+            "training": f.training,
+            "mode_overrides": f.mode_overrides,
+            "buffers": None if f.buffers is None else self.tensors(f.buffers),
+            "grad_scale": f.grad_scale,
+        }
+
+    def step(self, s: CapturedStep) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        self.raw_bytes += sum(4 * g.numel() for g in s.grads.values())
+        rec = {
+            "index": s.index,
+            "grads": self.tensors(s.grads, lossy=True),
+            "groups": s.groups,
+            "tensor_hyperparams": s.tensor_hyperparams,
+            "forwards": [self.forward(f, out) for f in s.forwards],
+            "buffers": None if s.buffers is None else self.tensors(s.buffers),
+        }
+        out.append((step_key(s.index), codec.pack(rec)))
+        if s.checkpoint is not None:
+            out.append((ckpt_key(s.checkpoint.step), codec.pack(self.state(s.checkpoint))))
+        self.stored_bytes += sum(len(v) for _, v in out)
+        return out
+
+    def skip(self, n: int, before_step: int, reason: str, forwards: list[CapturedForward]):
+        out: list[tuple[str, bytes]] = []
+        rec = {
+            "index": n,
+            "before_step": before_step,
+            "reason": reason,
+            "forwards": [self.forward(f, out) for f in forwards],
+        }
+        out.append((skip_key(n), codec.pack(rec)))
+        self.stored_bytes += sum(len(v) for _, v in out)
+        return out
+
+    def final(self, s: CapturedState) -> list[tuple[str, bytes]]:
+        out = [(FINAL, codec.pack(self.state(s)))]
+        self.stored_bytes += len(out[0][1])
+        return out

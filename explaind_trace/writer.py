@@ -1,0 +1,165 @@
+"""Background trace writer: encodes, compresses and commits records off the training thread.
+
+The training thread only copies tensors to CPU and hands them over through a bounded
+queue (back-pressure instead of unbounded memory). Each job is one atomic store commit
+that also rewrites the ``progress`` record, so progress always describes committed data.
+A failure in the thread is kept and re-raised in the training thread as
+``TraceWriteError`` by ``check()``/``submit()``/``close()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from . import codec
+from .errors import TraceWriteError
+from .schema import META, PROGRESS, CapturedForward, CapturedState, CapturedStep, Encoder
+from .stores import Store
+
+__all__ = ["TraceWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Meta:
+    meta: dict[str, Any]
+
+
+@dataclass
+class _Skip:
+    before_step: int
+    reason: str
+    forwards: list[CapturedForward]
+
+
+@dataclass
+class _Final:
+    state: CapturedState | None
+    error: str | None
+
+
+_STOP = object()
+
+
+class TraceWriter:
+    """One thread, one store, one commit per submitted job."""
+
+    def __init__(
+        self, store: Store, *, grad_codec: str = "lossless", level: int = 3, queue_size: int = 8
+    ) -> None:
+        self.store = store
+        self.encoder = Encoder(grad_codec=grad_codec, level=level)
+        self.progress: dict[str, Any] = {
+            "steps": 0,
+            "finished": False,
+            "final": False,
+            "skipped": 0,
+            "error": None,
+            "stored_bytes": 0,
+            "raw_bytes": 0,
+        }
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="explaind-trace-writer", daemon=True)
+        self._thread.start()
+
+    # -- training-thread side -------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise ``TraceWriteError`` if the writer thread has failed."""
+        if self._error is not None:
+            raise TraceWriteError(
+                f"writing the trace to {self.store!r} failed: {type(self._error).__name__}: "
+                f"{self._error}. Steps committed before the failure stay readable; fix the "
+                "cause (disk space, permissions, store backend) and record again."
+            ) from self._error
+
+    def _submit(self, job: Any) -> None:
+        while True:
+            self.check()
+            if not self._thread.is_alive():
+                raise TraceWriteError("the trace writer thread is not running")
+            try:
+                self._queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        self._submit(_Meta(meta))
+
+    def write_step(self, step: CapturedStep) -> None:
+        self._submit(step)
+
+    def write_skip(self, before_step: int, reason: str, forwards: list[CapturedForward]) -> None:
+        self._submit(_Skip(before_step, reason, forwards))
+
+    def write_final(self, state: CapturedState | None, error: str | None) -> None:
+        self._submit(_Final(state, error))
+
+    def flush(self) -> None:
+        """Block until every submitted job is committed; raise if writing failed."""
+        self._queue.join()
+        self.check()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
+    def close(self) -> None:
+        """Drain the queue, stop and join the thread; raise ``TraceWriteError`` on failure."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        self.check()
+
+    # -- writer-thread side ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is _STOP:
+                    return
+                if self._error is None:  # after a failure: drain without writing
+                    self._commit(job)
+            except BaseException as e:  # kept and re-raised in the training thread
+                logger.error("trace writer failed: %s: %s", type(e).__name__, e)
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _commit(self, job: Any) -> None:
+        enc = self.encoder
+        progress = dict(self.progress)
+        if isinstance(job, _Meta):
+            items = [(META, codec.pack(job.meta))]
+        elif isinstance(job, CapturedStep):
+            items = enc.step(job)
+            progress["steps"] = job.index + 1
+        elif isinstance(job, _Skip):
+            items = enc.skip(progress["skipped"], job.before_step, job.reason, job.forwards)
+            progress["skipped"] += 1
+        elif isinstance(job, _Final):
+            items = enc.final(job.state) if job.state is not None else []
+            progress["final"] = job.state is not None
+            progress["finished"] = job.error is None
+            progress["error"] = job.error
+        else:  # pragma: no cover - internal misuse
+            raise TypeError(f"unknown writer job {job!r}")
+        progress["stored_bytes"] = enc.stored_bytes
+        progress["raw_bytes"] = enc.raw_bytes
+        for key, value in items:
+            self.store.put(key, value)
+        self.store.put(PROGRESS, codec.pack(progress))
+        self.store.commit()
+        self.progress = progress

@@ -1,0 +1,213 @@
+"""The `explaind` command line: help, error mapping, and the kernel/report plumbing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import explaind_attr.cli as cli
+import explaind_kernel
+from explaind_kernel.result import KernelResult
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, "-m", "explaind_attr.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_help_lists_the_subcommands():
+    proc = _run("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in ("info", "kernel", "report", "demo"):
+        assert command in proc.stdout
+    proc = _run("kernel", "--help")
+    assert proc.returncode == 0 and "--model" in proc.stdout and "--nodes" in proc.stdout
+
+
+def test_library_error_is_one_line_and_exit_code_2(tmp_path):
+    bad = tmp_path / "bad.explaind"
+    bad.write_bytes(b"not msgpack \xc1")
+    proc = _run("report", "some.lmdb", "--result", str(bad))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert (
+        lines[0].startswith("explaind: error: ")
+        and "not a readable ExPLAIND kernel result" in lines[0]
+    )
+
+
+def test_bad_model_module_maps_to_exit_2(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    code = cli.main(["kernel", "t.lmdb", "--model", "no_such_module_xyz:make", "--inputs", "x.npy"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot import module 'no_such_module_xyz' for --model" in err[0]
+    assert cli.main(["kernel", "t.lmdb", "--model", "nocolon", "--inputs", "x.npy"]) == 2
+    assert "must look like MODULE:NAME" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(cli.UsageError, match="cannot import module"):
+        cli.main(["--debug", "kernel", "t", "--model", "no_such_module_xyz:f", "--inputs", "x.npy"])
+
+
+def test_info_calls_describe_and_format_info(capsys, monkeypatch):
+    fake = types.ModuleType("explaind_trace.info")
+    fake.describe = lambda path: {"path": path}
+    fake.format_info = lambda info: f"trace at {info['path']}"
+    monkeypatch.setitem(sys.modules, "explaind_trace.info", fake)
+    assert cli.main(["info", "runs/a.lmdb"]) == 0
+    assert capsys.readouterr().out == "trace at runs/a.lmdb\n"
+
+
+def test_demo_runs_lazily_and_unfinished_demo_is_a_clean_error(capsys, tmp_path, monkeypatch):
+    import explaind_attr.demo as demo
+
+    def unfinished(out_dir, *, quick=False, progress=True):
+        raise NotImplementedError("the demo is not available yet")
+
+    monkeypatch.setattr(demo, "run_demo", unfinished)
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "explaind: error: the demo is not available yet\n"
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.append((out, kw)) or object())
+    assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    assert seen == [(str(tmp_path), {"quick": True, "progress": False})]
+
+
+_USER_MODULE = """
+import numpy as np
+import torch
+
+def make_model():
+    return torch.nn.Linear(2, 3)
+
+def inputs():
+    return torch.zeros(4, 2), torch.tensor([0, 1, 2, 0])
+
+def not_a_model():
+    return 3
+"""
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch, synth):
+    """A working directory with a user module, and a fake engine recording its call."""
+    (tmp_path / "usermod_attr_cli.py").write_text(_USER_MODULE)
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), dtype=np.float32))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "usermod_attr_cli", raising=False)
+    calls = []
+
+    def fake_compute_kernel(trace, model, inputs, **kw):
+        calls.append((trace, model, inputs, kw))
+        return synth(N=int(inputs.shape[0]), O=3, trace_id="trace-A")
+
+    monkeypatch.setattr(explaind_kernel, "compute_kernel", fake_compute_kernel)
+    return tmp_path, calls
+
+
+def test_kernel_command_saves_and_prints_one_line(user_dir, capsys):
+    tmp_path, calls = user_dir
+    code = cli.main(
+        [
+            "kernel",
+            "run.lmdb",
+            "--model",
+            "usermod_attr_cli:make_model",
+            "--inputs",
+            "usermod_attr_cli:inputs",
+            "--outputs",
+            "label",
+            "--nodes",
+            "3",
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and out[0].startswith("completeness: max_abs=") and " rel=" in out[0]
+    (trace, model, inputs, kw) = calls[0]
+    assert trace == "run.lmdb" and tuple(inputs.shape) == (4, 2)
+    assert kw["quadrature"] == "gauss:3" and kw["outputs"] == "label" and kw["device"] is None
+    assert kw["labels"].tolist() == [0, 1, 2, 0]
+    saved = KernelResult.load(tmp_path / "run.lmdb.result.explaind")
+    assert saved.trace_id == "trace-A"
+
+
+def test_kernel_command_input_errors(user_dir, capsys):
+    base = ["kernel", "run.lmdb", "--model", "usermod_attr_cli:make_model"]
+    assert cli.main([*base, "--inputs", "x.npy", "--outputs", "label"]) == 2
+    assert "--outputs label needs labels" in capsys.readouterr().err
+    assert cli.main([*base, "--inputs", "missing.npy"]) == 2
+    assert "cannot read --inputs from 'missing.npy'" in capsys.readouterr().err
+    assert (
+        cli.main(["kernel", "r", "--model", "usermod_attr_cli:not_a_model", "--inputs", "x.npy"])
+        == 2
+    )
+    assert "returned a int, not a torch.nn.Module" in capsys.readouterr().err
+    assert cli.main(["kernel", "r", "--model", "usermod_attr_cli:nope", "--inputs", "x.npy"]) == 2
+    assert "has no attribute 'nope'" in capsys.readouterr().err
+
+
+def test_report_command_uses_a_matching_result(user_dir, capsys, monkeypatch, synth):
+    tmp_path, calls = user_dir
+    monkeypatch.setattr(cli, "_trace_id", lambda trace: "trace-A")
+    monkeypatch.setattr(cli, "_samples_from_trace", lambda trace, ids: None)
+    saved = synth(trace_id="trace-A").save(tmp_path / "r.explaind")
+    assert cli.main(["report", "run.lmdb", "--result", str(saved), "--out", "rep"]) == 0
+    assert not calls  # nothing recomputed
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("completeness:") and (tmp_path / "rep" / "report.html").exists()
+    # a result of another trace is not used: the kernel is computed again
+    other = synth(trace_id="trace-B").save(tmp_path / "other.explaind")
+    args = [
+        "report",
+        "run.lmdb",
+        "--result",
+        str(other),
+        "--out",
+        "rep2",
+        "--model",
+        "usermod_attr_cli:make_model",
+        "--inputs",
+        "x.npy",
+    ]
+    assert cli.main(args) == 0
+    assert len(calls) == 1
+    assert "comes from trace 'trace-B'" in capsys.readouterr().err
+    assert (tmp_path / "rep2" / "result.explaind").exists()
+    # no usable result and no model: a clean error
+    assert cli.main(["report", "run.lmdb", "--result", str(other)]) == 2
+    assert "needs --model MODULE:FACTORY and --inputs" in capsys.readouterr().err
+
+
+def test_package_exports_lazily():
+    import explaind_attr
+
+    assert set(explaind_attr.__all__) == set(explaind_attr._OWNER) | {
+        n for n in explaind_attr.__all__ if n.endswith("Error")
+    }
+    for name in explaind_attr.__all__:
+        assert getattr(explaind_attr, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        explaind_attr.nope  # noqa: B018
+    code = "import sys, explaind_attr.cli; print(sorted({'torch', 'pandas', 'matplotlib'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.stdout.strip() == "[]", proc.stderr

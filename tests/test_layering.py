@@ -1,0 +1,44 @@
+"""Imports go one way: integrations → explaind_attr → explaind_kernel → explaind_trace."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["explaind_trace", "explaind_kernel", "explaind_attr", "integrations"]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+@pytest.mark.parametrize("package", ORDER)
+def test_imports_go_one_way(package: str) -> None:
+    forbidden = set(ORDER[ORDER.index(package) + 1 :]) | {"examples", "bench", "tests"}
+    bad = []
+    for path in (ROOT / package).rglob("*.py"):
+        hit = _imports(path) & forbidden
+        if hit:
+            bad.append(f"{path.relative_to(ROOT)} imports {sorted(hit)}")
+    assert not bad, "layering violated:\n" + "\n".join(bad)
+
+
+def test_no_pickle_anywhere() -> None:
+    bad = []
+    for package in ORDER:
+        for path in (ROOT / package).rglob("*.py"):
+            mods = _imports(path)
+            text = path.read_text()
+            if "pickle" in mods or "torch.load(" in text or "allow_pickle=True" in text:
+                bad.append(str(path.relative_to(ROOT)))
+    assert not bad, f"pickle-capable code in {bad}"
