@@ -70,22 +70,20 @@ def top_samples(
     view = data_attribution(result, groups=groups, default_group=default_group)
     parts = view.of_kind(view.axis)
     values = parts.values
-    labels = np.asarray(parts.labels, dtype=object)
-    records: list[tuple[int, str, str, int, str, float]] = []
-    n, o = values.shape[:2]
-    for i in range(n):
-        for j in range(o):
-            row = values[i, j]
-            for role, order in (
-                ("proponent", np.argsort(-row, kind="stable")),
-                ("opponent", np.argsort(row, kind="stable")),
-            ):
-                sign = 1.0 if role == "proponent" else -1.0
-                chosen = [s for s in order[:k] if sign * row[s] > 0]
-                for rank, s in enumerate(chosen, start=1):
-                    records.append(
-                        (i, result.output_names[j], role, rank, labels[s], float(row[s]))
-                    )
+    labels = parts.labels
+    records: list[tuple[int, int, bool, int, str, float]] = []
+    for sign in (1.0, -1.0):
+        order = np.argsort(-sign * values, axis=-1, kind="stable")[..., :k]  # [N, O, k]
+        chosen = np.take_along_axis(values, order, axis=-1)
+        for (i, j, rank), s in np.ndenumerate(order):
+            value = float(chosen[i, j, rank])
+            if sign * value > 0:
+                records.append((i, j, sign < 0, rank + 1, labels[s], value))
+    records.sort(key=lambda rec: rec[:4])  # test, output, proponents first, rank
     return pd.DataFrame.from_records(
-        records, columns=["test", "output", "role", "rank", view.axis, "value"]
+        [
+            (i, result.output_names[j], "opponent" if opp else "proponent", rank, label, value)
+            for i, j, opp, rank, label, value in records
+        ],
+        columns=["test", "output", "role", "rank", view.axis, "value"],
     )

@@ -13,17 +13,26 @@ __all__ = ["check_result_matches", "load_result", "trace_id_of"]
 
 
 def trace_id_of(trace: Any) -> str:
-    """The trace id of a string, a TraceReader-like object or a KernelResult.
+    """The trace id of a string, a KernelResult, or an open trace reader.
 
-    Looks for `trace_id` on the object, then on its `meta`, then `meta.fingerprint`.
+    A string is taken as the id itself; an object with a `trace_id` string gives that; a
+    reader (an object with `meta`) gives `explaind_kernel.trace_fingerprint(reader)`, the
+    id the engine stores in every result.
     """
     if isinstance(trace, str):
         return trace
-    for owner in (trace, getattr(trace, "meta", None)):
-        for attr in ("trace_id", "fingerprint"):
-            value = getattr(owner, attr, None) if owner is not None else None
-            if isinstance(value, str) and value:
-                return value
+    value = getattr(trace, "trace_id", None)
+    if isinstance(value, str) and value:
+        return value
+    if getattr(trace, "meta", None) is not None:
+        from explaind_kernel.engine import trace_fingerprint
+
+        try:
+            return trace_fingerprint(trace)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise ResultMismatchError(
+                f"cannot fingerprint the trace {trace!r} ({e}); pass its id string instead"
+            ) from e
     raise ResultMismatchError(
         f"cannot tell the trace id of a {type(trace).__name__}; pass the id string itself"
     )

@@ -154,8 +154,8 @@ class JointView:
 
     def _axis_columns(self, axis: str, labels: tuple[str, ...]) -> dict[str, Sequence[object]]:
         if axis == "window":
-            assert self.edges is not None
-            return {"window_start": self.edges[:-1], "window_stop": self.edges[1:]}
+            edges = self.edges or ()  # set whenever an axis is "window" (__post_init__)
+            return {"window_start": edges[:-1], "window_stop": edges[1:]}
         return {axis: labels}
 
     def to_frame(self) -> pd.DataFrame:

@@ -24,7 +24,9 @@ class KernelConfig:
     dtype:         "float32" (default) or "float64" (verification).
     device:        "cuda", "cpu", ... (None: CUDA when available, else CPU).
     memory_budget: bytes the per-chunk adjoint state may take; test inputs are chunked to fit.
-    block_rows:    training-batch rows whose per-sample gradients are held at once.
+    block_rows:    rows held at once on the training side (batch rows, or adjoint rows for jvp).
+    training_mode: "auto" | "per_sample" | "jvp" | "vmap" — how K(x; i, τ) is contracted (see
+                   training_side.py); auto picks by cost.
     step_windows:  number of equal step windows for windowed views (or explicit edges).
     keep:          which joint slices to keep (see KeepOptions).
     allow_tf32:    permit TF32 matmuls on CUDA (off by default: fp32 means fp32).
@@ -41,6 +43,7 @@ class KernelConfig:
     device: str | None = None
     memory_budget: int = 2 * 1024**3
     block_rows: int = 64
+    training_mode: str = "auto"
     step_windows: int | tuple[int, ...] = 10
     keep: KeepOptions = field(default_factory=KeepOptions)
     allow_tf32: bool = False
@@ -54,13 +57,18 @@ class KernelConfig:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.adaptive_tol is not None and not self.adaptive_tol > 0:
             raise InputError(f"adaptive_tol must be positive, got {self.adaptive_tol!r}")
-        if self.max_nodes < Quadrature.parse(self.quadrature).nodes:
+        if self.adaptive_tol is not None and self.max_nodes < Quadrature.parse(self.quadrature).nodes:
             raise InputError(
                 f"max_nodes ({self.max_nodes}) is below the quadrature's node count "
                 f"({self.quadrature}); raise max_nodes."
             )
         if self.memory_budget <= 0:
             raise InputError(f"memory_budget must be positive bytes, got {self.memory_budget!r}")
+        if self.training_mode not in ("auto", "per_sample", "jvp", "vmap"):
+            raise InputError(
+                "training_mode must be 'auto', 'per_sample', 'jvp' or 'vmap', "
+                f"got {self.training_mode!r}"
+            )
         if self.block_rows < 1:
             raise InputError(f"block_rows must be ≥ 1, got {self.block_rows!r}")
         if isinstance(self.step_windows, int) and self.step_windows < 1:

@@ -314,7 +314,7 @@ class _Sweep:
     def _sweep(self, xs, index, width: int, bar) -> dict[str, Any]:
         cfg, rule = self.config, self.rule
         test = TestSide(self.fm, self.selector, xs, index)
-        train = TrainingSide(self.fm, block_rows=cfg.block_rows)
+        train = TrainingSide(self.fm, block_rows=cfg.block_rows, mode=cfg.training_mode)
         rows = int(xs[0].shape[0]) * width
         comp_names = self.names + [f"slice:{s}" for s in self.slices]
         acc = _Acc(rows, self.T, len(comp_names), len(self.edges) - 1, cfg.keep, len(self.names))

@@ -1,11 +1,11 @@
 """explaind_trace: record any PyTorch training run through hooks, read and replay it exactly.
 
-    with explaind_trace.record(model, optimizer, store="runs/a.lmdb"):
-        ...  # the unmodified training loop
+with explaind_trace.record(model, optimizer, store="runs/a.lmdb"):
+    ...  # the unmodified training loop
 
-    trace = explaind_trace.open_trace("runs/a.lmdb")
-    for step in trace.replay():
-        step.params, step.next_params, step.record.forwards
+trace = explaind_trace.open_trace("runs/a.lmdb")
+for step in trace.replay():
+    step.params, step.next_params, step.record.forwards
 """
 
 from . import errors
@@ -26,7 +26,15 @@ from .reader import TraceReader, open_trace
 from .recorder import Recorder, record
 from .records import Checkpoint, ForwardRecord, SkipRecord, StepRecord, TraceMeta
 from .replay import DriftReport, ReplayStep
-from .stores import DirectoryStore, LMDBStore, MemoryStore, Store, available_schemes, open_store, register_store
+from .stores import (
+    DirectoryStore,
+    LMDBStore,
+    MemoryStore,
+    Store,
+    available_schemes,
+    open_store,
+    register_store,
+)
 
 __all__ = [
     "record",

@@ -109,7 +109,7 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
 
 
 def encode_bytes(
-    raw: bytes | np.ndarray, dtype: str, shape: list[int] | tuple[int, ...], *, level: int = 3
+    raw: bytes | np.ndarray, dtype: str, shape: list[int] | tuple[int, ...], *, level: int = 1
 ) -> dict[str, Any]:
     """Encode raw little-endian bytes of a tensor of ``dtype``/``shape`` (lossless)."""
     itemsize = DTYPES[dtype].itemsize
@@ -124,7 +124,7 @@ def encode_bytes(
     return {"dtype": dtype, "shape": list(shape), "codec": "zstd", "data": data}
 
 
-def encode_tensor(t: torch.Tensor, *, lossy: str | None = None, level: int = 3) -> dict[str, Any]:
+def encode_tensor(t: torch.Tensor, *, lossy: str | None = None, level: int = 1) -> dict[str, Any]:
     """Encode a tensor as a msgpack-ready map.
 
     ``lossy="bf16"`` rounds float32/float64 tensors to bfloat16 before compressing

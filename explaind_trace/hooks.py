@@ -66,7 +66,9 @@ def capture_inputs(
             except TraceCorruptError as e:
                 raise RecordingError(f"model input {where}: {e}") from None
             if obj.layout != torch.strided:
-                raise RecordingError(f"model input {where} is a {obj.layout} tensor; only dense tensors are recorded")
+                raise RecordingError(
+                    f"model input {where} is a {obj.layout} tensor; only dense tensors are recorded"
+                )
             if obj.dim() >= 1 and obj.shape[0] == batch_size:
                 slots.append(_cpu_copy(obj))
                 return {"k": "b", "i": len(slots) - 1}
@@ -112,6 +114,7 @@ class OutputCapture:
         self.captured = captured
         self.received = False
         self.attached = False
+        self.output_seen = False  # output= mode: the submodule's hook already ran
         self._scale_fn = scale_fn
         self._acc: list[torch.Tensor | None] = []
         self._scale: torch.Tensor | None = None
@@ -134,7 +137,12 @@ class OutputCapture:
             return {"k": "n"}
 
         tree = node(output)
-        grad_leaves = [i for i, t in enumerate(leaves) if t.requires_grad]
+        # a tensor listed twice gets its cotangent once (at its first position), so that
+        # summing J^T c over the leaves does not count it twice
+        first: dict[int, int] = {}
+        for i, t in enumerate(leaves):
+            first.setdefault(id(t), i)
+        grad_leaves = [i for i, t in enumerate(leaves) if t.requires_grad and first[id(t)] == i]
         if not grad_leaves:
             return False
         b = self.captured.batch_size
@@ -147,7 +155,9 @@ class OutputCapture:
                         "forward; cotangents must be recorded per sample. Pass output='name' "
                         "naming the submodule whose output is the per-sample model output."
                     )
-                raise RecordingError(f"the {where} output is a scalar; it must have dim 0 = batch size {b}")
+                raise RecordingError(
+                    f"the {where} output is a scalar; it must have dim 0 = batch size {b}"
+                )
             if t.shape[0] != b:
                 raise RecordingError(
                     f"the {where} output has shape {tuple(t.shape)} but the batch size of the "
@@ -231,7 +241,9 @@ class GradTracker:
     def __init__(self, named_params: dict[str, torch.nn.Parameter]) -> None:
         self.params = named_params
         self.seen: dict[str, tuple[weakref.ref, int]] = {}
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in named_params.items()]
+        self.handles = [
+            p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in named_params.items()
+        ]
 
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def on_accumulated(p: torch.Tensor) -> None:

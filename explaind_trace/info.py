@@ -81,7 +81,9 @@ def _size(n: int | None) -> str:
 
 def format_info(d: dict[str, Any]) -> str:
     """Render ``describe()``'s dictionary as aligned text lines."""
-    status = "finished" if d["finished"] else ("stopped by an error" if d["error"] else "interrupted")
+    status = (
+        "finished" if d["finished"] else ("stopped by an error" if d["error"] else "interrupted")
+    )
     ckpts = d["checkpoints"]
     shown = ", ".join(map(str, ckpts[:8])) + (", ..." if len(ckpts) > 8 else "")
     ratio = d["compression_ratio"]
@@ -90,17 +92,35 @@ def format_info(d: dict[str, Any]) -> str:
         ("status", status + (f" ({d['error']})" if d["error"] else "")),
         ("steps", f"{d['steps']} committed, {d['skipped_steps']} skipped"),
         ("checkpoints", f"{len(ckpts)} every {d['checkpoint_every']} steps [{shown}]"),
-        ("model", f"{d['model_class']}: {d['parameters']:,} parameters in {d['param_tensors']} tensors, {d['buffers']} buffers"),
+        (
+            "model",
+            f"{d['model_class']}: {d['parameters']:,} parameters in {d['param_tensors']} tensors, {d['buffers']} buffers",
+        ),
         ("optimizer", f"{d['optimizer']} ({d['param_groups']} param group(s))"),
-        ("gradients", d["grad_codec"] + (" (LOSSY: replay is approximate)" if d["lossy"] else " (lossless)")),
+        (
+            "gradients",
+            f"{d['grad_codec']} (LOSSY: replay is approximate)" if d["lossy"] else "lossless",
+        ),
         ("on disk", _size(d["bytes_on_disk"])),
-        ("stored", f"{_size(d['stored_bytes'])} for {_size(d['raw_bytes'])} raw"
-         + (f" (compression {ratio:.2f}x)" if ratio else "")),
+        (
+            "stored",
+            f"{_size(d['stored_bytes'])} for {_size(d['raw_bytes'])} raw"
+            + (f" (compression {ratio:.2f}x)" if ratio else ""),
+        ),
     ]
     drift = d.get("drift")
     if drift is not None:
-        text = "exact (bitwise at every checkpoint)" if drift["exact"] else f"max abs diff {drift['max_abs_diff']:.3g}"
+        text = (
+            "exact (bitwise at every checkpoint)"
+            if drift["exact"]
+            else f"max abs diff {drift['max_abs_diff']:.3g}"
+        )
         rows.append(("replay drift", text))
-    rows.append(("written by", f"explaind {d['library_version']}, torch {d['torch_version']}, {d['created']}"))
+    rows.append(
+        (
+            "written by",
+            f"explaind {d['library_version']}, torch {d['torch_version']}, {d['created']}",
+        )
+    )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

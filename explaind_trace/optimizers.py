@@ -1,14 +1,13 @@
 """Optimizers the recorder can replay: a registry keyed by class, resolved along the MRO.
 
 Replay builds a fresh optimizer of the recorded class, so only classes registered here
-(or subclasses of them already imported by the running program) are ever instantiated;
-a class name read from a trace is looked up, never imported.
+are ever instantiated; a class name read from a trace is looked up in the registry,
+never imported.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -30,14 +29,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _REGISTRY: dict[type, None] = {}
-O = TypeVar("O", bound=type)
+OptT = TypeVar("OptT", bound=type)
 
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_optimizer(cls: O) -> O:
+def register_optimizer(cls: OptT) -> OptT:
     """Register an optimizer class (usable as a decorator) as replayable.
 
     A registered optimizer must be deterministic given its parameters, gradients, param
@@ -75,34 +74,25 @@ def resolve_optimizer(cls: type) -> type:
     raise _unsupported(f"optimizer {qualified_name(cls)}")
 
 
-def _subclasses(cls: type) -> Iterable[type]:
-    stack = [cls]
-    while stack:
-        c = stack.pop()
-        yield c
-        stack.extend(c.__subclasses__())
-
-
 def optimizer_class_by_name(name: str, rule: str | None = None) -> type:
-    """The class a trace names: a registered class or an already imported subclass of one.
+    """The registered class a trace names; only registered classes are ever returned.
 
-    Falls back to the registered ``rule`` class (with a warning) when ``name`` is not loaded.
+    ``name`` is the class used in training and ``rule`` the registered class it resolved
+    to when recording started. An unregistered subclass replays as its registered base
+    (with a warning: register the subclass itself if it changes the update).
     """
-    for registered in list(_REGISTRY):
-        for c in _subclasses(registered):
-            if qualified_name(c) == name:
-                resolve_optimizer(c)
-                return c
-    if rule is not None and rule != name:
-        for registered in _REGISTRY:
-            if qualified_name(registered) == rule:
-                logger.warning(
-                    "optimizer class %s is not loaded in this process; replaying with its "
-                    "registered base %s (import the class first for an exact replay)",
-                    name,
-                    rule,
-                )
-                return registered
+    by_name = {qualified_name(c): c for c in _REGISTRY}
+    if name in by_name:
+        return by_name[name]
+    if rule is not None and rule in by_name:
+        logger.warning(
+            "optimizer class %s is not registered; replaying it as its registered base %s "
+            "(register %s with explaind_trace.register_optimizer if it changes the update)",
+            name,
+            rule,
+            name,
+        )
+        return by_name[rule]
     raise _unsupported(f"the traced optimizer class {name!r}")
 
 
@@ -161,7 +151,7 @@ def export_state(
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state.get(p)
-            if not st:
+            if not st or id(p) not in names:
                 continue
             entry: dict[str, Any] = {}
             for k, v in st.items():

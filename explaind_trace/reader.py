@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -37,23 +38,28 @@ class _SampleCache:
     """LRU of decoded sample rows, bounded by bytes."""
 
     def __init__(self, limit: int) -> None:
+        self.lock = threading.Lock()
         self.limit = limit
         self.size = 0
         self.items: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
 
     def get(self, key: str) -> list[torch.Tensor] | None:
-        rows = self.items.get(key)
-        if rows is not None:
-            self.items.move_to_end(key)
-        return rows
+        with self.lock:
+            rows = self.items.get(key)
+            if rows is not None:
+                self.items.move_to_end(key)
+            return rows
 
     def put(self, key: str, rows: list[torch.Tensor]) -> None:
         n = sum(r.numel() * r.element_size() for r in rows)
-        self.items[key] = rows
-        self.size += n
-        while self.size > self.limit and len(self.items) > 1:
-            _, old = self.items.popitem(last=False)
-            self.size -= sum(r.numel() * r.element_size() for r in old)
+        with self.lock:
+            if key in self.items:
+                return
+            self.items[key] = rows
+            self.size += n
+            while self.size > self.limit and len(self.items) > 1:
+                _, old = self.items.popitem(last=False)
+                self.size -= sum(r.numel() * r.element_size() for r in old)
 
 
 class TraceReader:
@@ -112,7 +118,9 @@ class TraceReader:
 
     def _check_index(self, t: int) -> None:
         if not 0 <= t < self.num_steps:
-            raise IndexError(f"step {t} is outside the trace's committed steps 0..{self.num_steps - 1}")
+            raise IndexError(
+                f"step {t} is outside the trace's committed steps 0..{self.num_steps - 1}"
+            )
 
     def _raw_step(self, t: int) -> dict[str, Any]:
         self._check_index(t)
@@ -121,7 +129,9 @@ class TraceReader:
             raise TraceCorruptError(f"{self.name}: step record {t} is malformed")
         return raw
 
-    def step_update(self, t: int) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, str]]]:
+    def step_update(
+        self, t: int
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, str]]]:
         """Only what the optimizer needs for step ``t``: grads, groups, tensor-typed keys."""
         raw = self._raw_step(t)
         return decode_tensors(raw["grads"]), raw["groups"], raw.get("tensor_hyperparams") or []
@@ -142,7 +152,9 @@ class TraceReader:
         except (KeyError, TypeError) as e:
             raise TraceCorruptError(f"{self.name}: step record {t} is malformed ({e!r})") from e
 
-    def steps(self, start: int = 0, stop: int | None = None, reverse: bool = False) -> Iterator[StepRecord]:
+    def steps(
+        self, start: int = 0, stop: int | None = None, reverse: bool = False
+    ) -> Iterator[StepRecord]:
         """Step records for ``range(start, stop)``, optionally newest first."""
         stop = self.num_steps if stop is None else min(stop, self.num_steps)
         order = range(start, stop)
@@ -176,13 +188,20 @@ class TraceReader:
         b = int(f["batch_size"])
         cids = list(f["rows"])
         if len(cids) != b:
-            raise TraceCorruptError(f"{self.name}: a forward lists {len(cids)} rows for batch size {b}")
+            raise TraceCorruptError(
+                f"{self.name}: a forward lists {len(cids)} rows for batch size {b}"
+            )
         samples = [self._sample_rows(c) for c in cids]
         slots = []
         for k, spec in enumerate(f["slots"]):
             rows = [s[k] for s in samples]
-            if any(list(r.shape) != spec["shape"] or codec.dtype_name(r.dtype) != spec["dtype"] for r in rows):
-                raise TraceCorruptError(f"{self.name}: a stored sample does not match its input slot {k}")
+            if any(
+                list(r.shape) != spec["shape"] or codec.dtype_name(r.dtype) != spec["dtype"]
+                for r in rows
+            ):
+                raise TraceCorruptError(
+                    f"{self.name}: a stored sample does not match its input slot {k}"
+                )
             slots.append(torch.stack(rows))
         consts = [codec.decode_tensor(t) for t in f["tensors"]]
         cots = [None if c is None else codec.decode_tensor(c) for c in f["cotangents"]]
@@ -194,7 +213,9 @@ class TraceReader:
             cotangent=build_tree(f["output"], [], cots),
             ids=list(f["ids"]) if f.get("ids") is not None else cids,
             rng_state=codec.decode_tensor(f["rng_state"]),
-            cuda_rng_state=None if f.get("cuda_rng_state") is None else codec.decode_tensor(f["cuda_rng_state"]),
+            cuda_rng_state=None
+            if f.get("cuda_rng_state") is None
+            else codec.decode_tensor(f["cuda_rng_state"]),
             training=bool(f["training"]),
             mode_overrides=dict(f.get("mode_overrides") or {}),
             buffers=None if f.get("buffers") is None else decode_tensors(f["buffers"]),
@@ -228,11 +249,15 @@ class TraceReader:
 
     # -- replay ---------------------------------------------------------------------------
 
-    def replay(self, start: int = 0, stop: int | None = None, *, with_state: bool = True) -> Iterator[ReplayStep]:
+    def replay(
+        self, start: int = 0, stop: int | None = None, *, with_state: bool = True
+    ) -> Iterator[ReplayStep]:
         """Rebuild θ_t for ``t`` in ``range(start, stop)`` by replaying the recorded optimizer."""
         stop = self.num_steps if stop is None else stop
         if not 0 <= start <= stop <= self.num_steps:
-            raise IndexError(f"replay range [{start}, {stop}) is outside the trace's steps 0..{self.num_steps}")
+            raise IndexError(
+                f"replay range [{start}, {stop}) is outside the trace's steps 0..{self.num_steps}"
+            )
         return replay_steps(self, start, stop, with_state=with_state)
 
     def params_at(self, t: int) -> dict[str, torch.Tensor]:
@@ -276,12 +301,15 @@ class TraceReader:
         _compare("buffer", {b.name: b for b in self.meta.buffers}, bufs, problems)
         if problems:
             raise TraceMismatchError(
-                f"the model does not match the trace {self.name}:\n  - " + "\n  - ".join(problems)
+                f"the model does not match the trace {self.name}:\n  - "
+                + "\n  - ".join(problems)
                 + "\nUse the same architecture (and the same frozen/trainable split) as in training."
             )
 
 
-def _compare(kind: str, traced: dict[str, Any], live: dict[str, torch.Tensor], problems: list[str]) -> None:
+def _compare(
+    kind: str, traced: dict[str, Any], live: dict[str, torch.Tensor], problems: list[str]
+) -> None:
     for name in traced.keys() - live.keys():
         problems.append(f"{kind} {name!r} is in the trace but not (or not trainable) in the model")
     for name in live.keys() - traced.keys():
@@ -289,7 +317,9 @@ def _compare(kind: str, traced: dict[str, Any], live: dict[str, torch.Tensor], p
     for name in traced.keys() & live.keys():
         info, t = traced[name], live[name]
         if tuple(t.shape) != tuple(info.shape):
-            problems.append(f"{kind} {name!r} has shape {tuple(t.shape)}, the trace has {tuple(info.shape)}")
+            problems.append(
+                f"{kind} {name!r} has shape {tuple(t.shape)}, the trace has {tuple(info.shape)}"
+            )
         dtype = str(t.dtype).removeprefix("torch.")
         if dtype != info.dtype:
             problems.append(f"{kind} {name!r} has dtype {dtype}, the trace has {info.dtype}")

@@ -22,26 +22,24 @@ import os
 import time
 import weakref
 from collections.abc import Iterable, Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
-from . import codec
-from .errors import NotATraceError, RecordingError, TraceCorruptError, TraceExistsError, TraceWriteError
-from .hooks import BufferTracker, GradTracker, OutputCapture, capture_inputs, find_batch_size, mode_overrides
-from .optimizers import capture_hyperparams, export_state, qualified_name, resolve_optimizer
-from .schema import (
-    FORMAT,
-    META,
-    SCHEMA_VERSION,
-    CapturedForward,
-    CapturedState,
-    CapturedStep,
-    library_version,
+from .errors import RecordingError, TraceWriteError
+from .hooks import (
+    BufferTracker,
+    GradTracker,
+    OutputCapture,
+    capture_inputs,
+    find_batch_size,
+    mode_overrides,
 )
-from .stores import Store, open_store
-from .writer import TraceWriter
+from .layout import build_meta, check_options, inspect_run
+from .optimizers import capture_hyperparams, export_state
+from .schema import CapturedForward, CapturedState, CapturedStep
+from .stores import Store
+from .writer import TraceWriter, open_new_trace
 
 __all__ = ["Recorder", "record"]
 
@@ -51,8 +49,10 @@ _attached: weakref.WeakSet[Any] = weakref.WeakSet()
 _MAX_ID_LEN = 200
 
 
-def _describe(t: torch.Tensor) -> dict[str, Any]:
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass (e.g. recomputing a checkpointed forward)."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
 
 
 class Recorder:
@@ -81,22 +81,18 @@ class Recorder:
         scaler: Any = None,
         progress: bool = False,
         grad_codec: str = "lossless",
-        compression_level: int = 3,
+        compression_level: int = 1,
         queue_size: int = 8,
         max_pending_forwards: int = 256,
     ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-        if grad_codec not in ("lossless", "bf16"):
-            raise ValueError(f"grad_codec must be 'lossless' or 'bf16', got {grad_codec!r}")
-        if not 1 <= compression_level <= 22:
-            raise ValueError(f"compression_level must be in 1..22, got {compression_level!r}")
-        if scaler is not None and not hasattr(scaler, "get_scale"):
-            raise TypeError("scaler must be a torch.amp.GradScaler (or offer get_scale())")
+        check_options(
+            model,
+            optimizer,
+            checkpoint_every=checkpoint_every,
+            grad_codec=grad_codec,
+            compression_level=compression_level,
+            scaler=scaler,
+        )
         self.model = model
         self.optimizer = optimizer
         self.store_spec = store
@@ -118,6 +114,7 @@ class Recorder:
         self._step = 0
         self._skipped = 0
         self._warned_pending = False
+        self._bar: Any = None
         self.writer: TraceWriter | None = None
         self.store: Store | None = None
 
@@ -137,18 +134,38 @@ class Recorder:
         """Validate the setup, open the store, write the metadata and attach the hooks."""
         if self._started:
             raise RecordingError("this Recorder was already started; create a new one per run.")
-        self._validate()
-        meta = self._meta()
+        for obj, what in ((self.model, "model"), (self.optimizer, "optimizer")):
+            if obj in _attached:
+                raise RecordingError(
+                    f"this {what} is already being recorded; one recorder per model and "
+                    "optimizer. Close the first recording before starting another."
+                )
+        self._layout = inspect_run(self.model, self.optimizer, self.output)
+        self._params, self._names = self._layout.params, self._layout.names
+        meta = build_meta(
+            self.model,
+            self.optimizer,
+            self._layout,
+            output=self.output,
+            checkpoint_every=self.checkpoint_every,
+            grad_codec=self.grad_codec,
+            level=self.compression_level,
+            grad_scaler=self.scaler is not None,
+        )
         spec = self.store_spec
         if spec is None:
-            spec = os.path.join("runs", f"explaind-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.lmdb")
+            spec = os.path.join(
+                "runs", f"explaind-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.lmdb"
+            )
             logger.info("recording trace to %s", spec)
-        store = open_store(spec, readonly=False)
+        store = open_new_trace(spec)
         try:
-            self._refuse_existing(store, spec)
             self.store = store
             self.writer = TraceWriter(
-                store, grad_codec=self.grad_codec, level=self.compression_level, queue_size=self.queue_size
+                store,
+                grad_codec=self.grad_codec,
+                level=self.compression_level,
+                queue_size=self.queue_size,
             )
             self.writer.write_meta(meta)
             self._attach()
@@ -160,98 +177,11 @@ class Recorder:
             store.close()
             raise
         self._started = True
-        from tqdm.auto import tqdm
+        if self._progress:
+            from tqdm.auto import tqdm
 
-        self._bar = tqdm(desc="recording", unit="step", disable=not self._progress)
+            self._bar = tqdm(desc="recording", unit="step")
         return self
-
-    def _refuse_existing(self, store: Store, spec: Any) -> None:
-        if store.get(META) is not None:
-            raise TraceExistsError(
-                f"a trace already exists at {spec}; traces are never overwritten. "
-                "Choose a new path, or delete the old trace first."
-            )
-        if next(iter(store.keys()), None) is not None:
-            raise NotATraceError(f"{spec} holds data that is not an ExPLAIND trace; it was left untouched.")
-
-    def _validate(self) -> None:
-        model, opt = self.model, self.optimizer
-        resolve_optimizer(type(opt))  # raises UnsupportedOptimizerError
-        for obj, what in ((model, "model"), (opt, "optimizer")):
-            if obj in _attached:
-                raise RecordingError(
-                    f"this {what} is already being recorded; one recorder per model and optimizer. "
-                    "Close the first recording before starting another."
-                )
-        self._params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if not self._params:
-            raise RecordingError(
-                "the model has no trainable parameters (requires_grad=True), so there is "
-                "nothing to record. Unfreeze parameters before recording."
-            )
-        for n, p in self._params.items():
-            try:
-                codec.dtype_name(p.dtype)
-            except TraceCorruptError as e:
-                raise RecordingError(f"parameter {n!r}: {e}") from None
-        self._names = {id(p): n for n, p in self._params.items()}
-        all_params = {id(p) for p in model.parameters()}
-        self._frozen_in_opt: list[torch.Tensor] = []
-        self._group_ids: list[list[int]] = []
-        self._group_names: list[list[str]] = []
-        for gi, group in enumerate(opt.param_groups):
-            ids, names = [], []
-            for p in group["params"]:
-                if id(p) in self._names:
-                    ids.append(id(p))
-                    names.append(self._names[id(p)])
-                elif id(p) in all_params:
-                    self._frozen_in_opt.append(p)
-                else:
-                    raise RecordingError(
-                        f"param group {gi} of the optimizer holds a tensor of shape {tuple(p.shape)} "
-                        "that is not a parameter of the model, so it cannot be named in the trace. "
-                        "Record with the model that owns every optimized parameter."
-                    )
-            self._group_ids.append(ids)
-            self._group_names.append(names)
-        self._output_module = None
-        if self.output is not None:
-            try:
-                self._output_module = model.get_submodule(self.output)
-            except AttributeError as e:
-                raise RecordingError(
-                    f"output={self.output!r} does not name a submodule of the model ({e}). "
-                    "Use a name from model.named_modules()."
-                ) from None
-
-    def _meta(self) -> dict[str, Any]:
-        opt = self.optimizer
-        groups = []
-        for names, group in zip(self._group_names, opt.param_groups):
-            hp, tkeys = capture_hyperparams(group)
-            groups.append({"params": names, "hyperparams": hp, "tensor_hyperparams": tkeys})
-        first = next(iter(self._params.values()))
-        return {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
-            "library_version": library_version(),
-            "torch_version": torch.__version__,
-            "created": datetime.now(timezone.utc).isoformat(),
-            "model_class": qualified_name(type(self.model)),
-            "params": [{"name": n, **_describe(p)} for n, p in self._params.items()],
-            "buffers": [{"name": n, **_describe(b)} for n, b in self.model.named_buffers() if b is not None],
-            "optimizer": {
-                "class": qualified_name(type(opt)),
-                "rule": qualified_name(resolve_optimizer(type(opt))),
-                "groups": groups,
-            },
-            "output_module": self.output,
-            "checkpoint_every": self.checkpoint_every,
-            "codec": {"grad_codec": self.grad_codec, "level": self.compression_level, "lossy": self.grad_codec != "lossless"},
-            "device": str(first.device),
-            "grad_scaler": self.scaler is not None,
-        }
 
     def _attach(self) -> None:
         m, opt = self.model, self.optimizer
@@ -260,8 +190,10 @@ class Recorder:
         self._grads = GradTracker(self._params)
         self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
-        if self._output_module is not None:
-            self._handles.append(self._output_module.register_forward_hook(self._output_hook))
+        if self._layout.output_module is not None:
+            self._handles.append(
+                self._layout.output_module.register_forward_hook(self._output_hook)
+            )
         self._handles.append(opt.register_step_pre_hook(self._pre_step))
         self._handles.append(opt.register_step_post_hook(self._post_step))
         _attached.add(m)
@@ -300,7 +232,8 @@ class Recorder:
     def _finish(self, error: BaseException | None) -> None:
         assert self.writer is not None and self.store is not None  # set by start()
         try:
-            self._bar.close()
+            if self._bar is not None:
+                self._bar.close()
             if not self.writer.failed:
                 text = None if error is None else f"{type(error).__name__}: {error}"
                 self.writer.write_final(self._state(self._step), text)
@@ -312,7 +245,9 @@ class Recorder:
             except TraceWriteError:
                 if error is None:
                     raise
-                logger.error("the trace writer also failed while the training loop raised", exc_info=True)
+                logger.error(
+                    "the trace writer also failed while the training loop raised", exc_info=True
+                )
             finally:
                 self.store.close()
 
@@ -350,7 +285,12 @@ class Recorder:
     def _write_skip(self, caps: list[OutputCapture], reason: str) -> None:
         assert self.writer is not None
         forwards = [c.finish() for c in caps]
-        logger.info("%d forward(s) before step %d got gradients that were discarded without a step (%s)", len(forwards), self._step, reason)
+        logger.info(
+            "%d forward(s) before step %d got gradients that were discarded without a step (%s)",
+            len(forwards),
+            self._step,
+            reason,
+        )
         self.writer.write_skip(self._step, reason, forwards)
         self._skipped += 1
         self._grads.reset()
@@ -381,7 +321,7 @@ class Recorder:
         self._stack.append(None)  # popped by _post_forward, which always runs
         assert self.writer is not None
         self.writer.check()
-        if nested or not torch.is_grad_enabled():
+        if nested or not torch.is_grad_enabled() or _in_backward():
             return None
         received = [c for c in self._pending if c.received]
         if received and self._grads.cleared():
@@ -423,7 +363,7 @@ class Recorder:
         if output is None:  # the forward raised (or returned nothing): nothing to record
             cap.release()
             return None
-        if self._output_module is None:
+        if self._layout.output_module is None:
             try:
                 cap.attach(output, where="model")
             except BaseException:
@@ -439,7 +379,7 @@ class Recorder:
         if self._closed or not self._stack or self._stack[-1] is None:
             return None
         cap = self._stack[-1]
-        if getattr(cap, "output_seen", False):
+        if cap.output_seen:
             raise RecordingError(
                 f"the output module {self.output!r} ran twice in one forward of the model; "
                 "name a submodule that runs once per forward as output=."
@@ -448,7 +388,9 @@ class Recorder:
         cap.attach(output, where=f"output module {self.output!r}")
         return None
 
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _pre_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]
+    ) -> None:
         if self._closed:
             return None
         assert self.writer is not None
@@ -461,7 +403,7 @@ class Recorder:
             )
         self._stack.clear()
         self._check_groups()
-        for p in self._frozen_in_opt:
+        for p in self._layout.frozen_in_opt:
             if p.grad is not None:
                 raise RecordingError(
                     "a parameter that was frozen (requires_grad=False) when recording started now "
@@ -482,7 +424,9 @@ class Recorder:
             if g is None:
                 continue
             if g.layout != torch.strided:
-                raise RecordingError(f"parameter {n!r} has a {g.layout} gradient; only dense gradients are supported")
+                raise RecordingError(
+                    f"parameter {n!r} has a {g.layout} gradient; only dense gradients are supported"
+                )
             grads[n] = g.detach().to("cpu", copy=True)
         groups, tkeys = [], []
         for group in optimizer.param_groups:
@@ -502,7 +446,9 @@ class Recorder:
         )
         return None
 
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _post_step(
+        self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict[str, Any]
+    ) -> None:
         if self._closed or self._in_flight is None:
             return None
         assert self.writer is not None
@@ -510,13 +456,14 @@ class Recorder:
         self._step += 1
         self._grads.reset()
         self.writer.write_step(step)
-        self._bar.update(1)
+        if self._bar is not None:
+            self._bar.update(1)
         return None
 
     def _check_groups(self) -> None:
         groups = self.optimizer.param_groups
         ids = [[id(p) for p in g["params"] if id(p) in self._names] for g in groups]
-        if ids != self._group_ids:
+        if ids != self._layout.group_ids:
             raise RecordingError(
                 "the optimizer's param groups changed after recording started (add_param_group or "
                 "replaced params); a trace needs fixed groups. Create all groups before recording."
@@ -533,7 +480,10 @@ def record(
     output: str | None = None,
     scaler: Any = None,
     progress: bool = False,
-    **options: Any,
+    grad_codec: str = "lossless",
+    compression_level: int = 1,
+    queue_size: int = 8,
+    max_pending_forwards: int = 256,
 ) -> Iterator[Recorder]:
     """Record the training loop run inside the ``with`` block into a trace.
 
@@ -548,7 +498,10 @@ def record(
         output=output,
         scaler=scaler,
         progress=progress,
-        **options,
+        grad_codec=grad_codec,
+        compression_level=compression_level,
+        queue_size=queue_size,
+        max_pending_forwards=max_pending_forwards,
     )
     rec.start()
     try:

@@ -84,13 +84,21 @@ class TraceMeta:
                 torch_version=str(raw.get("torch_version", "")),
                 created=str(raw.get("created", "")),
                 model_class=str(raw.get("model_class", "")),
-                params=tuple(TensorInfo(p["name"], tuple(p["shape"]), p["dtype"]) for p in raw["params"]),
-                buffers=tuple(TensorInfo(b["name"], tuple(b["shape"]), b["dtype"]) for b in raw["buffers"]),
+                params=tuple(
+                    TensorInfo(p["name"], tuple(p["shape"]), p["dtype"]) for p in raw["params"]
+                ),
+                buffers=tuple(
+                    TensorInfo(b["name"], tuple(b["shape"]), b["dtype"]) for b in raw["buffers"]
+                ),
                 optimizer=OptimizerInfo(
                     class_name=opt["class"],
                     rule=opt.get("rule", opt["class"]),
                     groups=tuple(
-                        GroupInfo(tuple(g["params"]), dict(g["hyperparams"]), dict(g.get("tensor_hyperparams", {})))
+                        GroupInfo(
+                            tuple(g["params"]),
+                            dict(g["hyperparams"]),
+                            dict(g.get("tensor_hyperparams", {})),
+                        )
                         for g in opt["groups"]
                     ),
                 ),
@@ -148,7 +156,12 @@ class SkipRecord:
 
 @dataclass
 class Checkpoint:
-    """Parameters, buffers and optimizer state (per parameter name) before step ``step``."""
+    """Parameters and optimizer state (per parameter name) before optimizer step ``step``.
+
+    ``buffers`` are taken when that step ran, i.e. after its forwards (the same as
+    ``TraceReader.buffers_at(step)``); the buffers before the very first forward are in
+    ``step(0).forwards[0].buffers``. For ``final()``: the state when recording ended.
+    """
 
     step: int
     params: dict[str, torch.Tensor]
@@ -165,7 +178,9 @@ def decode_tensors(d: Any) -> dict[str, torch.Tensor]:
 def decode_checkpoint(raw: Any) -> Checkpoint:
     try:
         state = {
-            name: {k: codec.decode_tensor(v) if codec.is_tensor_map(v) else v for k, v in st.items()}
+            name: {
+                k: codec.decode_tensor(v) if codec.is_tensor_map(v) else v for k, v in st.items()
+            }
             for name, st in raw["optimizer_state"].items()
         }
         return Checkpoint(

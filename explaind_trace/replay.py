@@ -70,14 +70,22 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
         return float("inf")
     if a.numel() == 0:
         return 0.0
-    if torch.equal(a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)):
+    if torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
+    ):
         return 0.0
     if not (a.is_floating_point() or a.is_complex()):
         return float((a.long() - b.long()).abs().max())
     return float((a.double() - b.double()).abs().max())
 
 
-def _compare(t: int, rebuilt: dict[str, torch.Tensor], state: dict[str, dict[str, Any]], stored: Checkpoint, report: DriftReport) -> None:
+def _compare(
+    t: int,
+    rebuilt: dict[str, torch.Tensor],
+    state: dict[str, dict[str, Any]],
+    stored: Checkpoint,
+    report: DriftReport,
+) -> None:
     per = {n: _diff(p, stored.params[n]) for n, p in rebuilt.items() if n in stored.params}
     report.checkpoints[t] = max(per.values(), default=0.0)
     bad = {n: d for n, d in per.items() if d != 0.0}
@@ -119,7 +127,12 @@ class _Replayer:
         self.opt = cls(groups)
         load_state(self.opt, ckpt.optimizer_state, self.order)
 
-    def step(self, grads: dict[str, torch.Tensor], groups: list[dict[str, Any]], tkeys: list[dict[str, str]]) -> None:
+    def step(
+        self,
+        grads: dict[str, torch.Tensor],
+        groups: list[dict[str, Any]],
+        tkeys: list[dict[str, str]],
+    ) -> None:
         for gi, group in enumerate(self.opt.param_groups):
             restore_hyperparams(group, groups[gi], tkeys[gi] if gi < len(tkeys) else None)
         for n, p in self.params.items():
@@ -143,7 +156,12 @@ class _Replayer:
 
 
 def replay_steps(
-    reader: TraceReader, start: int, stop: int, *, with_state: bool = True, report: DriftReport | None = None
+    reader: TraceReader,
+    start: int,
+    stop: int,
+    *,
+    with_state: bool = True,
+    report: DriftReport | None = None,
 ) -> Iterator[ReplayStep]:
     """Yield ``ReplayStep`` for ``t`` in ``range(start, stop)`` (see module docstring)."""
     if start >= stop:

@@ -118,7 +118,7 @@ class Encoder:
     store (without the progress record).
     """
 
-    def __init__(self, *, grad_codec: str = "lossless", level: int = 3) -> None:
+    def __init__(self, *, grad_codec: str = "lossless", level: int = 1) -> None:
         self.lossy = "bf16" if grad_codec == "bf16" else None
         self.level = level
         self.known_samples: set[str] = set()
@@ -152,14 +152,16 @@ class Encoder:
             u8 = np.frombuffer(codec.tensor_to_bytes(t), dtype=np.uint8)
             views.append((codec.dtype_name(t.dtype), list(t.shape[1:]), u8.reshape(b, -1)))
             self.raw_bytes += t.numel() * t.element_size()
-        headers = [f"{d}{s}".encode() for d, s, _ in views]
+        # one keyed blake2b per row: the key covers every slot's dtype and row shape, the
+        # message is the row's bytes from all slots side by side
+        header = repr([(d, s) for d, s, _ in views]).encode()
+        key = hashlib.blake2b(header, digest_size=32).digest()
+        joined = (
+            views[0][2] if len(views) == 1 else np.concatenate([v for _, _, v in views], axis=1)
+        )
         ids = []
         for i in range(b):
-            h = hashlib.blake2b(digest_size=16)
-            for head, (_, _, rows) in zip(headers, views):
-                h.update(head)
-                h.update(rows[i].data)
-            cid = h.hexdigest()
+            cid = hashlib.blake2b(joined[i].data, digest_size=16, key=key).hexdigest()
             ids.append(cid)
             if cid in self.known_samples:
                 continue

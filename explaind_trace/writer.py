@@ -16,13 +16,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import codec
-from .errors import TraceWriteError
+from .errors import NotATraceError, TraceExistsError, TraceWriteError
 from .schema import META, PROGRESS, CapturedForward, CapturedState, CapturedStep, Encoder
-from .stores import Store
+from .stores import Store, open_store
 
-__all__ = ["TraceWriter"]
+__all__ = ["TraceWriter", "open_new_trace"]
 
 logger = logging.getLogger(__name__)
+
+
+def open_new_trace(spec: Any) -> Store:
+    """Open ``spec`` for writing a new trace; never reuses a trace or foreign data."""
+    store = open_store(spec, readonly=False)
+    try:
+        if store.get(META) is not None:
+            raise TraceExistsError(
+                f"a trace already exists at {spec}; traces are never overwritten. "
+                "Choose a new path, or delete the old trace first."
+            )
+        if next(iter(store.keys()), None) is not None:
+            raise NotATraceError(
+                f"{spec} holds data that is not an ExPLAIND trace; it was left untouched. "
+                "Choose a new path for the trace."
+            )
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 @dataclass
@@ -50,7 +70,7 @@ class TraceWriter:
     """One thread, one store, one commit per submitted job."""
 
     def __init__(
-        self, store: Store, *, grad_codec: str = "lossless", level: int = 3, queue_size: int = 8
+        self, store: Store, *, grad_codec: str = "lossless", level: int = 1, queue_size: int = 8
     ) -> None:
         self.store = store
         self.encoder = Encoder(grad_codec=grad_codec, level=level)

@@ -1,7 +1,7 @@
 """The two-minute demo behind ``explaind demo``, and the modular-addition model it trains.
 
-    from explaind_attr.demo import run_demo
-    summary = run_demo("explaind-demo")   # trace, kernel, report; see DemoSummary
+from explaind_attr.demo import run_demo
+summary = run_demo("explaind-demo")   # trace, kernel, report; see DemoSummary
 """
 
 from __future__ import annotations

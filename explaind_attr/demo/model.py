@@ -1,112 +1,83 @@
 """The modular-addition model of the grokking study, and its data.
 
-A one-layer Transformer reads the three tokens ``(a, b, '=')`` and predicts ``(a + b) mod p``
-from the logits at the last position. Token and learned positional embeddings feed one
-attention block with ``n_heads`` heads and one ReLU MLP block, both added to the residual
-stream (no layer norm, as in the grokking literature), then the unembedding.
+A one-layer Transformer reads the three tokens ``(a, b, '=')`` (``'='`` is token ``p``) and
+predicts ``(a + b) mod p`` from the logits at the last position: token and learned
+positional embeddings, one attention block with ``n_heads`` heads and one ReLU MLP block,
+both added to the residual stream (no layer norm, as in the grokking literature), then the
+unembedding.
 
-The attention projections are plain bias-free ``nn.Linear`` layers whose weight rows (W_Q,
-W_K, W_V) and columns (W_O) are laid out head by head, so one head is a contiguous slice of
-each: `head_slices` names those slices for ``explaind_kernel.compute_kernel(slices=...)``.
+Attention uses separate bias-free ``W_Q``, ``W_K``, ``W_V``, ``W_O`` linear maps so that
+heads can be sliced out of the weights (head h owns rows ``h*d_head:(h+1)*d_head`` of
+``W_Q``/``W_K``/``W_V`` and the same columns of ``W_O``); `head_slices` names those slices
+for ``explaind_kernel.compute_kernel(slices=...)`` and `component_groups` gathers the kernel
+components into the study's parts (embeddings, heads, MLP, unembedding).
+
+``examples/modular_addition/model.py`` re-exports this module (the library cannot import
+``examples/``, and ``explaind demo`` trains this model).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-__all__ = [
-    "ModularAdditionTransformer",
-    "component_groups",
-    "head_slices",
-    "make_dataset",
-]
+__all__ = ["ModularAdditionTransformer", "component_groups", "head_slices", "make_dataset"]
 
 
 class ModularAdditionTransformer(nn.Module):
-    """One-layer Transformer for ``(a + b) mod p``; input [B, 3] token ids, output [B, p] logits.
-
-    Token ids are ``0 … p-1`` for the numbers and ``p`` for ``'='``.
-    """
+    """Tokens ``[a, b, =]`` (``=`` is token ``p``) → logits over ``p`` residues at the last position."""
 
     def __init__(
-        self,
-        p: int,
-        d_model: int = 128,
-        n_heads: int = 4,
-        d_mlp: int = 512,
-        dropout: float = 0.0,
-    ) -> None:
+        self, p: int, d_model: int = 128, n_heads: int = 4, d_mlp: int = 512, dropout: float = 0.0
+    ):
         super().__init__()
-        if p < 2:
-            raise ValueError(f"p must be ≥ 2, got {p}")
         if d_model % n_heads:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.p = p
-        self.n_heads = n_heads
-        self.d_head = d_model // n_heads
-        self.seq_len = 3
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.p, self.n_heads, self.d_head = p, n_heads, d_model // n_heads
         self.embed = nn.Embedding(p + 1, d_model)
-        self.pos_embed = nn.Embedding(self.seq_len, d_model)
+        self.pos = nn.Parameter(torch.randn(3, d_model) / d_model**0.5)
         self.W_Q = nn.Linear(d_model, d_model, bias=False)
         self.W_K = nn.Linear(d_model, d_model, bias=False)
         self.W_V = nn.Linear(d_model, d_model, bias=False)
         self.W_O = nn.Linear(d_model, d_model, bias=False)
         self.mlp_in = nn.Linear(d_model, d_mlp)
         self.mlp_out = nn.Linear(d_mlp, d_model)
-        self.unembed = nn.Linear(d_model, p, bias=False)
-        self.dropout = nn.Dropout(dropout)
-        mask = torch.tril(torch.ones(self.seq_len, self.seq_len, dtype=torch.bool))
-        self.register_buffer("causal_mask", mask, persistent=False)
-        self.reset_parameters()
+        self.drop = nn.Dropout(dropout)
+        self.unembed = nn.Linear(d_model, p)
 
-    def reset_parameters(self) -> None:
-        """Embeddings N(0, 1/d_model); linear maps N(0, 1/fan_in); MLP biases zero."""
-        d_model = self.embed.embedding_dim
-        for emb in (self.embed, self.pos_embed):
-            nn.init.normal_(emb.weight, std=1.0 / math.sqrt(d_model))
-        for lin in (self.W_Q, self.W_K, self.W_V, self.W_O, self.mlp_in, self.mlp_out, self.unembed):
-            nn.init.normal_(lin.weight, std=1.0 / math.sqrt(lin.in_features))
-        nn.init.zeros_(self.mlp_in.bias)
-        nn.init.zeros_(self.mlp_out.bias)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.d_head).transpose(1, 2)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        b, s, _ = x.shape
-        return x.view(b, s, self.n_heads, self.d_head).transpose(1, 2)  # [B, H, S, d_head]
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        resid = self.embed(tokens) + self.pos_embed(positions)  # [B, S, d_model]
-        q, k, v = self._heads(self.W_Q(resid)), self._heads(self.W_K(resid)), self._heads(self.W_V(resid))
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
-        s = tokens.shape[1]
-        scores = scores.masked_fill(~self.causal_mask[:s, :s], float("-inf"))
-        z = scores.softmax(dim=-1) @ v  # [B, H, S, d_head]
-        z = z.transpose(1, 2).reshape(resid.shape)
-        resid = resid + self.dropout(self.W_O(z))
-        resid = resid + self.dropout(self.mlp_out(torch.relu(self.mlp_in(resid))))
-        return self.unembed(resid[:, -1])
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]
+        q, k, v = self._heads(self.W_Q(x)), self._heads(self.W_K(x)), self._heads(self.W_V(x))
+        t = tokens.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()
+        scores = (q @ k.transpose(-1, -2)) / self.d_head**0.5
+        attn = self.drop(scores.masked_fill(~mask, float("-inf")).softmax(-1))
+        z = (attn @ v).transpose(1, 2).reshape(x.shape)
+        x = x + self.W_O(z)
+        x = x + self.drop(self.mlp_out(torch.relu(self.mlp_in(x))))
+        return self.unembed(x[:, -1])
 
 
-def make_dataset(p: int, train_fraction: float, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """All p² pairs ``(a, b, '=')`` → ``(a + b) mod p``, split at random.
-
-    Returns (train_x [n, 3] long, train_y [n] long, test_x, test_y); the split is a
-    permutation drawn from ``torch.Generator().manual_seed(seed)``.
-    """
-    if not 0.0 < train_fraction < 1.0:
-        raise ValueError(f"train_fraction must be in (0, 1), got {train_fraction}")
+def make_dataset(
+    p: int, train_fraction: float = 0.3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All pairs ``(a, b, =) → (a + b) mod p``, split at random into train and test."""
+    if not 0 < train_fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
     a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
     a, b = a.reshape(-1), b.reshape(-1)
     x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
     y = (a + b) % p
-    order = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
-    n_train = max(1, min(p * p - 1, int(round(train_fraction * p * p))))
-    train, test = order[:n_train], order[n_train:]
-    return x[train], y[train], x[test], y[test]
+    perm = torch.randperm(p * p, generator=torch.Generator().manual_seed(seed))
+    n = int(round(train_fraction * p * p))
+    tr, te = perm[:n], perm[n:]
+    return x[tr], y[tr], x[te], y[te]
 
 
 def head_slices(model: ModularAdditionTransformer, prefix: str = "") -> dict[str, tuple[str, Any]]:
@@ -125,14 +96,15 @@ def head_slices(model: ModularAdditionTransformer, prefix: str = "") -> dict[str
 
 
 def component_groups(model: ModularAdditionTransformer) -> dict[str, list[str]]:
-    """The study's components → the kernel component names that make them up.
+    """The study's components → the kernel component names (``result.component_names``) in each.
 
-    embeddings (token + positional), one entry per attention head (its four slices), mlp
-    (both layers with biases), unembedding. Heads use the slice names of `head_slices`.
+    embeddings (token + positional), one entry per attention head (its four slices from
+    `head_slices`, which need ``slices=head_slices(model)``), mlp (both layers), unembed.
+    Together they partition the model's parameters, so the groups add up to the whole change.
     """
-    groups: dict[str, list[str]] = {"embeddings": ["embed.weight", "pos_embed.weight"]}
+    groups: dict[str, list[str]] = {"embeddings": ["embed.weight", "pos"]}
     for h in range(model.n_heads):
         groups[f"head{h}"] = [f"slice:head{h}.{proj}" for proj in ("W_Q", "W_K", "W_V", "W_O")]
     groups["mlp"] = ["mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias"]
-    groups["unembed"] = ["unembed.weight"]
+    groups["unembed"] = ["unembed.weight", "unembed.bias"]
     return groups

@@ -42,7 +42,9 @@ def _unescape(name: str) -> str:
 class DirectoryStore(Store):
     """A directory of files, one per key (``/`` in keys makes subdirectories)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False, fsync: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, readonly: bool = False, fsync: bool = False
+    ) -> None:
         self.path = Path(path)
         self.readonly = readonly
         self.fsync = fsync

@@ -19,8 +19,10 @@ _DEFAULT_MAP_SIZE = 64 << 20
 _MAX_MAP_SIZE = 1 << 46
 _MAX_KEY = 511
 
-# LMDB must not open one environment twice in a process; track our own writers.
+# LMDB must not open one environment twice in a process: writers are exclusive, readers
+# of one path share a single read-only environment (reference counted).
 _open_writers: set[str] = set()
+_readers: dict[str, list] = {}  # resolved path -> [environment, open count]
 _open_lock = threading.Lock()
 
 
@@ -35,7 +37,11 @@ class LMDBStore(Store):
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, readonly: bool = False, map_size: int = _DEFAULT_MAP_SIZE
+        self,
+        path: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        map_size: int = _DEFAULT_MAP_SIZE,
     ) -> None:
         self.path = Path(path)
         self.readonly = readonly
@@ -59,14 +65,20 @@ class LMDBStore(Store):
                     f"{self.path} is being recorded by this process; LMDB cannot open it twice "
                     "in one process. Close the recorder before reading the trace."
                 )
-        try:
-            return lmdb.open(str(self.path), subdir=True, readonly=True, lock=True, max_dbs=0)
-        except lmdb.Error:
-            # read-only media: no lock file can be created; read without locking
+            entry = _readers.get(self._key)
+            if entry is not None:
+                entry[1] += 1
+                return entry[0]
             try:
-                return lmdb.open(str(self.path), subdir=True, readonly=True, lock=False)
-            except lmdb.Error as e:
-                raise NotATraceError(f"{self.path} is not a readable LMDB trace: {e}") from e
+                env = lmdb.open(str(self.path), subdir=True, readonly=True, lock=True, max_dbs=0)
+            except lmdb.Error:
+                # read-only media: no lock file can be created; read without locking
+                try:
+                    env = lmdb.open(str(self.path), subdir=True, readonly=True, lock=False)
+                except lmdb.Error as e:
+                    raise NotATraceError(f"{self.path} is not a readable LMDB trace: {e}") from e
+            _readers[self._key] = [env, 1]
+            return env
 
     def _open_writable(self, map_size: int) -> lmdb.Environment:
         if self.path.exists():
@@ -82,8 +94,8 @@ class LMDBStore(Store):
                     "left untouched. Choose a new path (or an empty directory) for the trace."
                 )
         with _open_lock:
-            if self._key in _open_writers:
-                raise StoreError(f"{self.path} is already open for writing in this process.")
+            if self._key in _open_writers or self._key in _readers:
+                raise StoreError(f"{self.path} is already open in this process; close it first.")
             _open_writers.add(self._key)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -174,15 +186,21 @@ class LMDBStore(Store):
         if env is None:
             return
         self._staged.clear()
+        self._env = None
+        if self.readonly:
+            with _open_lock:
+                entry = _readers[self._key]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _readers[self._key]
+                    env.close()
+            return
         try:
-            if not self.readonly:
-                env.sync(True)
+            env.sync(True)
         finally:
             env.close()
-            self._env = None
-            if not self.readonly:
-                with _open_lock:
-                    _open_writers.discard(self._key)
+            with _open_lock:
+                _open_writers.discard(self._key)
 
     def __repr__(self) -> str:
         return f"LMDBStore({str(self.path)!r}, readonly={self.readonly})"

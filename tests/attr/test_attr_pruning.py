@@ -19,17 +19,8 @@ from explaind_attr import (
 from explaind_kernel.result import KeepOptions
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A 2-16-2 MLP runs fastest on one thread; intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def trained(one_thread):
+def trained():
     """A 2-16-2 MLP trained for 300 Adam steps on two Gaussian blobs, and its data."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(100, 2, generator=g) + 1.5, torch.randn(100, 2, generator=g) - 1.5])

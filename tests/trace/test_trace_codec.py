@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from explaind_trace import codec
 from explaind_trace.errors import TraceCorruptError
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.uint8, torch.bool]
+DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+]
 shapes = st.lists(st.integers(0, 7), min_size=0, max_size=4)
 
 
@@ -19,7 +27,9 @@ def _tensor(dtype: torch.dtype, shape: list[int], seed: int) -> torch.Tensor:
     if dtype == torch.bool:
         return torch.randint(0, 2, shape, generator=g).bool()
     if dtype.is_floating_point:
-        t = torch.randn(shape, generator=g, dtype=torch.float64) * 10 ** torch.randint(-30, 30, shape, generator=g)
+        t = torch.randn(shape, generator=g, dtype=torch.float64) * 10 ** torch.randint(
+            -30, 30, shape, generator=g
+        )
         t = t.to(dtype)
         if t.numel() > 2:  # the specials must survive too
             t.view(-1)[:3] = torch.tensor([float("nan"), float("-inf"), -0.0], dtype=dtype)
@@ -33,8 +43,12 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(dtype=st.sampled_from(DTYPES), shape=shapes, seed=st.integers(0, 2**31), packed=st.booleans())
-def test_roundtrip_is_bitwise(dtype: torch.dtype, shape: list[int], seed: int, packed: bool) -> None:
+@given(
+    dtype=st.sampled_from(DTYPES), shape=shapes, seed=st.integers(0, 2**31), packed=st.booleans()
+)
+def test_roundtrip_is_bitwise(
+    dtype: torch.dtype, shape: list[int], seed: int, packed: bool
+) -> None:
     t = _tensor(dtype, shape, seed)
     if t.dim() >= 2:
         t = t.transpose(0, 1)  # non-contiguous input
@@ -60,7 +74,9 @@ def test_bf16_mode_is_lossy_and_marked() -> None:
     assert enc["codec"] == "bf16-zstd" and enc["dtype"] == "float64"
     out = codec.decode_tensor(enc)
     assert out.dtype == torch.float64 and torch.equal(out, t.bfloat16().double())
-    assert codec.encode_tensor(torch.arange(300), lossy="bf16")["codec"] == "zstd"  # ints stay exact
+    assert (
+        codec.encode_tensor(torch.arange(300), lossy="bf16")["codec"] == "zstd"
+    )  # ints stay exact
 
 
 def test_decode_rejects_bad_records() -> None:

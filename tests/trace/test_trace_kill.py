@@ -21,6 +21,7 @@ import os, signal, sys, torch
 import explaind_trace as et
 from tests.trace import trace_helpers as th
 
+torch.set_num_threads(int(sys.argv[2]))  # the parent's thread count: same reduction order
 torch.manual_seed(0)
 model = th.MLP()
 opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -39,8 +40,17 @@ with et.record(model, opt, store=sys.argv[1], checkpoint_every=2) as rec:
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_sigkill_leaves_committed_steps_readable(tmp_path) -> None:
     path = tmp_path / "killed.lmdb"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, cwd=ROOT, capture_output=True, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path), str(torch.get_num_threads())],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
 
     torch.manual_seed(0)

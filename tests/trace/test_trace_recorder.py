@@ -75,7 +75,9 @@ def test_cotangent_is_dloss_doutput_for_a_mean_loss() -> None:
         fwd = trace.step(1).forwards[0]
         b = fwd.batch_size
         expected = (torch.softmax(outs[1], 1) - nn.functional.one_hot(y[8:16], 3)) / b
-        torch.testing.assert_close(fwd.cotangent, expected, rtol=0, atol=1e-7)  # fp32 softmax rounding
+        torch.testing.assert_close(
+            fwd.cotangent, expected, rtol=0, atol=1e-7
+        )  # fp32 softmax rounding
         assert torch.equal(fwd.args[0], x[8:16])
 
 
@@ -123,7 +125,12 @@ def test_sample_ids_are_stable_across_epochs_and_stored_once() -> None:
             perm = torch.randperm(48, generator=torch.Generator().manual_seed(epoch))
             for i in range(0, 48, 8):
                 idx = perm[i : i + 8]
-                loss = nn.functional.cross_entropy(model(x[idx], ), y[idx])
+                loss = nn.functional.cross_entropy(
+                    model(
+                        x[idx],
+                    ),
+                    y[idx],
+                )
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -177,7 +184,11 @@ def test_input_structures_and_kwargs() -> None:
     with et.open_trace(store) as trace:
         fwd = trace.step(0).forwards[0]
         assert torch.equal(fwd.args[0]["x"], x) and fwd.args[0]["mask"].dtype == torch.bool
-        assert fwd.kwargs["scale"] == 2.0 and fwd.kwargs["tag"] == "t" and torch.equal(fwd.kwargs["bias"], bias)
+        assert (
+            fwd.kwargs["scale"] == 2.0
+            and fwd.kwargs["tag"] == "t"
+            and torch.equal(fwd.kwargs["bias"], bias)
+        )
         assert set(fwd.cotangent) == {"logits", "aux", "n"}
         assert fwd.cotangent["aux"] is None and fwd.cotangent["n"] is None
         assert torch.equal(fwd.cotangent["logits"], 2 * out["logits"].detach())
@@ -305,7 +316,9 @@ def test_recording_twice_is_refused() -> None:
 def test_unsupported_optimizer_lists_the_supported_ones() -> None:
     model = th.MLP()
     opt = torch.optim.RMSprop(model.parameters())
-    with pytest.raises(et.UnsupportedOptimizerError, match=r"RMSprop.*torch\.optim\.sgd\.SGD.*register_optimizer"):
+    with pytest.raises(
+        et.UnsupportedOptimizerError, match=r"RMSprop.*torch\.optim\.sgd\.SGD.*register_optimizer"
+    ):
         with et.record(model, opt, store=_store()):
             pass
     assert _no_hooks(model, opt)
@@ -407,3 +420,81 @@ def test_bf16_grad_codec_is_flagged() -> None:
         assert g.dtype == torch.float32 and torch.equal(g, g.bfloat16().float())
         report = trace.check_drift()
         assert report.lossy
+
+
+def test_buffers_modes_and_rng_are_recorded() -> None:
+    model, opt, x, y = _setup()
+    model.drop.eval()  # a submodule whose mode differs from the root's
+    initial = {n: b.clone() for n, b in model.named_buffers()}
+    at_step = []
+    opt.register_step_pre_hook(
+        lambda o, a, k: at_step.append({n: b.clone() for n, b in model.named_buffers()})
+    )
+    store = _store()
+    with et.record(model, opt, store=store, checkpoint_every=2):
+        th.train(model, opt, None, x, y, steps=3, accumulate=2)
+    with et.open_trace(store) as trace:
+        first = trace.step(0).forwards[0]
+        assert first.training and first.mode_overrides == {"drop": False}
+        assert all(torch.equal(first.buffers[n], initial[n]) for n in initial)
+        second = trace.step(0).forwards[1]  # BN in train mode changed the buffers in between
+        assert second.buffers is not None and not torch.equal(
+            second.buffers["bn.running_mean"], initial["bn.running_mean"]
+        )
+        for t in range(3):
+            got = trace.buffers_at(t)
+            assert all(torch.equal(got[n], at_step[t][n]) for n in initial), t
+        assert all(torch.equal(trace.checkpoint(2).buffers[n], at_step[2][n]) for n in initial)
+        # the RNG state before the forward reproduces its dropout/BN forward bit for bit
+        model2 = th.MLP()
+        rs = next(trace.replay(1, 2))
+        fwd = rs.record.forwards[0]
+        model2.load_state_dict({**rs.params, **fwd.buffers})
+        model2.drop.eval()
+        torch.set_rng_state(fwd.rng_state)
+        out = model2(*fwd.args)
+        assert out.shape == fwd.cotangent.shape
+
+
+def test_tensor_lr_and_frozen_parameters_replay_exactly() -> None:
+    torch.manual_seed(0)
+    model = th.MLP()
+    model.fc1.weight.requires_grad_(False)  # frozen but still handed to the optimizer
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    x, y = th.data()
+    store = _store()
+    thetas: list = []
+    with et.record(model, opt, store=store, checkpoint_every=3):
+        th.train(model, opt, sched, x, y, steps=6, thetas=thetas)
+    with et.open_trace(store) as trace:
+        assert "fc1.weight" not in trace.param_names
+        assert trace.step(0).tensor_hyperparams[0]["lr"] == "float32"
+        for rs in trace.replay():
+            assert all(
+                torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in trace.param_names
+            )
+        assert trace.check_drift().exact
+
+
+def test_unrecordable_inputs_are_clear_errors() -> None:
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x=None, extra=None):
+            return self.lin(x if x is not None else torch.zeros(4, 3))
+
+    net = Net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with et.record(net, opt, store=_store()):
+        with pytest.raises(et.RecordingError, match=r"kwargs\['extra'\] has type object"):
+            net(torch.randn(4, 3), extra=object())
+        with pytest.raises(et.RecordingError, match="without a tensor input"):
+            net()
+        with torch.no_grad():
+            net()  # not recorded, so not an error
+        out = net(torch.randn(4, 3))  # the recorder recovers after the errors
+        out.sum().backward()
+        opt.step()

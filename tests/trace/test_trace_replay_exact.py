@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.trace import trace_helpers as th
 
 import explaind_trace as et
+from tests.trace import trace_helpers as th
 
 STEPS = 10
 
@@ -45,7 +45,10 @@ def test_replay_is_bitwise_at_every_step(setup: th.Setup) -> None:
             seen.append(rs.index)
             for name in trace.param_names:
                 assert torch.equal(rs.params[name], thetas[rs.index][name]), (rs.index, name)
-                assert torch.equal(rs.next_params[name], thetas[rs.index + 1][name]), (rs.index, name)
+                assert torch.equal(rs.next_params[name], thetas[rs.index + 1][name]), (
+                    rs.index,
+                    name,
+                )
         assert seen == list(range(STEPS))
         # a replay that starts between checkpoints agrees too
         for rs in trace.replay(5, 7):
@@ -76,7 +79,9 @@ def test_replay_state_before_after_matches_training() -> None:
     names = {id(p): n for n, p in model.named_parameters()}
 
     def keep(o, args, kwargs):
-        states.append({names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in o.state.items()})
+        states.append(
+            {names[id(p)]: {k: v.clone() for k, v in s.items()} for p, s in o.state.items()}
+        )
 
     handle = opt.register_step_post_hook(keep)
     with et.record(model, opt, store=store, checkpoint_every=3):
@@ -99,7 +104,9 @@ def test_replay_exact_on_disk_stores(tmp_path, kind: str) -> None:
     with et.open_trace(store) as trace:
         assert trace.segments() == [(0, 3), (3, 6), (6, 9), (9, STEPS)]
         for rs in trace.replay():
-            assert all(torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in trace.param_names)
+            assert all(
+                torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in trace.param_names
+            )
 
 
 @pytest.mark.parametrize("setup", [th.SETUPS[2], th.SETUPS[6]], ids=lambda s: s.name)
@@ -127,6 +134,10 @@ def test_recording_does_not_change_training(setup: th.Setup) -> None:
     assert s0["param_groups"] == s1["param_groups"]
     for i, st in s0["state"].items():
         for k, v in st.items():
-            assert torch.equal(v, s1["state"][i][k]) if isinstance(v, torch.Tensor) else v == s1["state"][i][k]
+            assert (
+                torch.equal(v, s1["state"][i][k])
+                if isinstance(v, torch.Tensor)
+                else v == s1["state"][i][k]
+            )
     assert torch.equal(r0, r1)
     assert torch.equal(x, x0) and torch.equal(y, y0)

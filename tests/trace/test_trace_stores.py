@@ -142,7 +142,9 @@ def test_custom_store_end_to_end() -> None:
     with et.open_trace("testkv://run1") as trace:
         assert trace.num_steps == 5 and trace.finished
         for rs in trace.replay():
-            assert all(torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in trace.param_names)
+            assert all(
+                torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in trace.param_names
+            )
 
 
 def test_entry_point_stores_are_found(monkeypatch) -> None:
@@ -152,7 +154,9 @@ def test_entry_point_stores_are_found(monkeypatch) -> None:
         def load(self):
             return DictStore
 
-    monkeypatch.setattr(registry, "entry_points", lambda group: [FakeEP()] if group == "explaind.stores" else [])
+    monkeypatch.setattr(
+        registry, "entry_points", lambda group: [FakeEP()] if group == "explaind.stores" else []
+    )
     monkeypatch.setattr(registry, "_entry_points_loaded", False)
     monkeypatch.delitem(registry._SCHEMES, "fromplugin", raising=False)
     assert isinstance(et.open_store("fromplugin://x", readonly=False), DictStore)
@@ -231,9 +235,30 @@ def test_check_model_names_what_differs() -> None:
     _train(url, steps=1)
     with et.open_trace(url) as trace:
         trace.check_model(th.MLP())
-        with pytest.raises(et.TraceMismatchError, match=r"'fc2.weight' has shape \(4, 16\), the trace has \(3, 16\)"):
+        with pytest.raises(
+            et.TraceMismatchError,
+            match=r"'fc2.weight' has shape \(4, 16\), the trace has \(3, 16\)",
+        ):
             trace.check_model(th.MLP(d_out=4))
-        with pytest.raises(et.TraceMismatchError, match=r"'bn.running_mean' is in the trace but not"):
+        with pytest.raises(
+            et.TraceMismatchError, match=r"'bn.running_mean' is in the trace but not"
+        ):
             trace.check_model(th.MLP(bn=False))
         with pytest.raises(et.TraceMismatchError, match="dtype float64"):
             trace.check_model(th.MLP().double())
+
+
+def test_lmdb_readers_share_one_environment_and_writers_are_exclusive(tmp_path) -> None:
+    path = tmp_path / "shared.lmdb"
+    _train(path, steps=2)
+    a, b = et.open_trace(path), et.open_trace(path)
+    a.close()
+    assert b.step(1).index == 1  # still readable after the other reader closed
+    with pytest.raises(et.StoreError, match="already open"):
+        LMDBStore(path)
+    b.close()
+    model = th.MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with et.record(model, opt, store=tmp_path / "live.lmdb"):
+        with pytest.raises(et.StoreError, match="Close the recorder"):
+            et.open_trace(tmp_path / "live.lmdb")

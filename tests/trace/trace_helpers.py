@@ -21,7 +21,9 @@ def unique(prefix: str = "t") -> str:
 class MLP(nn.Module):
     """Linear-BN-ReLU-Dropout-Linear: buffers and RNG in the forward."""
 
-    def __init__(self, d_in: int = 6, d_hidden: int = 16, d_out: int = 3, bn: bool = True, p: float = 0.2):
+    def __init__(
+        self, d_in: int = 6, d_hidden: int = 16, d_out: int = 3, bn: bool = True, p: float = 0.2
+    ):
         super().__init__()
         self.fc1 = nn.Linear(d_in, d_hidden)
         self.bn = nn.BatchNorm1d(d_hidden) if bn else nn.Identity()
@@ -35,12 +37,18 @@ class MLP(nn.Module):
 def two_groups(model: MLP) -> list[dict[str, Any]]:
     """Two param groups with different lr and weight decay."""
     return [
-        {"params": [*model.fc1.parameters(), *model.bn.parameters()], "lr": 0.05, "weight_decay": 0.01},
+        {
+            "params": [*model.fc1.parameters(), *model.bn.parameters()],
+            "lr": 0.05,
+            "weight_decay": 0.01,
+        },
         {"params": list(model.fc2.parameters()), "lr": 0.02, "weight_decay": 0.1},
     ]
 
 
-def data(n: int = 48, d_in: int = 6, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def data(
+    n: int = 48, d_in: int = 6, classes: int = 3, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, d_in, generator=g), torch.randint(0, classes, (n,), generator=g)
 
@@ -68,16 +76,22 @@ SETUPS = [
     Setup(
         "sgd-nesterov-wd",
         lambda g: torch.optim.SGD(g, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
-        schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 0.05], total_steps=40),
+        schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[0.1, 0.05], total_steps=40
+        ),
     ),
     Setup("sgd-maximize", lambda g: torch.optim.SGD(g, lr=0.01, momentum=0.5, maximize=True)),
     Setup("adam-wd", lambda g: torch.optim.Adam(g, lr=1e-2, weight_decay=1e-2), accumulate=2),
     Setup(
         "adamw",
         lambda g: torch.optim.AdamW(g, lr=1e-2, betas=(0.9, 0.98)),
-        schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[1e-2, 5e-3], total_steps=40),
+        schedule=lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=[1e-2, 5e-3], total_steps=40
+        ),
     ),
-    Setup("adamw-amsgrad", lambda g: torch.optim.AdamW(g, lr=1e-2, amsgrad=True), set_to_none=False),
+    Setup(
+        "adamw-amsgrad", lambda g: torch.optim.AdamW(g, lr=1e-2, amsgrad=True), set_to_none=False
+    ),
 ]
 
 

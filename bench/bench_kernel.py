@@ -1,0 +1,174 @@
+"""Kernel benchmark: modular addition (p = 97, d_model 128, AdamW wd 1.0, betas (0.9, 0.98)).
+
+Records a run, then
+1. compares quadrature rules on the quantity they change — the error of
+   f(x; θ_0) + Σ_t J̄_t·Δθ_t against f(x; θ_T) (the kernel reports that error per step as its
+   quadrature term, so the full decomposition stays complete whatever the rule) — for Gauss 1/2/3
+   and midpoint 10/100, with the number of Jacobian evaluations each needs;
+2. runs the full kernel (data, components, steps) with Gauss 1/2/3 and reports wall time, peak
+   memory, steps per second and the completeness line.
+
+Full scale (the issue's configuration) is `--steps 1000 --test-inputs 256` on a GPU; the CPU
+default is reduced so it finishes in minutes on 2 cores. Results: bench/results/kernel.json.
+
+    python bench/bench_kernel.py                # CPU default
+    python bench/bench_kernel.py --full         # 1000 steps, 256 test inputs, all logits
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import explaind_trace  # noqa: E402
+from explaind_kernel import compute_kernel  # noqa: E402
+from explaind_kernel.functional import FunctionalModel, OutputSelector, to_compute  # noqa: E402
+from explaind_kernel.jacobian import TestSide  # noqa: E402
+from explaind_kernel.quadrature import Quadrature  # noqa: E402
+from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
+
+RULES = ["gauss:1", "gauss:2", "gauss:3", "midpoint:10", "midpoint:100"]
+
+
+def record(path: str, *, p: int, steps: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    torch.manual_seed(seed)
+    tx, ty, vx, vy = make_dataset(p, 0.3, seed)
+    model = ModularAdditionTransformer(p)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    with explaind_trace.record(model, opt, store=path, checkpoint_every=100):
+        for _ in range(steps):
+            idx = torch.randint(0, len(tx), (min(batch, len(tx)),), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(tx[idx]), ty[idx]).backward()
+            opt.step()
+    return vx, vy, time.perf_counter() - t0
+
+
+def quadrature_study(path: str, p: int, test_x: torch.Tensor, labels: torch.Tensor, device: torch.device, outputs: str) -> dict:
+    """Error of f_0 + Σ J̄_t Δθ_t per rule, on the same replayed path."""
+    reader = explaind_trace.open_trace(path)
+    fm = FunctionalModel(ModularAdditionTransformer(p), output_module=None, device=device, dtype=torch.float32)
+    x = to_compute(test_x, device, torch.float32)
+    side = TestSide(fm, OutputSelector(outputs), (x,), labels.to(device))
+    quads = {r: Quadrature.parse(r) for r in RULES}
+    lin = {r: None for r in RULES}
+    seconds = {r: 0.0 for r in RULES}
+    final = reader.final()
+    theta_T = {k: to_compute(v, device, torch.float32) for k, v in final.params.items()}
+    bufs: dict = {}
+    f0 = fT = None
+    prev = None
+    for start, stop in reader.segments():
+        for rs in reader.replay(start, stop, with_state=False):
+            th = {k: to_compute(v, device, torch.float32) for k, v in rs.params.items()}
+            nxt = {k: to_compute(v, device, torch.float32) for k, v in rs.next_params.items()}
+            delta = {k: nxt[k] - th[k] for k in th}
+            if f0 is None:
+                f0 = side.values(th, bufs).double().cpu().numpy()
+            for r, q in quads.items():
+                t0 = time.perf_counter()
+                nodes, weights = q.points()
+                jbar = side.integrated_jacobian(th, delta, bufs, nodes, weights)
+                v = sum((jbar[k].reshape(jbar[k].shape[0], -1).double() @ delta[k].reshape(-1).double()) for k in th)
+                lin[r] = v if lin[r] is None else lin[r] + v
+                seconds[r] += time.perf_counter() - t0
+            prev = nxt
+    del prev
+    fT = side.values(theta_T, bufs).double().cpu().numpy()
+    scale = float(np.max(np.abs(fT)))
+    out = {}
+    for r in RULES:
+        err = fT - (f0 + lin[r].cpu().numpy())
+        out[r] = {
+            "jacobian_evaluations_per_step": quads[r].nodes,
+            "max_abs_error": float(np.max(np.abs(err))),
+            "rel_error": float(np.max(np.abs(err)) / scale),
+            "seconds": seconds[r],
+        }
+    reader.close()
+    return out
+
+
+def full_kernel(path: str, p: int, test_x: torch.Tensor, rule: str, device: torch.device, threads: int | None) -> dict:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = compute_kernel(path, ModularAdditionTransformer(p), test_x, outputs="all", quadrature=rule,
+                         device=str(device), progress=False, cpu_threads=threads)
+    wall = time.perf_counter() - t0
+    max_abs, rel = res.completeness()
+    machine_err = res.fT - (res.reconstructed - res.quadrature_error)
+    return {
+        "rule": rule,
+        "wall_s": wall,
+        "steps_per_s": res.num_steps / wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "completeness_max_abs": max_abs,
+        "completeness_rel": rel,
+        "kernel_machine_rel_error": float(np.max(np.abs(machine_err)) / np.max(np.abs(res.fT))),
+        "rows": int(res.f0.size),
+        "training_samples": len(res.sample_ids),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--p", type=int, default=97)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--test-inputs", type=int, default=1, help="full kernel: inputs (all logits)")
+    ap.add_argument("--quad-inputs", type=int, default=16, help="quadrature study: inputs")
+    ap.add_argument("--quad-outputs", default="label", choices=["label", "all"])
+    ap.add_argument("--full", action="store_true", help="the issue's scale: 1000 steps, 256 inputs")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads for the kernel")
+    ap.add_argument("--kernel-rules", default="gauss:2")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernel.json"))
+    args = ap.parse_args(argv)
+    if args.full:
+        args.steps, args.test_inputs, args.quad_inputs, args.quad_outputs = 1000, 256, 256, "all"
+        args.kernel_rules = "gauss:1,gauss:2,gauss:3"
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "modadd.lmdb")
+        vx, vy, train_s = record(path, p=args.p, steps=args.steps, batch=args.batch, seed=0)
+        test_x = vx[: args.test_inputs]
+        quad = quadrature_study(path, args.p, vx[: args.quad_inputs], vy[: args.quad_inputs], device, args.quad_outputs)
+        kernels = [full_kernel(path, args.p, test_x, r, device, args.threads) for r in args.kernel_rules.split(",")]
+    nparams = sum(p.numel() for p in ModularAdditionTransformer(args.p).parameters())
+    report = {
+        "config": {**vars(args), "parameters": nparams, "device": str(device)},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "record_seconds": train_s,
+        "quadrature": quad,
+        "kernel": kernels,
+        "gauss2_vs_midpoint100": {
+            "error_ratio": quad["gauss:2"]["rel_error"] / max(quad["midpoint:100"]["rel_error"], 1e-300),
+            "jacobian_evaluation_ratio": 2 / 100,
+        },
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(json.dumps({"quadrature": quad, "kernel": kernels}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
