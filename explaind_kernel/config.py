@@ -19,8 +19,10 @@ class KernelConfig:
     """How the path kernel is computed.
 
     quadrature:    rule and node count for J̄_t, e.g. "gauss:2" or "midpoint:100".
-    adaptive_tol:  when set, a step whose measured |quadrature error| exceeds it is recomputed
-                   with more nodes (up to `max_nodes`).
+    adaptive_tol:  when set, each step's segment is bisected where the measured quadrature
+                   error exceeds tol × (sub-segment length), so the step's |error| ≤ tol, within
+                   `max_nodes` Jacobian evaluations per step (localises ReLU kinks, which a
+                   higher-order rule alone cannot).
     dtype:         "float32" (default) or "float64" (verification).
     device:        "cuda", "cpu", ... (None: CUDA when available, else CPU).
     memory_budget: bytes the per-chunk adjoint state may take; test inputs are chunked to fit.
@@ -38,7 +40,7 @@ class KernelConfig:
 
     quadrature: str = "gauss:2"
     adaptive_tol: float | None = None
-    max_nodes: int = 8
+    max_nodes: int = 32
     dtype: str = "float32"
     device: str | None = None
     memory_budget: int = 2 * 1024**3

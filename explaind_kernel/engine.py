@@ -289,7 +289,10 @@ class _Sweep:
                 for start in range(0, self.N, chunk):
                     stop = min(self.N, start + chunk)
                     xs = tuple(x[start:stop] for x in self.inputs)
-                    pieces.append(self._sweep(xs, index[start:stop], width, bar))
+                    piece = self._sweep(xs, index[start:stop], width, bar)
+                    if "scores_raw" in piece:
+                        piece["scores"] = {n: _np(v.abs().sum(0)) for n, v in piece.pop("scores_raw").items()}
+                    pieces.append(piece)
             finally:
                 bar.close()
                 self.fm.close()
@@ -311,8 +314,25 @@ class _Sweep:
         return torch.zeros(self.N, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------- the sweep
-    def _sweep(self, xs, index, width: int, bar) -> dict[str, Any]:
-        cfg, rule = self.config, self.rule
+    def _sweep(
+        self,
+        xs,
+        index,
+        width: int,
+        bar,
+        *,
+        segments: list[tuple[int, int]] | None = None,
+        carry_in: dict[str, Tensor] | None = None,
+        mode: str = "full",
+    ) -> dict[str, Any]:
+        """Sweep `segments` (default: the whole trace) backward.
+
+        mode "full": everything; "correct": only the terms linear in the boundary adjoint
+        `carry_in` (J̄ = 0: data, non-data, coupled decay, initial state); "propagate": only
+        carry `carry_in` through the span (no training side), for the sharded scan.
+        """
+        cfg = self.config
+        segments = list(self.reader.segments()) if segments is None else segments
         test = TestSide(self.fm, self.selector, xs, index)
         train = TrainingSide(self.fm, block_rows=cfg.block_rows, mode=cfg.training_mode)
         rows = int(xs[0].shape[0]) * width
@@ -320,53 +340,61 @@ class _Sweep:
         acc = _Acc(rows, self.T, len(comp_names), len(self.edges) - 1, cfg.keep, len(self.names))
         scores = (
             {n: torch.zeros(rows, *self.theta_T[n].shape, dtype=self.dtype, device=self.device) for n in self.names}
-            if cfg.keep.param_scores
+            if cfg.keep.param_scores and mode == "full"
             else None
         )
         nodes_used = np.zeros(self.T, dtype=np.int64)
         carry: dict[str, Tensor | None] = {n: None for n in self.names}
-        theta_next, buf_next = self.theta_T, self.buf_T
-        f_T = test.values(theta_next, buf_next)
+        if carry_in is not None:
+            carry.update({n: v for n, v in carry_in.items()})
+        end = segments[-1][1]
+        if end == self.T:
+            theta_next, buf_next = self.theta_T, self.buf_T
+        else:
+            theta_next = self._cd(self.reader.checkpoint(end).params)
+            buf_next = self._cd(self.reader.buffers_at(end))
+        f_T = test.values(theta_next, buf_next) if mode == "full" else None
         f_next = f_T
-        bundles = SegmentPrefetcher(self.reader, enabled=cfg.prefetch)
+        bundles = SegmentPrefetcher(self.reader, enabled=cfg.prefetch, segments=segments)
         try:
             for bundle in bundles:
                 for sb in reversed(bundle):
                     f_next = self._step(
-                        sb, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next
+                        sb, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next, mode, rows
                     )
                     theta_next, buf_next = self._cd(sb.step.params), self._cd(sb.buffers)
-                    bar.update(1)
+                    if bar is not None:
+                        bar.update(1)
         finally:
             bundles.close()
-        out = {"f0": _np(f_next), "fT": _np(f_T), "acc": acc, "nodes": nodes_used}
+        out = {
+            "f0": _np(f_next) if f_next is not None else None,
+            "fT": _np(f_T) if f_T is not None else None,
+            "acc": acc,
+            "nodes": nodes_used,
+            "carry": carry,
+        }
         if scores is not None:
-            out["scores"] = {n: _np(v.abs().sum(0)) for n, v in scores.items()}
+            out["scores_raw"] = scores
         return out
 
-    def _step(self, sb: StepBundle, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next):
+    def _step(self, sb: StepBundle, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next, mode="full", rows=0):
         rs, t, rule = sb.step, sb.step.index, self.rule
         rec = rs.record
         theta = self._cd(rs.params)
         buf = self._cd(sb.buffers)
         delta = {n: theta_next[n] - theta[n] for n in self.names}
+        if mode != "full":
+            return self._carry_step(sb, train, acc, carry, theta, delta, mode, rows)
         f_a = test.values(theta, buf)
         f_b = test.values(theta_next, buf)
-        path = _np(f_b).astype(np.float64) - _np(f_a)
+        path = _np(f_b) - _np(f_a)
         drift = _np(f_next) - _np(f_b)
 
-        quad = self.quad
-        while True:
-            nodes, weights = quad.points()
-            jbar = test.integrated_jacobian(theta, delta, buf, nodes, weights)
-            comp = {n: row_dot(jbar[n], delta[n]) for n in self.names}
-            lin = sum(_np(v) for v in comp.values())
-            qerr = path - lin
-            tol = self.config.adaptive_tol
-            if tol is None or np.max(np.abs(qerr)) <= tol or quad.nodes >= self.config.max_nodes:
-                break
-            quad = quad.with_nodes(min(self.config.max_nodes, quad.nodes * 2))
-        nodes_used[t] = quad.nodes
+        jbar, lin, evals = self._integrate(test, theta, delta, buf, f_a, f_b)
+        qerr = path - lin
+        nodes_used[t] = evals
+        comp = {n: row_dot(jbar[n], delta[n]) for n in self.names}
 
         # optimizer rule: adjoint w.r.t. the recorded gradient, decay, reconstruction
         z_grad: dict[str, Tensor] = {}
@@ -409,7 +437,22 @@ class _Sweep:
                 scores[n] += jbar[n] * delta[n]
         del jbar
 
-        # training side: replay each recorded forward of step t
+        data_t = self._training(sb, train, acc, theta, z_grad, t)
+
+        st = acc.step
+        st["data"][:, t] = data_t
+        st["weight_decay"][:, t] = wd
+        st["nondata"][:, t] = total_g - data_t
+        st["initial_state"][:, t] = init
+        st["residual"][:, t] = resid
+        st["quadrature_error"][:, t] = qerr
+        st["buffer_drift"][:, t] = drift
+        return f_a
+
+    def _training(self, sb, train, acc, theta, z_grad, t) -> np.ndarray:
+        """Replay each recorded forward of step t; accumulate K(x; i, t). Returns Σ_i K."""
+        rec = sb.step.record
+        w = int(np.searchsorted(self.edges, t, side="right") - 1)
         data_t = np.zeros(acc.rows)
         if z_grad:
             prev_buf = sb.buffers_before
@@ -437,15 +480,75 @@ class _Sweep:
                         v = row_dot(z_grad[pname] * mask, prods.grad_sum[pname])
                         acc.component_data[:, len(self.names) + j] += _np(v)
 
+        return data_t
+
+    def _carry_step(self, sb, train, acc, carry, theta, delta, mode, rows):
+        """A step with J̄ = 0: what the boundary adjoint in `carry` contributes (linear in it)."""
+        rs, t, rule, rec = sb.step, sb.step.index, self.rule, sb.step.record
+        z_grad: dict[str, Tensor] = {}
+        wd, total_g, init = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+        for n in self.names:
+            if carry[n] is None:
+                continue
+            g = rec.grads.get(n)
+            g = self._c(g) if g is not None else None
+            before = self._cd(rs.state_before.get(n, {}))
+            after = self._cd(rs.state_after.get(n, {}))
+            zero = torch.zeros(rows, *theta[n].shape, dtype=self.dtype, device=self.device)
+            out = rule.backward(
+                ParamStep(n, zero, theta[n], delta[n], g, rec.groups[rec.group_of[n]], before, after), carry[n]
+            )
+            carry[n] = out.carry
+            if mode == "propagate":
+                continue
+            wd += _np(out.weight_decay)
+            if out.z_grad is not None and g is not None:
+                z_grad[n] = out.z_grad
+                total_g += _np(row_dot(out.z_grad, g))
+            if t == 0:
+                init += _np(rule.initial_state_term(carry[n], before, rows, zero))
+        if mode == "propagate":
+            return None
+        data_t = self._training(sb, train, acc, theta, z_grad, t)
         st = acc.step
         st["data"][:, t] = data_t
         st["weight_decay"][:, t] = wd
         st["nondata"][:, t] = total_g - data_t
         st["initial_state"][:, t] = init
-        st["residual"][:, t] = resid
-        st["quadrature_error"][:, t] = qerr
-        st["buffer_drift"][:, t] = drift
-        return f_a
+        return None
+
+    def _integrate(self, test, theta, delta, buf, f_a, f_b):
+        """J̄ over [0, 1] by the quadrature rule; with `adaptive_tol`, sub-segments whose
+        measured error |Δf − J̄·Δθ| exceeds tol·length are bisected (Δf on a sub-segment is
+        exact: two forward passes), within `max_nodes` Jacobian evaluations per step."""
+        nodes, weights = self.quad.points()
+        tol, budget = self.config.adaptive_tol, self.config.max_nodes
+        total: dict[str, Tensor] | None = None
+        total_lin = np.zeros(f_a.numel())
+        evals = 0
+        stack = [(0.0, 1.0, f_a, f_b)]
+        while stack:
+            a, b, fa, fb = stack.pop()
+            point = {k: theta[k] + a * delta[k] for k in theta}
+            piece = {k: (b - a) * delta[k] for k in delta}
+            jb = test.integrated_jacobian(point, piece, buf, nodes, weights)
+            for k in jb:
+                jb[k].mul_(b - a)
+            evals += len(nodes)
+            lin = sum(_np(row_dot(jb[n], delta[n])) for n in self.names)
+            err = float(np.max(np.abs(_np(fb) - _np(fa) - lin))) if tol is not None else 0.0
+            if tol is None or err <= tol * (b - a) or evals + 2 * len(nodes) > budget:
+                total_lin += lin
+                if total is None:
+                    total = jb
+                else:
+                    for k in total:
+                        total[k].add_(jb[k])
+            else:
+                m = 0.5 * (a + b)
+                fm = test.values({k: theta[k] + m * delta[k] for k in theta}, buf)
+                stack += [(m, b, fm, fb), (a, m, fa, fm)]
+        return total, total_lin, evals
 
     def _sample(self, sid: str, acc: _Acc) -> int:
         j = self.sample_index.get(sid)

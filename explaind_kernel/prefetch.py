@@ -36,9 +36,9 @@ def _segment(reader, start: int, stop: int) -> list[StepBundle]:
 class SegmentPrefetcher:
     """Iterates segments last-first; `enabled=False` reads them inline."""
 
-    def __init__(self, reader, *, enabled: bool = True, depth: int = 1) -> None:
+    def __init__(self, reader, *, enabled: bool = True, depth: int = 1, segments=None) -> None:
         self.reader = reader
-        self.segments = list(reversed(reader.segments()))
+        self.segments = list(reversed(reader.segments() if segments is None else segments))
         self.enabled = enabled
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()

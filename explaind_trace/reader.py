@@ -86,6 +86,7 @@ class TraceReader:
         )
         self._samples = _SampleCache(_SAMPLE_CACHE_BYTES)
         self._drift: DriftReport | None = None
+        self._user_ids: dict[str, str] | None = None
         if self.lossy:
             logger.warning(
                 "%s stores gradients lossily (%s): replay is approximate, drift is expected",
@@ -183,6 +184,32 @@ class TraceReader:
             rows = [codec.decode_tensor(r) for r in raw["rows"]]
             self._samples.put(cid, rows)
         return rows
+
+    def sample(self, sample_id: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The stored input row(s) of one sample: a tensor, or a tuple with one per batched input.
+
+        ``sample_id`` is a ``ForwardRecord.ids`` entry (a content id, or a user id given
+        with ``set_sample_ids``). Raises ``KeyError`` for an unknown id.
+        """
+        cid = sample_id
+        if self.store.get(sample_key(cid)) is None:
+            if self._user_ids is None:
+                self._user_ids = self._index_user_ids()
+            if sample_id not in self._user_ids:
+                raise KeyError(f"no sample with id {sample_id!r} in {self.name}")
+            cid = self._user_ids[sample_id]
+        rows = [r.clone() for r in self._sample_rows(cid)]
+        return rows[0] if len(rows) == 1 else tuple(rows)
+
+    def _index_user_ids(self) -> dict[str, str]:
+        """user id -> content id of its first recorded row (one scan of the step records)."""
+        index: dict[str, str] = {}
+        for t in range(self.num_steps):
+            for f in self._raw_step(t)["forwards"]:
+                if f.get("ids") is not None:
+                    for uid, cid in zip(f["ids"], f["rows"]):
+                        index.setdefault(uid, cid)
+        return index
 
     def _forward(self, f: dict[str, Any]) -> ForwardRecord:
         b = int(f["batch_size"])

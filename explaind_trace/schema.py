@@ -150,7 +150,8 @@ class Encoder:
         views = []
         for t in f.slots:
             u8 = np.frombuffer(codec.tensor_to_bytes(t), dtype=np.uint8)
-            views.append((codec.dtype_name(t.dtype), list(t.shape[1:]), u8.reshape(b, -1)))
+            row_bytes = int(np.prod(t.shape[1:], dtype=np.int64)) * t.element_size()
+            views.append((codec.dtype_name(t.dtype), list(t.shape[1:]), u8.reshape(b, row_bytes)))
             self.raw_bytes += t.numel() * t.element_size()
         # one keyed blake2b per row: the key covers every slot's dtype and row shape, the
         # message is the row's bytes from all slots side by side

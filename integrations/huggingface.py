@@ -181,7 +181,6 @@ class ExplaindTrainerCallback(TrainerCallback):
         )
         self.session: RecordingSession | None = None
         self._used = False
-        self._model: torch.nn.Module | None = None
 
     # -- public state -------------------------------------------------------------------
 
@@ -239,7 +238,6 @@ class ExplaindTrainerCallback(TrainerCallback):
             )
         opt, scaler = _unwrap_optimizer(optimizer)
         recorder = self.options.recorder(model, opt, scaler=scaler)
-        self._model = model
 
         def own_hooks() -> list[Any]:
             # registered before the recorder's forward hook, so it can explain a loss output first

@@ -14,15 +14,18 @@ Supported (checked when fitting starts, anything else is refused with ``Unsuppor
   picks for ``devices=1``). DDP, FSDP, DeepSpeed, model parallel and XLA are refused:
   recording a distributed run is a separate feature.
 - precision plugins: ``"32-true"`` (``Precision``), ``"64-true"`` (``DoublePrecision``),
-  ``"16-true"``/``"bf16-true"`` (``HalfPrecision``), ``"bf16-mixed"`` and ``"16-mixed"``
-  (``MixedPrecision``; its ``GradScaler`` is handed to the recorder so cotangents are
-  unscaled and overflow-skipped steps are recorded as skips). Lightning turns ``"16-mixed"``
-  on CPU into ``"bf16-mixed"``; an explicit ``MixedPrecision("16-mixed", "cpu")`` plugin
-  works too. Bitsandbytes, Transformer Engine, XLA and custom subclasses are refused.
+  ``"bf16-mixed"`` and ``"16-mixed"`` (``MixedPrecision``; its ``GradScaler`` is handed to
+  the recorder so cotangents are unscaled). Lightning turns ``"16-mixed"`` on CPU into
+  ``"bf16-mixed"``; an explicit ``MixedPrecision("16-mixed", "cpu")`` plugin keeps fp16.
+  ``"16-true"``/``"bf16-true"`` (``HalfPrecision``) are recorded faithfully, but parameters
+  and optimizer state live in half precision, so the kernel's completeness is at that
+  precision's rounding level (about 2e-4 relative for bf16 on a small MLP), not fp32's.
+  Bitsandbytes, Transformer Engine, XLA, DeepSpeed/FSDP and custom subclasses are refused.
 - exactly one optimizer, of a class the recorder supports (its own
   ``UnsupportedOptimizerError`` surfaces at fit start), automatic or manual optimization,
   ``accumulate_grad_batches``, gradient clipping and any LR scheduler.
-- not a ``torch.compile``'d LightningModule.
+- not a ``torch.compile``'d LightningModule, and no ``StochasticWeightAveraging`` callback
+  (it overwrites the trained parameters when training ends).
 
 Lightning calls ``optimizer.step(closure=...)`` with a closure that runs ``training_step``
 and ``backward``; the recorder must read the gradients after that closure. The callback
@@ -180,7 +183,6 @@ class ExplaindCallback(pl.Callback):
         self.session: RecordingSession | None = None
         self._used = False
         self._forwards = 0
-        self._recorded: torch.nn.Module | None = None
 
     # -- public state -------------------------------------------------------------------
 
@@ -221,7 +223,6 @@ class ExplaindCallback(pl.Callback):
         scaler = getattr(plugin, "scaler", None) if isinstance(plugin, MixedPrecision) else None
         recorder = self.options.recorder(module, optimizer, scaler=scaler)
         self._forwards = 0
-        self._recorded = module
 
         def own_hooks() -> list[Any]:
             return [

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar_data import load  # noqa: E402
 from model import SmallCNN  # noqa: E402
 
-SPARSITIES = (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+SPARSITIES = (0.0, 0.2, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -47,6 +47,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
     p.add_argument("--step-windows", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the saved result.explaind of this trace instead of recomputing it",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -62,6 +67,19 @@ def samples_from_trace(reader: explaind_trace.TraceReader, wanted: set[str]) -> 
         if len(found) == len(wanted):
             break
     return found
+
+
+def reuse(path: Path, trace: str, n_inputs: int) -> explaind_kernel.KernelResult | None:
+    """The saved result at `path` when it was computed from `trace` on `n_inputs` inputs."""
+    if not path.is_file():
+        return None
+    with explaind_trace.open_trace(trace) as reader:
+        try:
+            result = explaind_attr.load_result(path, trace_id=reader)
+        except explaind_attr.ResultMismatchError as e:
+            print(f"not reusing {path}: {e}")
+            return None
+    return result if result.num_inputs == n_inputs else None
 
 
 def plot(path: Path, curves, n_eval: int) -> None:
@@ -107,17 +125,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. the kernel, keeping per-weight scores for pruning
     start = time.perf_counter()
-    result = explaind_kernel.compute_kernel(
-        trace,
-        make_model(),
-        explain_x,
-        outputs="label",
-        labels=explain_y,
-        output_names=["correct"],
-        step_windows=args.step_windows,
-        keep=explaind_kernel.KeepOptions(param_scores=True),
-        progress=not args.no_progress,
-    )
+    result = reuse(out / "result.explaind", trace, n_explain) if args.reuse else None
+    if result is None or result.param_scores is None:
+        result = explaind_kernel.compute_kernel(
+            trace,
+            make_model(),
+            explain_x,
+            outputs="label",
+            labels=explain_y,
+            output_names=["correct"],
+            step_windows=args.step_windows,
+            keep=explaind_kernel.KeepOptions(param_scores=True),
+            progress=not args.no_progress,
+        )
     kernel_s = time.perf_counter() - start
     result.save(out / "result.explaind")
     err = np.abs(result.completeness_residual)

@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=256)
     p.add_argument("--n-test", type=int, default=16, help="held-out points to explain")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
@@ -60,6 +61,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = f"sqlite://{out / 'trace.sqlite'}"

@@ -54,6 +54,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=2, help="Gauss-Legendre nodes per step")
     p.add_argument("--align-every", type=int, default=25, help="steps between alignment points")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the saved result.explaind of this trace instead of recomputing it",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -121,6 +126,19 @@ def group_windows(result: explaind_kernel.KernelResult, groups: dict[str, list[s
     return np.stack([mean[[index[n] for n in names]].sum(axis=0) for names in groups.values()])
 
 
+def reuse(path: Path, trace: str, n_inputs: int) -> explaind_kernel.KernelResult | None:
+    """The saved result at `path` when it was computed from `trace` on `n_inputs` inputs."""
+    if not path.is_file():
+        return None
+    with explaind_trace.open_trace(trace) as reader:
+        try:
+            result = explaind_attr.load_result(path, trace_id=reader)
+        except explaind_attr.ResultMismatchError as e:
+            print(f"not reusing {path}: {e}")
+            return None
+    return result if result.num_inputs == n_inputs else None
+
+
 def plot(path: Path, history, phases, windows, groups_by_window, group_names, terms, align) -> None:
     from matplotlib.figure import Figure
 
@@ -186,18 +204,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. the kernel: f_T = f_0 + Σ_(sample, step) K + every other term, exactly
     start = time.perf_counter()
-    result = explaind_kernel.compute_kernel(
-        trace,
-        model,
-        test_x[pick],
-        outputs="label",
-        labels=test_y[pick],
-        output_names=["correct"],
-        slices=head_slices(model),
-        step_windows=args.step_windows,
-        quadrature=f"gauss:{args.nodes}",
-        progress=not args.no_progress,
-    )
+    result = reuse(out / "result.explaind", trace, len(pick)) if args.reuse else None
+    if result is None:
+        result = explaind_kernel.compute_kernel(
+            trace,
+            model,
+            test_x[pick],
+            outputs="label",
+            labels=test_y[pick],
+            output_names=["correct"],
+            slices=head_slices(model),
+            step_windows=args.step_windows,
+            quadrature=f"gauss:{args.nodes}",
+            progress=not args.no_progress,
+        )
     kernel_s = time.perf_counter() - start
     result.save(out / "result.explaind")
     err = np.abs(result.completeness_residual)

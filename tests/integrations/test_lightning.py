@@ -213,6 +213,13 @@ def test_distributed_strategy_is_refused_without_launching(strategy: str) -> Non
     assert cb.session is None
 
 
+def test_weight_averaging_callback_is_refused() -> None:
+    swa = L.pytorch.callbacks.StochasticWeightAveraging(swa_lrs=1e-2)
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, callbacks=[swa])
+    with pytest.raises(UnsupportedSetupError, match="StochasticWeightAveraging"):
+        check_trainer(trainer)
+
+
 class _CustomPrecision(Precision):
     pass
 

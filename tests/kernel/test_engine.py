@@ -127,7 +127,7 @@ def test_step_terms_sum_to_totals(run64) -> None:
 def test_adaptive_quadrature_raises_nodes_where_needed(run64) -> None:
     one = _k(run64, quadrature="gauss:1")
     tol = float(np.max(np.abs(one.step_quadrature_error))) / 10
-    ada = _k(run64, quadrature="gauss:1", adaptive_tol=tol, max_nodes=4)
+    ada = _k(run64, quadrature="gauss:1", adaptive_tol=tol, max_nodes=64)
     assert ada.step_nodes.max() > 1 and ada.step_nodes.min() >= 1
     assert np.max(np.abs(ada.step_quadrature_error)) <= tol
     # more nodes, smaller error; midpoint is a registered rule too

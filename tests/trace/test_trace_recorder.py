@@ -159,7 +159,13 @@ def test_user_sample_ids() -> None:
         with pytest.raises(et.RecordingError, match="2 ids but the next forward has batch size 8"):
             model(x[:8])
     with et.open_trace(store) as trace:
-        assert trace.step(1).forwards[0].ids == [str(i) for i in range(8, 16)]
+        fwd = trace.step(1).forwards[0]
+        assert fwd.ids == [str(i) for i in range(8, 16)]
+        assert torch.equal(trace.sample("9"), x[9]) and torch.equal(
+            trace.sample(fwd.content_ids[1]), x[9]
+        )
+        with pytest.raises(KeyError):
+            trace.sample("nope")
 
 
 def test_input_structures_and_kwargs() -> None:
@@ -498,3 +504,20 @@ def test_unrecordable_inputs_are_clear_errors() -> None:
         out = net(torch.randn(4, 3))  # the recorder recovers after the errors
         out.sum().backward()
         opt.step()
+
+
+def test_empty_batch_is_recorded_without_samples(tmp_path) -> None:
+    """A forward over zero rows (the tail of a sliced dataset) records fine and adds no sample."""
+    import explaind_trace as et
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(4, 3)
+    with et.record(model, opt, store=str(tmp_path / "e.lmdb")):
+        for rows in (x, x[4:]):
+            opt.zero_grad()
+            (model(rows).sum() + 0.0 * model.weight.sum()).backward()
+            opt.step()
+    with et.open_trace(str(tmp_path / "e.lmdb")) as r:
+        assert r.num_steps == 2 and r.finished
+        assert [len(f.ids) for f in r.step(1).forwards] in ([0], [])
