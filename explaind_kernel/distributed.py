@@ -117,8 +117,7 @@ def _sharded_pieces(sweep: _Sweep, mine, rank: int, world: int, group, comm):
         sweep.theta_T, sweep.buf_T = sweep._cd(theta_T), sweep._cd(buf_T)
         index = sweep._index()
         sweep.fm.set_modes(False)
-        probe = sweep.selector(sweep.fm(sweep.theta_T, sweep.buf_T, tuple(x[:1] for x in sweep.inputs)), index[:1])
-        width = int(probe.shape[1])
+        width = sweep._width(index)
         chunk = sweep._chunk_size(width)
         sweep.sample_index = {}
         pieces = []

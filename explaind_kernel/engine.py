@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .config import KernelConfig
 from .errors import EmptyTraceError, InputError, ModelMismatchError, UnsupportedOptimizerError
-from .functional import FunctionalModel, OutputSelector, primary_output, to_compute
+from .functional import FunctionalModel, OutputSelector, to_compute
 from .jacobian import TestSide
 from .prefetch import SegmentPrefetcher, StepBundle
 from .quadrature import Quadrature
@@ -187,9 +187,17 @@ class _Sweep:
         return {k: self._c(v) if isinstance(v, Tensor) else v for k, v in d.items()}
 
     def _inputs(self, inputs) -> tuple[Tensor, ...]:
-        xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+        if isinstance(inputs, Mapping):
+            self.input_keys: tuple[str | None, ...] = tuple(str(k) for k in inputs)
+            xs = tuple(inputs.values())
+        else:
+            xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+            self.input_keys = (None,) * len(xs)
         if not xs or not all(isinstance(x, Tensor) for x in xs):
-            raise InputError("inputs must be a tensor [N, ...] or a tuple of tensors")
+            raise InputError(
+                "inputs must be a tensor [N, ...], a tuple of tensors (positional) or a dict of "
+                "tensors (keyword inputs, e.g. {'input_ids': ..., 'attention_mask': ...})"
+            )
         n = xs[0].shape[0] if xs[0].dim() else 0
         if n == 0 or any(x.dim() == 0 or x.shape[0] != n for x in xs):
             raise InputError(
@@ -206,13 +214,25 @@ class _Sweep:
             return
         if not fwds:
             return
-        trained = [a for a in fwds[0].args if isinstance(a, Tensor)]
-        if len(trained) != len(xs):
+        f = fwds[0]
+        trained = [(None, a) for a in f.args if isinstance(a, Tensor)]
+        trained += [(k, v) for k, v in f.kwargs.items() if isinstance(v, Tensor) and v.dim() > 0]
+        positional = [a for k, a in trained if k is None]
+        named = {k: a for k, a in trained if k is not None}
+        given_pos = [k for k in self.input_keys if k is None]
+        unknown = [k for k in self.input_keys if k is not None and k not in named]
+        if len(positional) != len(given_pos) or unknown:
             raise InputError(
-                f"the model was trained with {len(trained)} tensor input(s) per forward but "
-                f"{len(xs)} test input tensor(s) were given; pass them in the same order."
+                f"the model was trained with {len(positional)} positional tensor input(s) and "
+                f"keyword tensors {sorted(named)} per forward, but the test inputs are "
+                f"{len(given_pos)} positional and keywords {sorted(k for k in self.input_keys if k)}; "
+                "pass positional inputs as a tensor or tuple in the same order, and keyword inputs "
+                "as a dict (e.g. {'input_ids': ...})."
             )
-        for j, (a, x) in enumerate(zip(trained, xs)):
+        it = iter(positional)
+        trained = [(k, named[k] if k is not None else next(it)) for k in self.input_keys]
+        for (k, a), x in zip(trained, xs):
+            j = k or 0
             if tuple(a.shape[1:]) != tuple(x.shape[1:]) or a.is_floating_point() != x.is_floating_point():
                 raise InputError(
                     f"test input {j} has shape {tuple(x.shape)} ({x.dtype}) but the model was "
@@ -274,8 +294,7 @@ class _Sweep:
             self.buf_T = self._cd(buf_T)
             index = self._index()
             self.fm.set_modes(False)
-            probe = self.selector(self.fm(self.theta_T, self.buf_T, tuple(x[:1] for x in self.inputs)), index[:1])
-            width = int(probe.shape[1])
+            width = self._width(index)
             chunk = self._chunk_size(width)
             pieces = []
             bar = tqdm(
@@ -298,6 +317,12 @@ class _Sweep:
                 self.fm.close()
         return self._assemble(pieces, width)
 
+    def _width(self, index: Tensor) -> int:
+        """O: explained outputs per test input (from one forward of the first input)."""
+        first = tuple(x[:1] for x in self.inputs)
+        side = TestSide(self.fm, self.selector, first, index[:1], keys=self.input_keys)
+        return int(side.values(self.theta_T, self.buf_T).numel())
+
     def _index(self) -> Tensor:
         mode = self.selector.mode
         if mode == "label":
@@ -309,8 +334,8 @@ class _Sweep:
             return idx.to(self.device)
         if mode == "predicted":
             self.fm.set_modes(False)
-            out = primary_output(self.fm(self.theta_T, self.buf_T, self.inputs))
-            return out.reshape(self.N, -1).argmax(dim=1)
+            side = TestSide(self.fm, OutputSelector("all"), self.inputs, torch.zeros(self.N, dtype=torch.long), keys=self.input_keys)
+            return side.values(self.theta_T, self.buf_T).reshape(self.N, -1).argmax(dim=1)
         return torch.zeros(self.N, dtype=torch.long, device=self.device)
 
     # ------------------------------------------------------------- the sweep
@@ -333,7 +358,7 @@ class _Sweep:
         """
         cfg = self.config
         segments = list(self.reader.segments()) if segments is None else segments
-        test = TestSide(self.fm, self.selector, xs, index)
+        test = TestSide(self.fm, self.selector, xs, index, keys=self.input_keys)
         train = TrainingSide(self.fm, block_rows=cfg.block_rows, mode=cfg.training_mode)
         rows = int(xs[0].shape[0]) * width
         comp_names = self.names + [f"slice:{s}" for s in self.slices]

@@ -30,17 +30,25 @@ class TestSide:
         inputs: tuple[Tensor, ...],
         index: Tensor,
         *,
+        keys: tuple[str | None, ...] | None = None,
         mode: str = "func",
     ) -> None:
         self.fm, self.selector, self.inputs, self.index = fm, selector, inputs, index
+        self.keys = keys if keys is not None else (None,) * len(inputs)
         self.n = int(inputs[0].shape[0])
         self.mode = mode
+
+    def _call(self, params, buffers, xs):
+        """Run the model with `xs` split into positional and keyword inputs by `keys`."""
+        args = tuple(x for k, x in zip(self.keys, xs) if k is None)
+        kwargs = {k: x for k, x in zip(self.keys, xs) if k is not None}
+        return self.fm(params, buffers, args, kwargs)
 
     @torch.no_grad()
     def values(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> Tensor:
         """[R] explained outputs at (θ, buffers), rows ordered (input, output)."""
         self.fm.set_modes(False)
-        out = self.fm(params, buffers, self.inputs)
+        out = self._call(params, buffers, self.inputs)
         return self.selector(out, self.index).reshape(-1)
 
     def jacobian(
@@ -75,10 +83,10 @@ class TestSide:
 
     # ----------------------------------------------------------------- impls
     def _jacobian_func(self, params, buffers) -> dict[str, Tensor]:
-        fm, selector = self.fm, self.selector
+        selector = self.selector
 
         def single(p, idx, *xs):
-            out = fm(p, buffers, tuple(x.unsqueeze(0) for x in xs))
+            out = self._call(p, buffers, tuple(x.unsqueeze(0) for x in xs))
             return selector(out, idx.unsqueeze(0))[0]
 
         in_dims = (None, 0) + (0,) * len(self.inputs)
@@ -91,7 +99,7 @@ class TestSide:
         for i in range(self.n):
             leaf = {k: params[k].detach().requires_grad_(True) for k in names}
             with torch.enable_grad():
-                out = self.fm(leaf, buffers, tuple(x[i : i + 1] for x in self.inputs))
+                out = self._call(leaf, buffers, tuple(x[i : i + 1] for x in self.inputs))
                 y = self.selector(out, self.index[i : i + 1])[0]
                 eye = torch.eye(y.numel(), dtype=y.dtype, device=y.device)
                 grads = torch.autograd.grad(

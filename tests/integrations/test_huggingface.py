@@ -125,17 +125,12 @@ def test_train_writes_one_trace_step_per_optimizer_step(bert_run) -> None:
         assert all(v == 0.0 for v in trace.check_drift().checkpoints.values())
 
 
-@pytest.mark.xfail(
-    raises=ek.InputError,
-    strict=True,
-    reason="explaind_kernel.compute_kernel refuses a trace whose training forwards pass their "
-    "tensors as keyword arguments only (the Trainer calls model(**inputs)): its input check "
-    "counts the positional tensors of the first recorded forward (0) against the test inputs.",
-)
 def test_kernel_on_trainer_trace_is_complete(bert_run) -> None:
     _, _, _, path = bert_run
     fresh = _bert(seed=1)
-    x_test = TokenData(n=4, seed=7).x
+    data = TokenData(n=4, seed=7)
+    # the Trainer calls model(**batch): test inputs are keyword inputs too (labels left out)
+    x_test = {"input_ids": data.x, "attention_mask": torch.ones_like(data.x)}
     result = ek.compute_kernel(path, fresh, x_test, outputs="predicted", progress=False)
     assert result.completeness()[1] <= COMPLETENESS_RTOL
 

@@ -252,3 +252,41 @@ def test_training_routes_agree(setup: KernelSetup, caplog) -> None:
     _close(c.component_data, a.component_data, np.max(np.abs(a.component_data)))
     # vmap refuses batch norm in train mode and dropout; the plain MLP takes it
     assert ("vmap per-sample gradients unavailable" in caplog.text) == (setup.name != "mlp_adamw")
+
+
+class _KwModel(nn.Module):
+    """A model called with keyword inputs only, like a Hugging Face model under Trainer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, *, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = (self.emb(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+        return self.head(h)
+
+
+def test_keyword_inputs() -> None:
+    torch.manual_seed(0)
+    model = _KwModel().double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 10, (16, 5))
+    mask = torch.ones_like(ids)
+    y = torch.randint(0, 3, (16,))
+    with explaind_trace.record(model, opt, store="memory://engine-kw"):
+        for t in range(6):
+            opt.zero_grad()
+            out = model(input_ids=ids[t : t + 4], attention_mask=mask[t : t + 4])
+            nn.functional.cross_entropy(out, y[t : t + 4]).backward()
+            opt.step()
+    fresh = _KwModel().double()
+    test = {"input_ids": ids[:3], "attention_mask": mask[:3]}
+    res = compute_kernel("memory://engine-kw", fresh, test, dtype="float64", progress=False)
+    with torch.no_grad():
+        actual = model(**test).numpy()
+    _close(res.fT, actual)
+    assert np.max(np.abs(res.completeness_residual)) <= EXACT * np.max(np.abs(actual))
+    assert np.max(np.abs(res.nondata)) <= EXACT * np.max(np.abs(res.data))
+    with pytest.raises(InputError, match="keyword inputs as a dict"):
+        compute_kernel("memory://engine-kw", fresh, ids[:3], progress=False)
