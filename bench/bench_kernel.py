@@ -34,16 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import explaind_trace  # noqa: E402
+from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
 from explaind_kernel import compute_kernel  # noqa: E402
 from explaind_kernel.functional import FunctionalModel, OutputSelector, to_compute  # noqa: E402
 from explaind_kernel.jacobian import TestSide  # noqa: E402
 from explaind_kernel.quadrature import Quadrature  # noqa: E402
-from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
 
 RULES = ["gauss:1", "gauss:2", "gauss:3", "midpoint:10", "midpoint:100"]
 
 
-def record(path: str, *, p: int, steps: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def record(
+    path: str, *, p: int, steps: int, batch: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     torch.manual_seed(seed)
     tx, ty, vx, vy = make_dataset(p, 0.3, seed)
     model = ModularAdditionTransformer(p)
@@ -59,10 +61,19 @@ def record(path: str, *, p: int, steps: int, batch: int, seed: int) -> tuple[tor
     return vx, vy, time.perf_counter() - t0
 
 
-def quadrature_study(path: str, p: int, test_x: torch.Tensor, labels: torch.Tensor, device: torch.device, outputs: str) -> dict:
+def quadrature_study(
+    path: str,
+    p: int,
+    test_x: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    outputs: str,
+) -> dict:
     """Error of f_0 + Σ J̄_t Δθ_t per rule, on the same replayed path."""
     reader = explaind_trace.open_trace(path)
-    fm = FunctionalModel(ModularAdditionTransformer(p), output_module=None, device=device, dtype=torch.float32)
+    fm = FunctionalModel(
+        ModularAdditionTransformer(p), output_module=None, device=device, dtype=torch.float32
+    )
     x = to_compute(test_x, device, torch.float32)
     side = TestSide(fm, OutputSelector(outputs), (x,), labels.to(device))
     quads = {r: Quadrature.parse(r) for r in RULES}
@@ -84,7 +95,10 @@ def quadrature_study(path: str, p: int, test_x: torch.Tensor, labels: torch.Tens
                 t0 = time.perf_counter()
                 nodes, weights = q.points()
                 jbar = side.integrated_jacobian(th, delta, bufs, nodes, weights)
-                v = sum((jbar[k].reshape(jbar[k].shape[0], -1).double() @ delta[k].reshape(-1).double()) for k in th)
+                v = sum(
+                    (jbar[k].reshape(jbar[k].shape[0], -1).double() @ delta[k].reshape(-1).double())
+                    for k in th
+                )
                 lin[r] = v if lin[r] is None else lin[r] + v
                 seconds[r] += time.perf_counter() - t0
             prev = nxt
@@ -104,21 +118,42 @@ def quadrature_study(path: str, p: int, test_x: torch.Tensor, labels: torch.Tens
     return out
 
 
-def full_kernel(path: str, p: int, test_x: torch.Tensor, rule: str, device: torch.device, threads: int | None) -> dict:
+def full_kernel(
+    path: str,
+    p: int,
+    test_x: torch.Tensor,
+    rule: str,
+    device: torch.device,
+    threads: int | None,
+    adaptive_tol: float | None = None,
+) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = compute_kernel(path, ModularAdditionTransformer(p), test_x, outputs="all", quadrature=rule,
-                         device=str(device), progress=False, cpu_threads=threads)
+    res = compute_kernel(
+        path,
+        ModularAdditionTransformer(p),
+        test_x,
+        outputs="all",
+        quadrature=rule,
+        device=str(device),
+        progress=False,
+        cpu_threads=threads,
+        adaptive_tol=adaptive_tol,
+        max_nodes=64,
+    )
     wall = time.perf_counter() - t0
     max_abs, rel = res.completeness()
     machine_err = res.fT - (res.reconstructed - res.quadrature_error)
     return {
-        "rule": rule,
+        "rule": rule if adaptive_tol is None else f"{rule} adaptive tol={adaptive_tol:g}",
+        "jacobian_evaluations_per_step": float(np.mean(res.step_nodes)),
         "wall_s": wall,
         "steps_per_s": res.num_steps / wall,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else None,
         "completeness_max_abs": max_abs,
         "completeness_rel": rel,
         "kernel_machine_rel_error": float(np.max(np.abs(machine_err)) / np.max(np.abs(res.fT))),
@@ -128,12 +163,15 @@ def full_kernel(path: str, p: int, test_x: torch.Tensor, rule: str, device: torc
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--p", type=int, default=97)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--test-inputs", type=int, default=1, help="full kernel: inputs (all logits)")
-    ap.add_argument("--quad-inputs", type=int, default=16, help="quadrature study: inputs")
+    ap.add_argument("--quad-inputs", type=int, default=4, help="quadrature study: inputs")
+    ap.add_argument("--adaptive-tol", type=float, default=1e-5, help="also run gauss:2 adaptive")
     ap.add_argument("--quad-outputs", default="label", choices=["label", "all"])
     ap.add_argument("--full", action="store_true", help="the issue's scale: 1000 steps, 256 inputs")
     ap.add_argument("--device", default=None)
@@ -149,18 +187,34 @@ def main(argv: list[str] | None = None) -> int:
         path = str(Path(tmp) / "modadd.lmdb")
         vx, vy, train_s = record(path, p=args.p, steps=args.steps, batch=args.batch, seed=0)
         test_x = vx[: args.test_inputs]
-        quad = quadrature_study(path, args.p, vx[: args.quad_inputs], vy[: args.quad_inputs], device, args.quad_outputs)
-        kernels = [full_kernel(path, args.p, test_x, r, device, args.threads) for r in args.kernel_rules.split(",")]
+        quad = quadrature_study(
+            path, args.p, vx[: args.quad_inputs], vy[: args.quad_inputs], device, args.quad_outputs
+        )
+        kernels = [
+            full_kernel(path, args.p, test_x, r, device, args.threads)
+            for r in args.kernel_rules.split(",")
+        ]
+        if args.adaptive_tol:
+            kernels.append(
+                full_kernel(
+                    path, args.p, test_x, "gauss:2", device, args.threads, args.adaptive_tol
+                )
+            )
     nparams = sum(p.numel() for p in ModularAdditionTransformer(args.p).parameters())
     report = {
         "config": {**vars(args), "parameters": nparams, "device": str(device)},
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None},
+        "machine": {
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None,
+        },
         "record_seconds": train_s,
         "quadrature": quad,
         "kernel": kernels,
         "gauss2_vs_midpoint100": {
-            "error_ratio": quad["gauss:2"]["rel_error"] / max(quad["midpoint:100"]["rel_error"], 1e-300),
+            "error_ratio": quad["gauss:2"]["rel_error"]
+            / max(quad["midpoint:100"]["rel_error"], 1e-300),
             "jacobian_evaluation_ratio": 2 / 100,
         },
     }

@@ -13,15 +13,20 @@ shows the traceback instead. Errors raised by the user's own code are not caught
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+
+
+def _loading():
+    from explaind_kernel import loading
+
+    return loading
+
 
 log = logging.getLogger(__name__)
 
@@ -32,72 +37,13 @@ EXIT_LIBRARY_ERROR = 2
 # ----------------------------------------------------------------- argument resolution
 
 
-def _import_attr(spec: str, what: str) -> Any:
-    """Resolve MODULE:NAME, importing MODULE with the current directory on sys.path."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(
-            f"{what} must look like MODULE:NAME (e.g. mymodel:make_model), got {spec!r}"
-        )
-    cwd = os.getcwd()
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(
-            f"cannot import module {module_name!r} for {what} ({e}); run explaind from the "
-            "directory that holds it, or make it importable"
-        ) from e
-    try:
-        return getattr(module, attr)
-    except AttributeError as e:
-        raise UsageError(f"module {module_name!r} has no attribute {attr!r} ({what})") from e
-
-
-def _load_npy(path: str, what: str) -> Any:
-    import numpy as np
-    import torch
-
-    try:
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {what} from {path!r}: {e}") from e
-
-
-def _load_model(spec: str) -> Any:
-    import torch
-
-    factory = _import_attr(spec, "--model")
-    model = factory()
-    if not isinstance(model, torch.nn.Module):
-        raise UsageError(f"--model {spec} returned a {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _load_inputs(spec: str, labels_path: str | None) -> tuple[Any, Any]:
-    """(inputs, labels) from FILE.npy or MODULE:FUNCTION; --labels wins over returned ones."""
-    labels = None
-    if spec.endswith(".npy"):
-        inputs = _load_npy(spec, "--inputs")
-    else:
-        value = _import_attr(spec, "--inputs")()
-        if isinstance(value, (tuple, list)) and len(value) == 2:
-            inputs, labels = value
-        else:
-            inputs = value
-    if labels_path is not None:
-        labels = _load_npy(labels_path, "--labels")
-    return inputs, labels
-
-
 def _compute(args: argparse.Namespace) -> Any:
     if not args.model or not args.inputs:
         raise UsageError("computing a kernel result needs --model MODULE:FACTORY and --inputs")
     if args.nodes < 1:
         raise UsageError(f"--nodes must be ≥ 1, got {args.nodes}")
-    model = _load_model(args.model)
-    inputs, labels = _load_inputs(args.inputs, args.labels)
+    model = _loading().load_model(args.model)
+    inputs, labels = _loading().load_inputs(args.inputs, args.labels)
     if args.outputs == "label" and labels is None:
         raise UsageError(
             "--outputs label needs labels: pass --labels FILE.npy, or return (inputs, labels) "

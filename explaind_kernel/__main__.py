@@ -8,40 +8,27 @@ kernel result file; under torchrun the steps are sharded across the ranks (exact
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from .loading import load_inputs, load_model
 
 log = logging.getLogger("explaind_kernel")
 
 
-def load_object(spec: str):
-    """Import `MODULE:NAME` with the current directory importable."""
-    module, _, name = spec.partition(":")
-    if not module or not name:
-        raise SystemExit(f"expected MODULE:NAME, got {spec!r}")
-    sys.path.insert(0, os.getcwd())
-    return getattr(importlib.import_module(module), name)
-
-
-def load_inputs(spec: str) -> torch.Tensor:
-    """A `.npy` file (read with allow_pickle=False) or `MODULE:FUNCTION` returning a tensor."""
-    if spec.endswith(".npy"):
-        return torch.from_numpy(np.load(spec, allow_pickle=False))
-    value = load_object(spec)()
-    return value[0] if isinstance(value, tuple) else value
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m explaind_kernel", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m explaind_kernel",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("trace")
-    ap.add_argument("--model", required=True, help="MODULE:FACTORY returning a model of the traced architecture")
+    ap.add_argument(
+        "--model", required=True, help="MODULE:FACTORY returning a model of the traced architecture"
+    )
     ap.add_argument("--inputs", required=True, help="MODULE:FUNCTION or FILE.npy")
     ap.add_argument("--outputs", default="all", choices=["all", "predicted", "label"])
     ap.add_argument("--labels", default=None, help="FILE.npy of class indices (outputs=label)")
@@ -49,10 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    model = load_object(args.model)()
-    inputs = load_inputs(args.inputs)
-    labels = np.load(args.labels, allow_pickle=False) if args.labels else None
-    kw = dict(outputs=args.outputs, labels=labels, quadrature=f"gauss:{args.nodes}", dtype=args.dtype, progress=False)
+    model = load_model(args.model)
+    inputs, labels = load_inputs(args.inputs, args.labels)
+    kw = dict(
+        outputs=args.outputs,
+        labels=labels,
+        quadrature=f"gauss:{args.nodes}",
+        dtype=args.dtype,
+        progress=False,
+    )
     out = Path(args.out or f"{args.trace.rstrip('/')}.result.explaind")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         import torch.distributed as dist

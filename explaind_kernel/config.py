@@ -59,7 +59,10 @@ class KernelConfig:
             raise InputError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.adaptive_tol is not None and not self.adaptive_tol > 0:
             raise InputError(f"adaptive_tol must be positive, got {self.adaptive_tol!r}")
-        if self.adaptive_tol is not None and self.max_nodes < Quadrature.parse(self.quadrature).nodes:
+        if (
+            self.adaptive_tol is not None
+            and self.max_nodes < Quadrature.parse(self.quadrature).nodes
+        ):
             raise InputError(
                 f"max_nodes ({self.max_nodes}) is below the quadrature's node count "
                 f"({self.quadrature}); raise max_nodes."

@@ -76,7 +76,11 @@ def compute_kernel_sharded(
     try:
         sweep = _Sweep(reader, model, inputs, outputs, labels, output_names, slices, config)
         mine = split_segments(list(reader.segments()), world)[rank]
-        comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+        comm = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(group) == "nccl"
+            else torch.device("cpu")
+        )
         pieces, width = _sharded_pieces(sweep, mine, rank, world, group, comm)
         local = sweep._assemble(pieces, width)
         return _reduce(local, pieces, sweep, rank, world, group, comm)
@@ -90,7 +94,13 @@ def _flat(carry: dict[str, Tensor | None], sweep: _Sweep, rows: int) -> Tensor:
     for n in sweep.names:
         v = carry.get(n)
         shape = sweep.theta_T[n].shape
-        parts.append((v if v is not None else torch.zeros(rows, *shape, dtype=sweep.dtype, device=sweep.device)).reshape(rows, -1))
+        parts.append(
+            (
+                v
+                if v is not None
+                else torch.zeros(rows, *shape, dtype=sweep.dtype, device=sweep.device)
+            ).reshape(rows, -1)
+        )
     return torch.cat(parts, dim=1)
 
 
@@ -126,7 +136,11 @@ def _sharded_pieces(sweep: _Sweep, mine, rank: int, world: int, group, comm):
             xs = tuple(x[start:stop] for x in sweep.inputs)
             idx = index[start:stop]
             rows = (stop - start) * width
-            piece = sweep._sweep(xs, idx, width, None, segments=mine, mode="full") if mine else _empty(sweep, xs, idx, width)
+            piece = (
+                sweep._sweep(xs, idx, width, None, segments=mine, mode="full")
+                if mine
+                else _empty(sweep, xs, idx, width)
+            )
             # backward scan of the exact boundary adjoints
             size = rows * sum(int(np.prod(sweep.theta_T[n].shape)) for n in sweep.names)
             incoming = torch.zeros(rows, size // max(rows, 1), dtype=sweep.dtype, device=comm)
@@ -136,13 +150,17 @@ def _sharded_pieces(sweep: _Sweep, mine, rank: int, world: int, group, comm):
             if rank > 0:
                 start_carry = _flat(piece["carry"], sweep, rows)
                 if mine and rank < world - 1:
-                    moved = sweep._sweep(xs, idx, width, None, segments=mine, carry_in=e_in, mode="propagate")["carry"]
+                    moved = sweep._sweep(
+                        xs, idx, width, None, segments=mine, carry_in=e_in, mode="propagate"
+                    )["carry"]
                     start_carry = start_carry + _flat(moved, sweep, rows)
                 elif not mine:
                     start_carry = incoming.to(sweep.device)
                 dist.send(start_carry.to(comm).contiguous(), dst=rank - 1, group=group)
             if mine and rank < world - 1:
-                corr = sweep._sweep(xs, idx, width, None, segments=mine, carry_in=e_in, mode="correct")
+                corr = sweep._sweep(
+                    xs, idx, width, None, segments=mine, carry_in=e_in, mode="correct"
+                )
                 _add_into(piece["acc"], corr["acc"])
             if "scores_raw" in piece:
                 piece["scores_dense"] = piece.pop("scores_raw")
@@ -158,7 +176,13 @@ def _empty(sweep: _Sweep, xs, idx, width: int) -> dict[str, Any]:
     rows = int(xs[0].shape[0]) * width
     comps = len(sweep.names) + len(sweep.slices)
     acc = _Acc(rows, sweep.T, comps, len(sweep.edges) - 1, sweep.config.keep, len(sweep.names))
-    return {"f0": None, "fT": None, "acc": acc, "nodes": np.zeros(sweep.T, dtype=np.int64), "carry": {}}
+    return {
+        "f0": None,
+        "fT": None,
+        "acc": acc,
+        "nodes": np.zeros(sweep.T, dtype=np.int64),
+        "carry": {},
+    }
 
 
 def _add_into(acc, corr) -> None:
@@ -186,13 +210,20 @@ def _all_ids(ids: list[str], world: int, group, comm) -> list[list[str]]:
     dist.all_gather(sizes, n, group=group)
     longest = int(max(s.item() for s in sizes))
     buf = torch.zeros(longest, dtype=torch.uint8, device=comm)
-    buf[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(comm) if raw else buf[:0]
+    buf[: len(raw)] = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(comm) if raw else buf[:0]
+    )
     bufs = [torch.zeros(longest, dtype=torch.uint8, device=comm) for _ in range(world)]
     dist.all_gather(bufs, buf, group=group)
-    return [msgpack.unpackb(b[: int(s.item())].cpu().numpy().tobytes(), raw=False) for b, s in zip(bufs, sizes)]
+    return [
+        msgpack.unpackb(b[: int(s.item())].cpu().numpy().tobytes(), raw=False)
+        for b, s in zip(bufs, sizes)
+    ]
 
 
-def _reduce(local: KernelResult, pieces, sweep: _Sweep, rank: int, world: int, group, comm) -> KernelResult:
+def _reduce(
+    local: KernelResult, pieces, sweep: _Sweep, rank: int, world: int, group, comm
+) -> KernelResult:
     # the global sample order is the single-process one: latest steps first
     per_rank = _all_ids(local.sample_ids, world, group, comm)
     order: dict[str, int] = {}

@@ -233,7 +233,10 @@ class _Sweep:
         trained = [(k, named[k] if k is not None else next(it)) for k in self.input_keys]
         for (k, a), x in zip(trained, xs):
             j = k or 0
-            if tuple(a.shape[1:]) != tuple(x.shape[1:]) or a.is_floating_point() != x.is_floating_point():
+            if (
+                tuple(a.shape[1:]) != tuple(x.shape[1:])
+                or a.is_floating_point() != x.is_floating_point()
+            ):
                 raise InputError(
                     f"test input {j} has shape {tuple(x.shape)} ({x.dtype}) but the model was "
                     f"trained on rows of shape {tuple(a.shape[1:])} ({a.dtype}); pass test inputs "
@@ -281,10 +284,12 @@ class _Sweep:
     # ------------------------------------------------------------------- run
     def run(self) -> KernelResult:
         cfg, reader = self.config, self.reader
-        tf32 = (
-            _tf32(cfg.allow_tf32) if self.device.type == "cuda" else contextlib.nullcontext()
-        )
-        with tf32, _threads(cfg.cpu_threads if self.device.type == "cpu" else None), torch.no_grad():
+        tf32 = _tf32(cfg.allow_tf32) if self.device.type == "cuda" else contextlib.nullcontext()
+        with (
+            tf32,
+            _threads(cfg.cpu_threads if self.device.type == "cpu" else None),
+            torch.no_grad(),
+        ):
             final = reader.final()
             if final is not None:
                 theta_T, buf_T = final.params, final.buffers
@@ -310,7 +315,9 @@ class _Sweep:
                     xs = tuple(x[start:stop] for x in self.inputs)
                     piece = self._sweep(xs, index[start:stop], width, bar)
                     if "scores_raw" in piece:
-                        piece["scores"] = {n: _np(v.abs().sum(0)) for n, v in piece.pop("scores_raw").items()}
+                        piece["scores"] = {
+                            n: _np(v.abs().sum(0)) for n, v in piece.pop("scores_raw").items()
+                        }
                     pieces.append(piece)
             finally:
                 bar.close()
@@ -334,7 +341,13 @@ class _Sweep:
             return idx.to(self.device)
         if mode == "predicted":
             self.fm.set_modes(False)
-            side = TestSide(self.fm, OutputSelector("all"), self.inputs, torch.zeros(self.N, dtype=torch.long), keys=self.input_keys)
+            side = TestSide(
+                self.fm,
+                OutputSelector("all"),
+                self.inputs,
+                torch.zeros(self.N, dtype=torch.long),
+                keys=self.input_keys,
+            )
             return side.values(self.theta_T, self.buf_T).reshape(self.N, -1).argmax(dim=1)
         return torch.zeros(self.N, dtype=torch.long, device=self.device)
 
@@ -364,7 +377,10 @@ class _Sweep:
         comp_names = self.names + [f"slice:{s}" for s in self.slices]
         acc = _Acc(rows, self.T, len(comp_names), len(self.edges) - 1, cfg.keep, len(self.names))
         scores = (
-            {n: torch.zeros(rows, *self.theta_T[n].shape, dtype=self.dtype, device=self.device) for n in self.names}
+            {
+                n: torch.zeros(rows, *self.theta_T[n].shape, dtype=self.dtype, device=self.device)
+                for n in self.names
+            }
             if cfg.keep.param_scores and mode == "full"
             else None
         )
@@ -385,7 +401,18 @@ class _Sweep:
             for bundle in bundles:
                 for sb in reversed(bundle):
                     f_next = self._step(
-                        sb, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next, mode, rows
+                        sb,
+                        test,
+                        train,
+                        acc,
+                        scores,
+                        nodes_used,
+                        carry,
+                        theta_next,
+                        buf_next,
+                        f_next,
+                        mode,
+                        rows,
                     )
                     theta_next, buf_next = self._cd(sb.step.params), self._cd(sb.buffers)
                     if bar is not None:
@@ -403,7 +430,21 @@ class _Sweep:
             out["scores_raw"] = scores
         return out
 
-    def _step(self, sb: StepBundle, test, train, acc, scores, nodes_used, carry, theta_next, buf_next, f_next, mode="full", rows=0):
+    def _step(
+        self,
+        sb: StepBundle,
+        test,
+        train,
+        acc,
+        scores,
+        nodes_used,
+        carry,
+        theta_next,
+        buf_next,
+        f_next,
+        mode="full",
+        rows=0,
+    ):
         rs, t, rule = sb.step, sb.step.index, self.rule
         rec = rs.record
         theta = self._cd(rs.params)
@@ -451,7 +492,7 @@ class _Sweep:
             acc.components[:, c] += v
             if acc.component_window is not None:
                 acc.component_window[:, c, w] += v
-        for j, (sname, (pname, mask)) in enumerate(self.slices.items()):
+        for j, (_sname, (pname, mask)) in enumerate(self.slices.items()):
             c = len(self.names) + j
             v = _np(row_dot(jbar[pname] * mask, delta[pname]))
             acc.components[:, c] += v
@@ -485,7 +526,11 @@ class _Sweep:
                 if getattr(fwd, "buffers", None) is not None:
                     prev_buf = fwd.buffers
                 prods = train.products(
-                    theta, self._cd(prev_buf), fwd, z_grad, per_param=acc.sample_component is not None
+                    theta,
+                    self._cd(prev_buf),
+                    fwd,
+                    z_grad,
+                    per_param=acc.sample_component is not None,
                 )
                 k = _np(prods.k)  # [B, R]
                 cols = [self._sample(sid, acc) for sid in fwd.ids]
@@ -500,7 +545,7 @@ class _Sweep:
                 for c, n in enumerate(self.names):
                     if n in prods.grad_sum:
                         acc.component_data[:, c] += _np(row_dot(z_grad[n], prods.grad_sum[n]))
-                for j, (sname, (pname, mask)) in enumerate(self.slices.items()):
+                for j, (_sname, (pname, mask)) in enumerate(self.slices.items()):
                     if pname in prods.grad_sum:
                         v = row_dot(z_grad[pname] * mask, prods.grad_sum[pname])
                         acc.component_data[:, len(self.names) + j] += _np(v)
@@ -521,7 +566,10 @@ class _Sweep:
             after = self._cd(rs.state_after.get(n, {}))
             zero = torch.zeros(rows, *theta[n].shape, dtype=self.dtype, device=self.device)
             out = rule.backward(
-                ParamStep(n, zero, theta[n], delta[n], g, rec.groups[rec.group_of[n]], before, after), carry[n]
+                ParamStep(
+                    n, zero, theta[n], delta[n], g, rec.groups[rec.group_of[n]], before, after
+                ),
+                carry[n],
             )
             carry[n] = out.carry
             if mode == "propagate":
@@ -625,9 +673,15 @@ class _Sweep:
             step_buffer_drift=step["buffer_drift"],
             components=cat(lambda p: p["acc"].components),
             component_data=cat(lambda p: p["acc"].component_data),
-            sample_component=cat(lambda p: p["acc"].sample_component[:, :S]) if keep.sample_component else None,
-            sample_window=cat(lambda p: p["acc"].sample_window[:, :S]) if keep.sample_window else None,
-            component_window=cat(lambda p: p["acc"].component_window) if keep.component_window else None,
+            sample_component=cat(lambda p: p["acc"].sample_component[:, :S])
+            if keep.sample_component
+            else None,
+            sample_window=cat(lambda p: p["acc"].sample_window[:, :S])
+            if keep.sample_window
+            else None,
+            component_window=cat(lambda p: p["acc"].component_window)
+            if keep.component_window
+            else None,
             param_scores=scores,
             step_nodes=pieces[0]["nodes"] if pieces else None,
             extra={

@@ -80,7 +80,7 @@ class FunctionalModel:
         dtype: torch.dtype,
     ) -> None:
         self.module = copy.deepcopy(model).to(device=device)
-        for name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
+        for _name, t in list(self.module.named_parameters()) + list(self.module.named_buffers()):
             if t.is_floating_point():
                 t.data = t.data.to(dtype)
         for p in self.module.parameters():

@@ -106,5 +106,7 @@ class TestSide:
                     y, [leaf[k] for k in names], eye, is_grads_batched=True, allow_unused=True
                 )
             for k, g in zip(names, grads):
-                rows[k].append(g if g is not None else params[k].new_zeros(y.numel(), *params[k].shape))
+                rows[k].append(
+                    g if g is not None else params[k].new_zeros(y.numel(), *params[k].shape)
+                )
         return {k: torch.cat(v, 0) for k, v in rows.items()}

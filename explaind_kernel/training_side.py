@@ -108,7 +108,20 @@ class TrainingSide:
         rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
         mode = self.mode
         if mode in ("auto", "vmap") and self._vmap_ok:
-            got = self._try_vmap(pairs, names, leaves_p, other, bufs, args, kwargs, forward, z_grad, batch, rows, per_param)
+            got = self._try_vmap(
+                pairs,
+                names,
+                leaves_p,
+                other,
+                bufs,
+                args,
+                kwargs,
+                forward,
+                z_grad,
+                batch,
+                rows,
+                per_param,
+            )
             if got is not None:
                 return got
         if mode in ("auto", "vmap"):
@@ -117,7 +130,11 @@ class TrainingSide:
             with torch.enable_grad():  # the sweep runs under no_grad; tangents need a graph
                 return self._jvp_products(pairs, names, leaves_p, z_grad, batch, rows)
         k = torch.zeros(batch, rows, dtype=dtype, device=device)
-        k_param = {n: torch.zeros(batch, rows, dtype=dtype, device=device) for n in names} if per_param else None
+        k_param = (
+            {n: torch.zeros(batch, rows, dtype=dtype, device=device) for n in names}
+            if per_param
+            else None
+        )
         grad_sum = {n: torch.zeros_like(leaves_p[n]) for n in names}
         plist = [leaves_p[n] for n in names]
         zflat = {n: z_grad[n].reshape(rows, -1) for n in names}
@@ -136,14 +153,30 @@ class TrainingSide:
                 grad_sum[n] += g.sum(0).reshape(grad_sum[n].shape)
         return ForwardProducts(k, k_param, grad_sum)
 
-    def _try_vmap(self, pairs, names, leaves_p, other, bufs, args, kwargs, forward, z_grad, batch, rows, per_param):
+    def _try_vmap(
+        self,
+        pairs,
+        names,
+        leaves_p,
+        other,
+        bufs,
+        args,
+        kwargs,
+        forward,
+        z_grad,
+        batch,
+        rows,
+        per_param,
+    ):
         """Per-sample gradients by vmap over batch rows; None (and never again) when not exact."""
         fm = self.fm
         plist = [leaves_p[n] for n in names]
         outs = [o for o, _ in pairs]
         cots_all = tree_leaves(tree_to(forward.cotangent, fm.device, fm.dtype))
         with torch.enable_grad():
-            ref = torch.autograd.grad(outs, plist, [c.to(o.dtype) for o, c in pairs], retain_graph=True, allow_unused=True)
+            ref = torch.autograd.grad(
+                outs, plist, [c.to(o.dtype) for o, c in pairs], retain_graph=True, allow_unused=True
+            )
         detached = {n: leaves_p[n].detach() for n in names}
 
         def batched(x):
@@ -172,7 +205,11 @@ class TrainingSide:
         try:
             per = vmap(func_grad(loss_one), in_dims=(None, list(dims), list(cot_dims)))
             k = torch.zeros(batch, rows, dtype=fm.dtype, device=fm.device)
-            k_param = {n: torch.zeros(batch, rows, dtype=fm.dtype, device=fm.device) for n in names} if per_param else None
+            k_param = (
+                {n: torch.zeros(batch, rows, dtype=fm.dtype, device=fm.device) for n in names}
+                if per_param
+                else None
+            )
             grad_sum = {n: torch.zeros_like(detached[n]) for n in names}
             zflat = {n: z_grad[n].reshape(rows, -1) for n in names}
             for start in range(0, batch, self.block_rows):
@@ -188,7 +225,10 @@ class TrainingSide:
                         k_param[n][start:stop] = kn
                     grad_sum[n] += gn.sum(0).reshape(grad_sum[n].shape)
         except (RuntimeError, NotImplementedError, ValueError) as e:
-            log.info("vmap per-sample gradients unavailable (%s); using batched replay", str(e).splitlines()[0])
+            log.info(
+                "vmap per-sample gradients unavailable (%s); using batched replay",
+                str(e).splitlines()[0],
+            )
             self._vmap_ok = False
             return None
         finally:
@@ -200,20 +240,25 @@ class TrainingSide:
             if float((grad_sum[n] - r).abs().max()) > tol:
                 log.warning(
                     "per-sample gradients by vmap do not add up to the batch gradient of %s "
-                    "(samples interact in the forward); using batched replay", n
+                    "(samples interact in the forward); using batched replay",
+                    n,
                 )
                 self._vmap_ok = False
                 return None
         return ForwardProducts(k, k_param, grad_sum)
 
-    def _jvp_products(self, pairs, names, leaves_p, z_grad, batch: int, rows: int) -> ForwardProducts:
+    def _jvp_products(
+        self, pairs, names, leaves_p, z_grad, batch: int, rows: int
+    ) -> ForwardProducts:
         """K via output tangents J·Z_r of the whole batch, R rows at a time in blocks."""
         plist = [leaves_p[n] for n in names]
         outs = [o for o, _ in pairs]
         cots = [c.to(o.dtype) for o, c in pairs]
         # Σ_i G_i = Jᵀc, one plain backward
         gsum = torch.autograd.grad(outs, plist, cots, retain_graph=True, allow_unused=True)
-        grad_sum = {n: (g if g is not None else torch.zeros_like(p)) for n, g, p in zip(names, gsum, plist)}
+        grad_sum = {
+            n: (g if g is not None else torch.zeros_like(p)) for n, g, p in zip(names, gsum, plist)
+        }
         us = [torch.zeros_like(o, requires_grad=True) for o in outs]
         jtu = torch.autograd.grad(outs, plist, us, create_graph=True, allow_unused=True)
         s_rows = None
@@ -246,9 +291,15 @@ class TrainingSide:
             except RuntimeError as e:
                 log.warning("batched output tangents failed (%s); looping over rows", e)
                 self._batched_ok = False
-        per_row = [torch.autograd.grad(s_rows, us, r, retain_graph=True, allow_unused=True) for r in sel]
+        per_row = [
+            torch.autograd.grad(s_rows, us, r, retain_graph=True, allow_unused=True) for r in sel
+        ]
         return [
-            None if all(row[j] is None for row in per_row) else torch.stack([row[j] if row[j] is not None else torch.zeros_like(u) for row in per_row])
+            None
+            if all(row[j] is None for row in per_row)
+            else torch.stack(
+                [row[j] if row[j] is not None else torch.zeros_like(u) for row in per_row]
+            )
             for j, u in enumerate(us)
         ]
 
@@ -286,12 +337,20 @@ class TrainingSide:
             per_row.append(
                 list(
                     torch.autograd.grad(
-                        [o for o, _ in pairs], plist, grad_outputs, retain_graph=True, allow_unused=True
+                        [o for o, _ in pairs],
+                        plist,
+                        grad_outputs,
+                        retain_graph=True,
+                        allow_unused=True,
                     )
                 )
             )
         out: list[Tensor | None] = []
         for j, p in enumerate(plist):
             col = [row[j] for row in per_row]
-            out.append(None if all(g is None for g in col) else torch.stack([g if g is not None else torch.zeros_like(p) for g in col]))
+            out.append(
+                None
+                if all(g is None for g in col)
+                else torch.stack([g if g is not None else torch.zeros_like(p) for g in col])
+            )
         return out

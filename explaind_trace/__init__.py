@@ -10,6 +10,7 @@ for step in trace.replay():
 
 from . import errors
 from .errors import (
+    DistributedTraceError,
     NotATraceError,
     RecordingError,
     SchemaVersionError,
@@ -68,4 +69,5 @@ __all__ = [
     "TraceCorruptError",
     "TraceMismatchError",
     "TraceWriteError",
+    "DistributedTraceError",
 ]

@@ -13,6 +13,7 @@ __all__ = [
     "TraceCorruptError",
     "TraceMismatchError",
     "TraceWriteError",
+    "DistributedTraceError",
 ]
 
 
@@ -54,3 +55,7 @@ class TraceMismatchError(TraceError):
 
 class TraceWriteError(TraceError):
     """The background writer failed; steps committed before the failure stay readable."""
+
+
+class DistributedTraceError(StoreError):
+    """The per-rank stores of a DDP trace are missing or disagree (names the rank)."""

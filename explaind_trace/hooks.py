@@ -236,10 +236,16 @@ class GradTracker:
 
     ``cleared()`` tells whether the gradients of the last backward have been discarded
     since (set to None, replaced, or zeroed in place) without an optimizer step.
+    With ``allow_replaced`` (DDP, whose ``gradient_as_bucket_view`` swaps ``.grad`` for a
+    view of its bucket after the all-reduce) a replaced gradient counts as cleared only
+    when it is all zeros.
     """
 
-    def __init__(self, named_params: dict[str, torch.nn.Parameter]) -> None:
+    def __init__(
+        self, named_params: dict[str, torch.nn.Parameter], *, allow_replaced: bool = False
+    ) -> None:
         self.params = named_params
+        self.allow_replaced = allow_replaced
         self.seen: dict[str, tuple[weakref.ref, int]] = {}
         self.handles = [
             p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in named_params.items()
@@ -256,9 +262,9 @@ class GradTracker:
         changed = []
         for name, (ref, version) in self.seen.items():
             g = self.params[name].grad
-            if g is None or ref() is not g:
+            if g is None or (ref() is not g and not self.allow_replaced):
                 return True
-            if g._version != version:
+            if ref() is not g or g._version != version:
                 changed.append(g)
         return bool(changed) and not any(bool(g.any()) for g in changed)
 

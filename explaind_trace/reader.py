@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from . import codec
-from .errors import NotATraceError, TraceCorruptError, TraceMismatchError
+from .ddp import base_store_spec, check_rank_steps, rank_store_spec
+from .errors import (
+    DistributedTraceError,
+    NotATraceError,
+    StoreError,
+    TraceCorruptError,
+    TraceMismatchError,
+)
 from .records import (
     Checkpoint,
     ForwardRecord,
@@ -87,6 +94,7 @@ class TraceReader:
         self._samples = _SampleCache(_SAMPLE_CACHE_BYTES)
         self._drift: DriftReport | None = None
         self._user_ids: dict[str, str] | None = None
+        self._ranks: list[TraceReader] = []  # DDP: readers of ranks 1..world_size-1
         if self.lossy:
             logger.warning(
                 "%s stores gradients lossily (%s): replay is approximate, drift is expected",
@@ -103,8 +111,46 @@ class TraceReader:
         return codec.unpack(raw)
 
     def close(self) -> None:
-        """Close the underlying store."""
-        self.store.close()
+        """Close the underlying store (and the other ranks' stores of a DDP trace)."""
+        try:
+            for rr in self._ranks:
+                rr.store.close()
+        finally:
+            self.store.close()
+
+    # -- DDP ------------------------------------------------------------------------------
+
+    def _attach_ranks(self, ranks: list[TraceReader]) -> None:
+        """Merge the stores of ranks 1.. of a DDP trace (checked against this, rank 0's)."""
+        mine = self.meta
+        for r, rr in enumerate(ranks, start=1):
+            theirs = rr.meta
+            if theirs.schema_version != mine.schema_version:
+                raise DistributedTraceError(
+                    f"{self.name}: rank {r}'s store {rr.name} has trace schema version "
+                    f"{theirs.schema_version} but rank 0's has {mine.schema_version}; the ranks "
+                    "of one run are written by the same explaind. Record again."
+                )
+            if (theirs.rank, theirs.world_size) != (r, mine.world_size):
+                raise DistributedTraceError(
+                    f"{self.name}: the store {rr.name} expected for rank {r} of "
+                    f"{mine.world_size} says it is rank {theirs.rank} of {theirs.world_size}; "
+                    "it belongs to another run. Record again, or restore the right store."
+                )
+            if theirs.params != mine.params:
+                raise DistributedTraceError(
+                    f"{self.name}: rank {r}'s store {rr.name} records different parameters "
+                    "(names, shapes or dtypes) than rank 0's; it belongs to another run."
+                )
+        steps = [self.num_steps, *(rr.num_steps for rr in ranks)]
+        common = check_rank_steps(self.name, steps)
+        self._ranks = ranks
+        if common < self.num_steps:
+            # the last step is not complete on every rank: drop it, with rank 0's final state
+            self.num_steps = common
+            self.progress = {**self.progress, "steps": common, "final": False, "finished": False}
+            self.finished = False
+            self.checkpoint_steps = [t for t in self.checkpoint_steps if t < common]
 
     def __enter__(self) -> TraceReader:
         return self
@@ -146,10 +192,18 @@ class TraceReader:
                 grads=decode_tensors(raw["grads"]),
                 groups=raw["groups"],
                 group_of=dict(self.group_of),
-                forwards=[self._forward(f) for f in raw["forwards"]],
+                forwards=[self._forward(f) for f in raw["forwards"]]
+                + [f for rr in self._ranks for f in rr._rank_forwards(t)],
                 buffers=None if raw.get("buffers") is None else decode_tensors(raw["buffers"]),
                 tensor_hyperparams=raw.get("tensor_hyperparams") or [],
             )
+        except (KeyError, TypeError) as e:
+            raise TraceCorruptError(f"{self.name}: step record {t} is malformed ({e!r})") from e
+
+    def _rank_forwards(self, t: int) -> list[ForwardRecord]:
+        """This rank's forwards of step ``t`` (a DDP rank store)."""
+        try:
+            return [self._forward(f) for f in self._raw_step(t)["forwards"]]
         except (KeyError, TypeError) as e:
             raise TraceCorruptError(f"{self.name}: step record {t} is malformed ({e!r})") from e
 
@@ -175,6 +229,11 @@ class TraceReader:
                     forwards=[self._forward(f) for f in raw["forwards"]],
                 )
             )
+        # DDP: the ranks skip together (their gradients are the same all-reduced ones)
+        for rr in self._ranks:
+            for rs in rr.skips():
+                if rs.index < len(out) and rs.before_step == out[rs.index].before_step:
+                    out[rs.index].forwards.extend(rs.forwards)
         return out
 
     def _sample_rows(self, cid: str) -> list[torch.Tensor]:
@@ -191,15 +250,21 @@ class TraceReader:
         ``sample_id`` is a ``ForwardRecord.ids`` entry (a content id, or a user id given
         with ``set_sample_ids``). Raises ``KeyError`` for an unknown id.
         """
-        cid = sample_id
-        if self.store.get(sample_key(cid)) is None:
-            if self._user_ids is None:
-                self._user_ids = self._index_user_ids()
-            if sample_id not in self._user_ids:
-                raise KeyError(f"no sample with id {sample_id!r} in {self.name}")
-            cid = self._user_ids[sample_id]
-        rows = [r.clone() for r in self._sample_rows(cid)]
-        return rows[0] if len(rows) == 1 else tuple(rows)
+        # DDP: each rank's samples live in its own store; rank 0's first
+        for rr in (self, *self._ranks):
+            cid = sample_id
+            if rr.store.get(sample_key(cid)) is None:
+                cid = rr._user_id_index().get(sample_id)
+                if cid is None:
+                    continue
+            rows = [r.clone() for r in rr._sample_rows(cid)]
+            return rows[0] if len(rows) == 1 else tuple(rows)
+        raise KeyError(f"no sample with id {sample_id!r} in {self.name}")
+
+    def _user_id_index(self) -> dict[str, str]:
+        if self._user_ids is None:
+            self._user_ids = self._index_user_ids()
+        return self._user_ids
 
     def _index_user_ids(self) -> dict[str, str]:
         """user id -> content id of its first recorded row (one scan of the step records)."""
@@ -229,6 +294,12 @@ class TraceReader:
                 raise TraceCorruptError(
                     f"{self.name}: a stored sample does not match its input slot {k}"
                 )
+            if not rows:  # an empty batch: no stored samples to stack
+                dtype = codec.DTYPES.get(spec["dtype"])
+                if dtype is None:
+                    raise TraceCorruptError(f"{self.name}: input slot {k} has an unknown dtype")
+                slots.append(torch.empty((0, *spec["shape"]), dtype=dtype))
+                continue
             slots.append(torch.stack(rows))
         consts = [codec.decode_tensor(t) for t in f["tensors"]]
         cots = [None if c is None else codec.decode_tensor(c) for c in f["cotangents"]]
@@ -249,6 +320,7 @@ class TraceReader:
             grad_scale=float(f.get("grad_scale", 1.0)),
             batch_size=b,
             content_ids=cids,
+            rank=self.meta.rank,
         )
 
     def checkpoint(self, t: int) -> Checkpoint:
@@ -355,8 +427,56 @@ def _compare(
 def open_trace(spec: Store | str | os.PathLike[str]) -> TraceReader:
     """Open a trace read-only: a path, a ``scheme://`` URL or a ``Store`` instance."""
     store = open_store(spec, readonly=True)
+    name = str(spec) if not isinstance(spec, Store) else repr(spec)
     try:
-        return TraceReader(store, name=str(spec) if not isinstance(spec, Store) else repr(spec))
+        reader = TraceReader(store, name=name)
     except BaseException:
         store.close()
+        raise
+    if reader.meta.world_size == 1:
+        return reader
+    try:
+        _open_ranks(reader, spec)
+    except BaseException:
+        reader.close()
+        raise
+    return reader
+
+
+def _open_ranks(reader: TraceReader, spec: Any) -> None:
+    """Open and attach the other ranks' stores of the DDP trace whose rank-0 reader is given."""
+    meta = reader.meta
+    if meta.rank != 0:
+        raise DistributedTraceError(
+            f"{reader.name} holds only rank {meta.rank}'s forwards of a {meta.world_size}-rank "
+            f"DDP trace; open rank 0's trace at {base_store_spec(spec)!r} instead."
+        )
+    if isinstance(spec, Store):
+        raise DistributedTraceError(
+            f"{reader.name} is rank 0's store of a {meta.world_size}-rank DDP trace; open it by "
+            "its path or URL so that the other ranks' stores ('<path>.rank{r}') can be found."
+        )
+    ranks: list[TraceReader] = []
+    try:
+        for r in range(1, meta.world_size):
+            where = rank_store_spec(spec, r)
+            try:
+                store = open_store(where, readonly=True)
+            except StoreError as e:
+                raise DistributedTraceError(
+                    f"{reader.name}: the store of rank {r} of {meta.world_size} ({where!r}) "
+                    f"cannot be opened ({e}). A DDP trace needs every rank's store next to rank "
+                    "0's; copy them together."
+                ) from e
+            try:
+                ranks.append(TraceReader(store, name=where))
+            except StoreError as e:
+                store.close()
+                raise DistributedTraceError(
+                    f"{reader.name}: the store of rank {r} ({where!r}) is not readable: {e}"
+                ) from e
+        reader._attach_ranks(ranks)
+    except BaseException:
+        for rr in ranks:
+            rr.close()
         raise

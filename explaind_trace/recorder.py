@@ -12,6 +12,15 @@ buffers; the output), optionally a forward hook on the ``output=`` submodule, te
 on the output (cotangents dL/d(output)), post-accumulate-grad hooks on the parameters
 (to notice gradients discarded without a step) and the optimizer's step pre/post hooks.
 All are removed when recording ends, also when the loop raises.
+
+DistributedDataParallel: pass the DDP-wrapped model. The recorder hooks the wrapped
+``.module`` (parameter names have no ``module.`` prefix) and reads the rank and world size
+from its process group. Every rank records its own forwards (inputs, sample ids, RNG
+state, and cotangents divided by the world size, because DDP averages the gradients over
+ranks); only rank 0 records gradients, hyperparameters, checkpoints and the final state.
+``store=`` must be the same path or URL on every rank: rank 0 writes it, rank ``r > 0``
+writes ``<store>.rank{r}`` (step records holding only forwards, its own samples, its own
+meta and progress). ``open_trace(<store>)`` merges the ranks (see ``ddp.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .ddp import rank_store_spec, unwrap_ddp
 from .errors import RecordingError, TraceWriteError
 from .hooks import (
     BufferTracker,
@@ -93,7 +103,9 @@ class Recorder:
             compression_level=compression_level,
             scaler=scaler,
         )
-        self.model = model
+        self.model, self.ddp = unwrap_ddp(model)
+        # rank r > 0 of a DDP run records its forwards only
+        self._forwards_only = self.ddp is not None and self.ddp.rank != 0
         self.optimizer = optimizer
         self.store_spec = store
         self.checkpoint_every = checkpoint_every
@@ -142,6 +154,10 @@ class Recorder:
                 )
         self._layout = inspect_run(self.model, self.optimizer, self.output)
         self._params, self._names = self._layout.params, self._layout.names
+        if self.ddp is not None:
+            spec = rank_store_spec(self.store_spec, self.ddp.rank)
+        else:
+            spec = self.store_spec
         meta = build_meta(
             self.model,
             self.optimizer,
@@ -152,7 +168,8 @@ class Recorder:
             level=self.compression_level,
             grad_scaler=self.scaler is not None,
         )
-        spec = self.store_spec
+        if self.ddp is not None:
+            meta["ddp"] = self.ddp.meta()
         if spec is None:
             spec = os.path.join(
                 "runs", f"explaind-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.lmdb"
@@ -187,7 +204,7 @@ class Recorder:
         m, opt = self.model, self.optimizer
         self._fwd_buffers = BufferTracker(m)
         self._step_buffers = BufferTracker(m)
-        self._grads = GradTracker(self._params)
+        self._grads = GradTracker(self._params, allow_replaced=self.ddp is not None)
         self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
         if self._layout.output_module is not None:
@@ -236,7 +253,8 @@ class Recorder:
                 self._bar.close()
             if not self.writer.failed:
                 text = None if error is None else f"{type(error).__name__}: {error}"
-                self.writer.write_final(self._state(self._step), text)
+                state = None if self._forwards_only else self._state(self._step)
+                self.writer.write_final(state, text)
         except TraceWriteError:
             pass  # reported by writer.close() below
         finally:
@@ -282,9 +300,17 @@ class Recorder:
             return t.detach().clone()
         return torch.tensor(float(s.get_scale()))
 
+    def _finish_forward(self, cap: OutputCapture) -> CapturedForward:
+        """The captured forward, with cotangents scaled for DDP's gradient average."""
+        cf = cap.finish()
+        if self.ddp is not None and self.ddp.world_size > 1:
+            w = self.ddp.world_size
+            cf.cotangents = [None if c is None else c / w for c in cf.cotangents]
+        return cf
+
     def _write_skip(self, caps: list[OutputCapture], reason: str) -> None:
         assert self.writer is not None
-        forwards = [c.finish() for c in caps]
+        forwards = [self._finish_forward(c) for c in caps]
         logger.info(
             "%d forward(s) before step %d got gradients that were discarded without a step (%s)",
             len(forwards),
@@ -348,11 +374,18 @@ class Recorder:
             cuda_rng_state=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             training=module.training,
             mode_overrides=mode_overrides(module),
-            buffers=self._fwd_buffers.snapshot_if_changed(),
+            buffers=self._forward_buffers(),
             user_ids=ids,
         )
         self._stack[-1] = OutputCapture(captured, self._current_scale)
         return None
+
+    def _forward_buffers(self) -> dict[str, torch.Tensor] | None:
+        if self._forwards_only:
+            # a rank's forwards follow rank 0's in the merged step: each carries its buffers
+            snap = self._fwd_buffers.snapshot()
+            return snap or None
+        return self._fwd_buffers.snapshot_if_changed()
 
     def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._closed or not self._stack:
@@ -418,6 +451,16 @@ class Recorder:
             self._write_skip(received, "grads_cleared")
             received = []
         t = self._step
+        if self._forwards_only:
+            self._in_flight = CapturedStep(
+                index=t,
+                grads={},
+                groups=[],
+                tensor_hyperparams=[],
+                forwards=[self._finish_forward(c) for c in received],
+                buffers=None,
+            )
+            return None
         grads = {}
         for n, p in self._params.items():
             g = p.grad
@@ -440,7 +483,7 @@ class Recorder:
             grads=grads,
             groups=groups,
             tensor_hyperparams=tkeys,
-            forwards=[c.finish() for c in received],
+            forwards=[self._finish_forward(c) for c in received],
             buffers=buffers,
             checkpoint=ckpt,
         )

@@ -62,6 +62,9 @@ class TraceMeta:
     lossy: bool
     device: str
     raw: dict[str, Any] = field(repr=False, compare=False)
+    rank: int = 0  # DDP: the rank that wrote this store (0 for single-process traces)
+    world_size: int = 1  # DDP: number of ranks; the trace is merged from as many stores
+    cotangent_scale: float = 1.0  # recorded cotangents = local ones × this (1/world_size)
 
     @staticmethod
     def decode(raw: Any, where: str) -> TraceMeta:
@@ -78,6 +81,7 @@ class TraceMeta:
         try:
             opt = raw["optimizer"]
             codec_opts = raw.get("codec", {})
+            ddp = raw.get("ddp") or {}
             return TraceMeta(
                 schema_version=version,
                 library_version=str(raw.get("library_version", "")),
@@ -108,6 +112,9 @@ class TraceMeta:
                 lossy=bool(codec_opts.get("lossy", False)),
                 device=str(raw.get("device", "cpu")),
                 raw=raw,
+                rank=int(ddp.get("rank", 0)),
+                world_size=int(ddp.get("world_size", 1)),
+                cotangent_scale=float(ddp.get("cotangent_scale", 1.0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise TraceCorruptError(f"{where}: the meta record is malformed ({e!r})") from e
@@ -129,6 +136,7 @@ class ForwardRecord:
     grad_scale: float
     batch_size: int = 0
     content_ids: list[str] = field(default_factory=list)  # keys of the stored rows
+    rank: int = 0  # DDP: the rank that ran this forward
 
 
 @dataclass

@@ -194,13 +194,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = json.loads((run / "config.json").read_text())
     trace = str(run / "trace.lmdb")
 
-    def make_model() -> ModularAdditionTransformer:
-        return ModularAdditionTransformer(cfg["p"], cfg["d_model"], cfg["n_heads"], cfg["d_mlp"])
-
     _, _, test_x, test_y = make_dataset(cfg["p"], cfg["train_fraction"], cfg["seed"])
     pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(cfg["seed"]))
     pick = pick[: min(args.n_test, len(test_x))]
-    model = make_model()
+    model = ModularAdditionTransformer(cfg["p"], cfg["d_model"], cfg["n_heads"], cfg["d_mlp"])
 
     # 1. the kernel: f_T = f_0 + Σ_(sample, step) K + every other term, exactly
     start = time.perf_counter()

@@ -12,7 +12,7 @@ Three phases, each timed:
    plus ``training.png`` (accuracy curves and the contribution of each model component per
    step window) and ``history.csv``.
 
-The defaults are sized for two CPU cores and two minutes; ``quick=True`` is smaller still.
+The defaults take about a minute on two CPU cores; ``quick=True`` takes seconds.
 """
 
 from __future__ import annotations
@@ -49,19 +49,19 @@ _FORMAT = "explaind.demo"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo trains and explains (defaults: about two minutes on two CPU cores)."""
+    """What the demo trains and explains (defaults: about a minute on two CPU cores)."""
 
     p: int = 23
-    d_model: int = 32
+    d_model: int = 64
     n_heads: int = 4
-    d_mlp: int = 128
+    d_mlp: int = 256
     train_fraction: float = 0.5
     lr: float = 1e-2
     weight_decay: float = 1.0
     betas: tuple[float, float] = (0.9, 0.98)
     warmup: int = 10
     batch_size: int = 64
-    steps: int = 400
+    steps: int = 800
     eval_every: int = 10
     n_test: int = 24
     checkpoint_every: int = 100

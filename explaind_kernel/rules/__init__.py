@@ -3,4 +3,11 @@
 from . import adam, sgd  # noqa: F401  (registration side effect)
 from .base import OptimizerRule, ParamStep, RuleOutput, register_rule, registered_rules, rule_for
 
-__all__ = ["OptimizerRule", "ParamStep", "RuleOutput", "register_rule", "registered_rules", "rule_for"]
+__all__ = [
+    "OptimizerRule",
+    "ParamStep",
+    "RuleOutput",
+    "register_rule",
+    "registered_rules",
+    "rule_for",
+]

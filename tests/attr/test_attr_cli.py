@@ -63,7 +63,9 @@ def test_bad_model_module_maps_to_exit_2(capsys, tmp_path, monkeypatch):
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    with pytest.raises(cli.UsageError, match="cannot import module"):
+    from explaind_kernel import InputError
+
+    with pytest.raises(InputError, match="cannot import module"):
         cli.main(["--debug", "kernel", "t", "--model", "no_such_module_xyz:f", "--inputs", "x.npy"])
 
 

@@ -90,7 +90,12 @@ def _tok_data(g):
 
 
 SETUPS = [
-    KernelSetup("mlp_adamw", MLP, _mlp_data, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)),
+    KernelSetup(
+        "mlp_adamw",
+        MLP,
+        _mlp_data,
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
+    ),
     KernelSetup(
         "cnn_bn_sgd",
         BNConvNet,
@@ -106,7 +111,15 @@ SETUPS = [
 ]
 
 
-def train(setup: KernelSetup, store: str, *, seed: int = 0, l2: float = 0.0, clip: float | None = None, **record_kw):
+def train(
+    setup: KernelSetup,
+    store: str,
+    *,
+    seed: int = 0,
+    l2: float = 0.0,
+    clip: float | None = None,
+    **record_kw,
+):
     """Train `setup` under explaind_trace.record; returns (fresh model of the arch, test inputs)."""
     import explaind_trace
 

@@ -78,7 +78,11 @@ def run_setup(setup: Setup, store: str, test_x: torch.Tensor, nodes: int = 2):
     model0 = copy.deepcopy(model)
     shadow = copy.deepcopy(model)  # no hooks: per-sample gradients for the reference
     opt = setup.make_opt(groups_of(model))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 / (1.0 + 0.1 * e)) if setup.scheduler else None
+    sched = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 1.0 / (1.0 + 0.1 * e))
+        if setup.scheduler
+        else None
+    )
     gen = torch.Generator().manual_seed(setup.seed + 1)
     X = torch.randn(setup.samples, 3, generator=gen, dtype=torch.float64)
     Y = torch.randint(0, 3, (setup.samples,), generator=gen)
@@ -87,14 +91,19 @@ def run_setup(setup: Setup, store: str, test_x: torch.Tensor, nodes: int = 2):
 
     thetas, grads, per_sample, batches, hps, states = [], [], [], [], [], []
     with explaind_trace.record(model, opt, store=store, checkpoint_every=4) as rec:
-        for t in range(setup.steps):
+        for _t in range(setup.steps):
             idx = torch.randperm(setup.samples, generator=gen)[: setup.batch]
             theta = {n: p.detach().clone() for n, p in params.items()}
             # per-sample gradients of loss_i / B, on a hook-free copy
             ps = []
             for i in idx.tolist():
                 th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-                loss_i = nn.functional.cross_entropy(functional_call(shadow, th, (X[i : i + 1],)), Y[i : i + 1]) / setup.batch
+                loss_i = (
+                    nn.functional.cross_entropy(
+                        functional_call(shadow, th, (X[i : i + 1],)), Y[i : i + 1]
+                    )
+                    / setup.batch
+                )
                 g = torch.autograd.grad(loss_i, [th[n] for n in names])
                 ps.append((str(i), dict(zip(names, [x.detach() for x in g]))))
             opt.zero_grad()
@@ -106,14 +115,28 @@ def run_setup(setup: Setup, store: str, test_x: torch.Tensor, nodes: int = 2):
             if setup.clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), setup.clip)
             hp = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            group_of = {n: gi for gi, g in enumerate(opt.param_groups) for p in g["params"] for n in names if params[n] is p}
+            group_of = {
+                n: gi
+                for gi, g in enumerate(opt.param_groups)
+                for p in g["params"]
+                for n in names
+                if params[n] is p
+            }
             thetas.append(theta)
             grads.append({n: params[n].grad.detach().clone() for n in names})
             per_sample.append(ps)
             batches.append(idx)
             hps.append([hp[group_of[n]] for n in names])
             opt.step()
-            states.append({n: {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in opt.state[params[n]].items()} for n in names})
+            states.append(
+                {
+                    n: {
+                        k: (v.detach().clone() if torch.is_tensor(v) else v)
+                        for k, v in opt.state[params[n]].items()
+                    }
+                    for n in names
+                }
+            )
             if sched is not None:
                 sched.step()
     thetas.append({n: p.detach().clone() for n, p in params.items()})
@@ -143,13 +166,17 @@ def _reference(model0, names, thetas, grads, per_sample, hps, states, test_x, no
     with torch.no_grad():
         f0 = functional_call(model0, thetas[0], (x,)).numpy()
         fT = functional_call(model0, thetas[-1], (x,)).numpy()
-    N, O = f0.shape
+    N, O = f0.shape  # noqa: E741 (N inputs × O outputs, as in design.md)
     R = N * O
     s_nodes, w_nodes = np.polynomial.legendre.leggauss(nodes)
     s_nodes, w_nodes = (s_nodes + 1) / 2, w_nodes / 2
     sample_ids = sorted({sid for ps in per_sample for sid, _ in ps}, key=int)
     # per-part momentum buffers: one per sample, one per source step, decay, non-data
-    parts = [("sample", s) for s in sample_ids] + [("step", tau) for tau in range(T)] + [("wd", 0), ("nd", 0)]
+    parts = (
+        [("sample", s) for s in sample_ids]
+        + [("step", tau) for tau in range(T)]
+        + [("wd", 0), ("nd", 0)]
+    )
     buf = {p: {n: torch.zeros_like(thetas[0][n]) for n in names} for p in parts}
     seen = {n: False for n in names}
     contrib = {p: np.zeros(R) for p in parts}
@@ -166,7 +193,11 @@ def _reference(model0, names, thetas, grads, per_sample, hps, states, test_x, no
             for n in names:
                 jbar[n] += w * j[n]
         with torch.no_grad():
-            path = (functional_call(model0, nxt, (x,)) - functional_call(model0, th, (x,))).reshape(-1).numpy()
+            path = (
+                (functional_call(model0, nxt, (x,)) - functional_call(model0, th, (x,)))
+                .reshape(-1)
+                .numpy()
+            )
         qerr += path - sum(_dot(jbar[n], delta[n]) for n in names)
         data_sum = {n: sum(g[n] for _, g in per_sample[t]) for n in names}
         recon = {n: torch.zeros_like(th[n]) for n in names}
@@ -207,7 +238,9 @@ def _reference(model0, names, thetas, grads, per_sample, hps, states, test_x, no
                     if mu == 0.0:
                         u = src[p]
                     else:
-                        buf[p][n] = src[p].clone() if not seen[n] else mu * buf[p][n] + (1 - damp) * src[p]
+                        buf[p][n] = (
+                            src[p].clone() if not seen[n] else mu * buf[p][n] + (1 - damp) * src[p]
+                        )
                         u = src[p] + mu * buf[p][n] if nest else buf[p][n]
                     dpart = -lr * u
                     contrib[p] += _dot(jbar[n], dpart)

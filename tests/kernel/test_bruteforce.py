@@ -62,8 +62,12 @@ def test_engine_matches_bruteforce(setup: Setup) -> None:
     for c, name in enumerate(res.component_names):
         close(res.component_data[:, :, c], ref.component_data[name])
     close(res.weight_decay, ref.weight_decay) if np.any(ref.weight_decay) else None
-    assert np.max(np.abs(res.nondata - ref.nondata)) <= REL * max(np.max(np.abs(ref.nondata)), np.max(np.abs(res.data)))
-    assert np.max(np.abs(res.quadrature_error - ref.quadrature_error)) <= 1e-12 * np.max(np.abs(res.fT))
+    assert np.max(np.abs(res.nondata - ref.nondata)) <= REL * max(
+        np.max(np.abs(ref.nondata)), np.max(np.abs(res.data))
+    )
+    assert np.max(np.abs(res.quadrature_error - ref.quadrature_error)) <= 1e-12 * np.max(
+        np.abs(res.fT)
+    )
     # completeness: f0 + every term = fT to float64 rounding
     assert np.max(np.abs(res.completeness_residual)) <= 1e-12 * np.max(np.abs(res.fT))
 
@@ -76,8 +80,12 @@ def test_nondata_is_correctly_sized() -> None:
     b = Setup("l2_decay", lambda g: torch.optim.Adam(g, lr=0.01, weight_decay=lam), scheduler=False)
     run_setup(a, "memory://twin-a", test_x)
     run_setup(b, "memory://twin-b", test_x)
-    ra = compute_kernel("memory://twin-a", TinyMLP().double(), test_x, dtype="float64", progress=False)
-    rb = compute_kernel("memory://twin-b", TinyMLP().double(), test_x, dtype="float64", progress=False)
+    ra = compute_kernel(
+        "memory://twin-a", TinyMLP().double(), test_x, dtype="float64", progress=False
+    )
+    rb = compute_kernel(
+        "memory://twin-b", TinyMLP().double(), test_x, dtype="float64", progress=False
+    )
     # the two runs are the same training up to rounding: L2-in-loss shows up as non-data
     assert np.max(np.abs(ra.nondata)) > 1e-6
     np.testing.assert_allclose(ra.nondata, rb.weight_decay, rtol=1e-6, atol=1e-12)

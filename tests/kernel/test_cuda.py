@@ -21,7 +21,14 @@ def test_cuda_matches_reference(dtype: str, rel: float) -> None:
     setup = Setup("cuda_adamw", lambda g: torch.optim.AdamW(g, lr=0.01, weight_decay=0.1))
     test_x = torch.randn(3, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     _, ref = run_setup(setup, "memory://cuda-adamw", test_x)
-    res = compute_kernel("memory://cuda-adamw", TinyMLP().double(), test_x, dtype=dtype, device="cuda", progress=False)
+    res = compute_kernel(
+        "memory://cuda-adamw",
+        TinyMLP().double(),
+        test_x,
+        dtype=dtype,
+        device="cuda",
+        progress=False,
+    )
     assert res.extra["device"].startswith("cuda")
     scale = max(np.max(np.abs(v)) for v in ref.data.values())
     for j, sid in enumerate(res.sample_ids):

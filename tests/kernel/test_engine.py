@@ -29,9 +29,9 @@ def _mlp64(steps: int = 12) -> KernelSetup:
     return KernelSetup(
         "mlp64",
         lambda: MLP().double(),
-        lambda g: (lambda x: (x, (x[:, 0] > 0).long(), torch.randn(4, 4, generator=g, dtype=torch.float64)))(
-            torch.randn(24, 4, generator=g, dtype=torch.float64)
-        ),
+        lambda g: (
+            lambda x: (x, (x[:, 0] > 0).long(), torch.randn(4, 4, generator=g, dtype=torch.float64))
+        )(torch.randn(24, 4, generator=g, dtype=torch.float64)),
         lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1),
         steps=steps,
         batch=6,
@@ -101,19 +101,33 @@ def test_components_partition_the_path(run64) -> None:
 
 
 def test_joint_slices_sum_to_their_marginals(run64) -> None:
-    res = _k(run64, keep=KeepOptions(sample_component=True, sample_window=True, component_window=True, param_scores=True), step_windows=3)
+    res = _k(
+        run64,
+        keep=KeepOptions(
+            sample_component=True, sample_window=True, component_window=True, param_scores=True
+        ),
+        step_windows=3,
+    )
     assert res.window_edges == [0, 4, 8, 12]
     scale = np.max(np.abs(res.data))
     _close(res.sample_component.sum(-1), res.data, scale)
     _close(res.sample_window.sum(-1), res.data, scale)
     _close(res.component_window.sum(-1), res.components, np.max(np.abs(res.components)))
-    _close(res.sample_component.sum(2), res.component_data[:, :, : len(res.sample_component[0, 0, 0])], scale)
+    _close(
+        res.sample_component.sum(2),
+        res.component_data[:, :, : len(res.sample_component[0, 0, 0])],
+        scale,
+    )
     for j in range(3):
         a, b = res.window_edges[j], res.window_edges[j + 1]
         _close(res.sample_window[..., j].sum(-1), res.step_data[..., a:b].sum(-1), scale)
-    assert set(res.param_scores) == set(n for n, k in zip(res.component_names, res.component_kinds) if k == "param")
+    assert set(res.param_scores) == set(
+        n for n, k in zip(res.component_names, res.component_kinds) if k == "param"
+    )
     assert res.param_scores["net.0.weight"].shape == (8, 4)
-    assert np.all(res.param_scores["net.0.weight"] >= 0) and np.any(res.param_scores["net.0.weight"] > 0)
+    assert np.all(res.param_scores["net.0.weight"] >= 0) and np.any(
+        res.param_scores["net.0.weight"] > 0
+    )
 
 
 def test_step_terms_sum_to_totals(run64) -> None:
@@ -121,7 +135,9 @@ def test_step_terms_sum_to_totals(run64) -> None:
     _close(res.step_data.sum(-1), res.data.sum(-1), np.max(np.abs(res.data)))
     for term in ("weight_decay", "nondata", "residual", "quadrature_error", "buffer_drift"):
         _close(getattr(res, f"step_{term}").sum(-1), getattr(res, term), 1.0)
-    _close(res.step_total.sum(-1), res.fT - res.f0 - res.completeness_residual, np.max(np.abs(res.fT)))
+    _close(
+        res.step_total.sum(-1), res.fT - res.f0 - res.completeness_residual, np.max(np.abs(res.fT))
+    )
 
 
 def test_adaptive_quadrature_raises_nodes_where_needed(run64) -> None:
@@ -143,7 +159,9 @@ def test_result_roundtrip(tmp_path, run64) -> None:
     back = KernelResult.load(path)
     assert back.sample_ids == res.sample_ids and back.trace_id == res.trace_id
     np.testing.assert_array_equal(back.data, res.data)
-    np.testing.assert_array_equal(back.param_scores["net.0.weight"], res.param_scores["net.0.weight"])
+    np.testing.assert_array_equal(
+        back.param_scores["net.0.weight"], res.param_scores["net.0.weight"]
+    )
     assert back.config["dtype"] == "float64"
     assert back.completeness_line() == res.completeness_line()
 
@@ -171,9 +189,13 @@ def test_wrong_input_shape(run64) -> None:
     with pytest.raises(InputError, match=r"shape \(2, 5\).*trained on rows of shape \(4,\)"):
         compute_kernel(store, fresh, torch.randn(2, 5, dtype=torch.float64), progress=False)
     with pytest.raises(InputError, match="labels="):
-        compute_kernel(store, fresh, torch.randn(2, 4, dtype=torch.float64), outputs="label", progress=False)
+        compute_kernel(
+            store, fresh, torch.randn(2, 4, dtype=torch.float64), outputs="label", progress=False
+        )
     with pytest.raises(InputError, match="outputs='bogus'"):
-        compute_kernel(store, fresh, torch.randn(2, 4, dtype=torch.float64), outputs="bogus", progress=False)
+        compute_kernel(
+            store, fresh, torch.randn(2, 4, dtype=torch.float64), outputs="bogus", progress=False
+        )
 
 
 def test_bad_options() -> None:
@@ -225,7 +247,9 @@ def test_interrupted_run_is_explained_up_to_its_last_step(caplog) -> None:
                 if t == 9:
                     raise RuntimeError("boom")
     with caplog.at_level(logging.WARNING):
-        res = compute_kernel("memory://engine-broken", fresh, test_x, dtype="float64", progress=False)
+        res = compute_kernel(
+            "memory://engine-broken", fresh, test_x, dtype="float64", progress=False
+        )
     assert "unfinished" in caplog.text
     assert res.num_steps == 10 and res.extra["finished"] is False
     with torch.no_grad():
@@ -241,13 +265,19 @@ def test_training_routes_agree(setup: KernelSetup, caplog) -> None:
     short = KernelSetup(setup.name, setup.make_model, setup.make_data, setup.make_opt, steps=6)
     fresh, test_x, _ = train(short, f"memory://routes-{setup.name}")
     kw = dict(dtype="float64", progress=False)
-    a = compute_kernel(f"memory://routes-{setup.name}", fresh, test_x[:1], training_mode="per_sample", **kw)
-    b = compute_kernel(f"memory://routes-{setup.name}", fresh, test_x[:1], training_mode="jvp", **kw)
+    a = compute_kernel(
+        f"memory://routes-{setup.name}", fresh, test_x[:1], training_mode="per_sample", **kw
+    )
+    b = compute_kernel(
+        f"memory://routes-{setup.name}", fresh, test_x[:1], training_mode="jvp", **kw
+    )
     _close(b.data, a.data, np.max(np.abs(a.data)))
     _close(b.component_data, a.component_data, np.max(np.abs(a.component_data)))
     _close(b.nondata, a.nondata, np.max(np.abs(a.data)))
     with caplog.at_level(logging.INFO, logger="explaind_kernel.training_side"):
-        c = compute_kernel(f"memory://routes-{setup.name}", fresh, test_x[:1], training_mode="auto", **kw)
+        c = compute_kernel(
+            f"memory://routes-{setup.name}", fresh, test_x[:1], training_mode="auto", **kw
+        )
     _close(c.data, a.data, np.max(np.abs(a.data)))
     _close(c.component_data, a.component_data, np.max(np.abs(a.component_data)))
     # vmap refuses batch norm in train mode and dropout; the plain MLP takes it

@@ -52,9 +52,26 @@ def test_sharded_equals_single_process(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", test_x.numpy())
     single = compute_kernel(str(trace), make_model(), test_x, dtype="float64", progress=False)
     out = tmp_path / "sharded.explaind"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-           "-m", "explaind_kernel", str(trace), "--model", "tests.kernel.test_sharded:make_model",
-           "--inputs", str(tmp_path / "x.npy"), "--dtype", "float64", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "29533",
+        "-m",
+        "explaind_kernel",
+        str(trace),
+        "--model",
+        "tests.kernel.test_sharded:make_model",
+        "--inputs",
+        str(tmp_path / "x.npy"),
+        "--dtype",
+        "float64",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "completeness: max_abs=" in done.stdout
@@ -65,9 +82,20 @@ def test_sharded_equals_single_process(tmp_path: Path) -> None:
     assert set(sharded.sample_ids) == set(single.sample_ids)
     for j, sid in enumerate(sharded.sample_ids):
         assert np.max(np.abs(sharded.data[:, :, j] - by_id[sid])) <= 1e-10 * scale
-    for name in ("f0", "fT", "step_data", "step_nondata", "step_weight_decay", "components", "component_data",
-                 "residual", "quadrature_error"):
+    for name in (
+        "f0",
+        "fT",
+        "step_data",
+        "step_nondata",
+        "step_weight_decay",
+        "components",
+        "component_data",
+        "residual",
+        "quadrature_error",
+    ):
         a, b = getattr(sharded, name), getattr(single, name)
         # rounding-level terms (non-data here) are compared on the output scale
-        assert np.max(np.abs(a - b)) <= 1e-10 * max(np.max(np.abs(b)), np.max(np.abs(single.fT))), name
+        assert np.max(np.abs(a - b)) <= 1e-10 * max(np.max(np.abs(b)), np.max(np.abs(single.fT))), (
+            name
+        )
     assert np.max(np.abs(sharded.completeness_residual)) <= 1e-10 * np.max(np.abs(single.fT))
