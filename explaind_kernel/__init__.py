@@ -1,7 +1,8 @@
 """explaind_kernel: a recorded training run rewritten exactly as a kernel machine.
 
-result = explaind_kernel.compute_kernel("runs/a.lmdb", model, test_x, outputs="all")
-print(result.completeness_line())
+>>> result = explaind_kernel.compute_kernel("runs/a.lmdb", model, test_x, outputs="all")
+>>> result.completeness_line()
+'completeness: max_abs=… rel=…'
 """
 
 from .config import KernelConfig

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -44,6 +45,22 @@ class ForwardProducts:
     k: Tensor  # [B, R] per batch row
     k_param: dict[str, Tensor] | None  # {param: [B, R]} per parameter tensor (when asked)
     grad_sum: dict[str, Tensor]  # Σ_i G_i per parameter tensor (for slices and checks)
+
+
+@dataclass
+class _Replayed:
+    """One recorded forward replayed batched at θ_τ (the graph is kept for the routes)."""
+
+    forward: Any
+    names: list[str]
+    leaves: dict[str, Tensor]  # parameters that get adjoints, requiring grad
+    other: dict[str, Tensor]
+    bufs: dict[str, Tensor]
+    args: tuple
+    kwargs: dict[str, Any]
+    pairs: list[tuple[Tensor, Tensor]]  # (output leaf, its recorded cotangent)
+    batch: int
+    rows: int
 
 
 def _restore_rng(cpu_state: Tensor, cuda_state: Tensor | None, device: torch.device) -> None:
@@ -106,22 +123,12 @@ class TrainingSide:
         pairs = [(o, c) for o, c in zip(outs, cots) if c is not None and o is not None]
         batch = len(forward.ids)
         rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
+        replayed = _Replayed(
+            forward, names, leaves_p, other, bufs, args, kwargs, pairs, batch, rows
+        )
         mode = self.mode
         if mode in ("auto", "vmap") and self._vmap_ok:
-            got = self._try_vmap(
-                pairs,
-                names,
-                leaves_p,
-                other,
-                bufs,
-                args,
-                kwargs,
-                forward,
-                z_grad,
-                batch,
-                rows,
-                per_param,
-            )
+            got = self._try_vmap(replayed, z_grad, per_param)
             if got is not None:
                 return got
         if mode in ("auto", "vmap"):
@@ -153,22 +160,10 @@ class TrainingSide:
                 grad_sum[n] += g.sum(0).reshape(grad_sum[n].shape)
         return ForwardProducts(k, k_param, grad_sum)
 
-    def _try_vmap(
-        self,
-        pairs,
-        names,
-        leaves_p,
-        other,
-        bufs,
-        args,
-        kwargs,
-        forward,
-        z_grad,
-        batch,
-        rows,
-        per_param,
-    ):
+    def _try_vmap(self, r: _Replayed, z_grad, per_param: bool):
         """Per-sample gradients by vmap over batch rows; None (and never again) when not exact."""
+        pairs, names, leaves_p, other, bufs = r.pairs, r.names, r.leaves, r.other, r.bufs
+        args, kwargs, forward, batch, rows = r.args, r.kwargs, r.forward, r.batch, r.rows
         fm = self.fm
         plist = [leaves_p[n] for n in names]
         outs = [o for o, _ in pairs]
