@@ -93,12 +93,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     record_s = time.perf_counter() - start
 
     with explaind_trace.open_trace(trace) as reader:  # read back through SQLiteStore
-        steps, finished = reader.num_steps, reader.finished
-    size = SQLiteStore(out / "trace.sqlite", readonly=True)
-    try:
-        nbytes = size.nbytes()
-    finally:
-        size.close()
+        assert isinstance(reader.store, SQLiteStore)
+        steps, finished, nbytes = reader.num_steps, reader.finished, reader.store.nbytes()
 
     start = time.perf_counter()
     result = explaind_kernel.compute_kernel(

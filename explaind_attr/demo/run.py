@@ -61,9 +61,9 @@ class DemoConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     warmup: int = 10
     batch_size: int = 64
-    steps: int = 800
+    steps: int = 600
     eval_every: int = 10
-    n_test: int = 24
+    n_test: int = 16
     checkpoint_every: int = 100
     step_windows: int = 10
     seed: int = 0
