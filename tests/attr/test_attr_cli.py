@@ -78,19 +78,26 @@ def test_info_calls_describe_and_format_info(capsys, monkeypatch):
     assert capsys.readouterr().out == "trace at runs/a.lmdb\n"
 
 
-def test_demo_runs_lazily_and_unfinished_demo_is_a_clean_error(capsys, tmp_path, monkeypatch):
+def test_demo_prints_report_path_and_completeness_line(capsys, tmp_path, monkeypatch):
+    import types
+
     import explaind_attr.demo as demo
 
-    def unfinished(out_dir, *, quick=False, progress=True):
-        raise NotImplementedError("the demo is not available yet")
-
-    monkeypatch.setattr(demo, "run_demo", unfinished)
-    assert cli.main(["demo", "--out", str(tmp_path)]) == 2
-    assert capsys.readouterr().err == "explaind: error: the demo is not available yet\n"
     seen = []
-    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.append((out, kw)) or object())
+    summary = types.SimpleNamespace(
+        report=tmp_path / "report.html",
+        steps=12,
+        train_accuracy=1.0,
+        test_accuracy=0.5,
+        seconds={"record": 1.0, "kernel": 2.0},
+        completeness_line="completeness: max_abs=1.000e-06 rel=2.000e-07",
+    )
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.append((out, kw)) or summary)
     assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
     assert seen == [(str(tmp_path), {"quick": True, "progress": False})]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"report: {tmp_path / 'report.html'}"
+    assert out[-1] == "completeness: max_abs=1.000e-06 rel=2.000e-07"
 
 
 _USER_MODULE = """
