@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -591,36 +593,40 @@ class _Sweep:
         return None
 
     def _integrate(self, test, theta, delta, buf, f_a, f_b):
-        """J̄ over [0, 1] by the quadrature rule; with `adaptive_tol`, sub-segments whose
-        measured error |Δf − J̄·Δθ| exceeds tol·length are bisected (Δf on a sub-segment is
-        exact: two forward passes), within `max_nodes` Jacobian evaluations per step."""
+        """J̄ over [0, 1] by the quadrature rule. With `adaptive_tol`, the sub-segment with the
+        largest measured error |Δf − J̄·Δθ| (Δf on a sub-segment is exact: two forward passes)
+        is bisected first, until every piece is within tol·length or `max_nodes` Jacobian
+        evaluations per step are spent."""
         nodes, weights = self.quad.points()
         tol, budget = self.config.adaptive_tol, self.config.max_nodes
-        total: dict[str, Tensor] | None = None
-        total_lin = np.zeros(f_a.numel())
-        evals = 0
-        stack = [(0.0, 1.0, f_a, f_b)]
-        while stack:
-            a, b, fa, fb = stack.pop()
-            point = {k: theta[k] + a * delta[k] for k in theta}
-            piece = {k: (b - a) * delta[k] for k in delta}
-            jb = test.integrated_jacobian(point, piece, buf, nodes, weights)
+        order = itertools.count()  # tiebreak: heap entries never compare tensors
+
+        def piece(a: float, b: float, fa: Tensor, fb: Tensor):
+            start = {k: theta[k] + a * delta[k] for k in theta}
+            seg = {k: (b - a) * delta[k] for k in delta}
+            jb = test.integrated_jacobian(start, seg, buf, nodes, weights)
             for k in jb:
                 jb[k].mul_(b - a)
-            evals += len(nodes)
             lin = sum(_np(row_dot(jb[n], delta[n])) for n in self.names)
             err = float(np.max(np.abs(_np(fb) - _np(fa) - lin))) if tol is not None else 0.0
-            if tol is None or err <= tol * (b - a) or evals + 2 * len(nodes) > budget:
-                total_lin += lin
-                if total is None:
-                    total = jb
-                else:
-                    for k in total:
-                        total[k].add_(jb[k])
-            else:
-                m = 0.5 * (a + b)
-                fm = test.values({k: theta[k] + m * delta[k] for k in theta}, buf)
-                stack += [(m, b, fm, fb), (a, m, fa, fm)]
+            key = -(err - tol * (b - a)) if tol is not None else 0.0
+            return (key, next(order), a, b, fa, fb, jb, lin)
+
+        heap = [piece(0.0, 1.0, f_a, f_b)]
+        evals = len(nodes)
+        while tol is not None and heap[0][0] < 0 and evals + 2 * len(nodes) <= budget:
+            _, _, a, b, fa, fb, _, _ = heapq.heappop(heap)
+            m = 0.5 * (a + b)
+            fm = test.values({k: theta[k] + m * delta[k] for k in theta}, buf)
+            heapq.heappush(heap, piece(a, m, fa, fm))
+            heapq.heappush(heap, piece(m, b, fm, fb))
+            evals += 2 * len(nodes)
+        total: dict[str, Tensor] = {}
+        total_lin = np.zeros(f_a.numel())
+        for *_, jb, lin in heap:
+            total_lin += lin
+            for k, v in jb.items():
+                total[k] = total[k].add_(v) if k in total else v
         return total, total_lin, evals
 
     def _sample(self, sid: str, acc: _Acc) -> int:

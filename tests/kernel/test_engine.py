@@ -320,3 +320,27 @@ def test_keyword_inputs() -> None:
     assert np.max(np.abs(res.nondata)) <= EXACT * np.max(np.abs(res.data))
     with pytest.raises(InputError, match="keyword inputs as a dict"):
         compute_kernel("memory://engine-kw", fresh, ids[:3], progress=False)
+
+
+def test_adaptive_bisection_handles_relu_kinks() -> None:
+    """ReLU makes J̄'s integrand piecewise constant along a step: a higher-order rule alone does
+    not converge, bisecting the sub-segments with the largest measured error does."""
+    setup = KernelSetup(
+        "relu", SETUPS[2].make_model, SETUPS[2].make_data, SETUPS[2].make_opt, steps=5
+    )
+    fresh, test_x, _ = train(setup, "memory://engine-relu")
+    kw = dict(dtype="float64", progress=False)
+    plain = compute_kernel("memory://engine-relu", fresh, test_x[:1], quadrature="gauss:2", **kw)
+    worst = float(np.max(np.abs(plain.step_quadrature_error)))
+    tol = worst / 100
+    ada = compute_kernel(
+        "memory://engine-relu",
+        fresh,
+        test_x[:1],
+        quadrature="gauss:2",
+        adaptive_tol=tol,
+        max_nodes=512,
+        **kw,
+    )
+    assert np.max(np.abs(ada.step_quadrature_error)) <= tol
+    assert ada.step_nodes.max() > 2 and np.all(ada.step_nodes <= 512)
