@@ -107,12 +107,19 @@ def mode_overrides(model: torch.nn.Module) -> dict[str, bool]:
     return {name: m.training for name, m in model.named_modules() if name and m.training != root}
 
 
+def _graph_task() -> int | None:
+    """Id of the backward pass running now (torch's graph task), None where unavailable."""
+    fn = getattr(torch._C, "_current_graph_task_id", None)
+    return int(fn()) if fn is not None else None
+
+
 class OutputCapture:
     """Cotangent accumulation for one recorded forward (sums over repeated backwards)."""
 
     def __init__(self, captured: CapturedForward, scale_fn: Callable[[], torch.Tensor | None]):
         self.captured = captured
         self.received = False
+        self.task: int | None = None  # the backward pass (graph task) its cotangent came in
         self.attached = False
         self.output_seen = False  # output= mode: the submodule's hook already ran
         self._scale_fn = scale_fn
@@ -190,6 +197,7 @@ class OutputCapture:
                 g = g.clone()  # autograd may reuse the buffer it handed us
             self._acc[i] = g if prev is None else prev + g
             self.received = True
+            self.task = _graph_task()
             return None
 
         return on_grad
@@ -247,14 +255,27 @@ class GradTracker:
         self.params = named_params
         self.allow_replaced = allow_replaced
         self.seen: dict[str, tuple[weakref.ref, int]] = {}
+        #: the backward pass that found gradients of an earlier backward discarded (zero_grad
+        #: between a forward and its backward, e.g. Lightning's order after a skipped step)
+        self.cleared_in_task: int | None = None
         self.handles = [
             p.register_post_accumulate_grad_hook(self._hook(n)) for n, p in named_params.items()
         ]
 
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def on_accumulated(p: torch.Tensor) -> None:
-            if p.grad is not None:
-                self.seen[name] = (weakref.ref(p.grad), p.grad._version)
+            if p.grad is None:
+                return
+            old = self.seen.get(name)
+            if old is not None and not self.allow_replaced:
+                # the gradient of this param's last backward was freed (zero_grad with
+                # set_to_none) before this backward accumulated a new one. Not a clear: an
+                # out-of-place accumulation, whose old tensor someone still holds (alive).
+                # zero_grad(set_to_none=False) between a forward and its backward is not
+                # detected here (it is at the next forward and at step()).
+                if old[0]() is None:
+                    self.cleared_in_task = _graph_task()
+            self.seen[name] = (weakref.ref(p.grad), p.grad._version)
 
         return on_accumulated
 
@@ -270,6 +291,7 @@ class GradTracker:
 
     def reset(self) -> None:
         self.seen.clear()
+        self.cleared_in_task = None
 
     def remove(self) -> None:
         for h in self.handles:

@@ -308,6 +308,19 @@ class Recorder:
             cf.cotangents = [None if c is None else c / w for c in cf.cotangents]
         return cf
 
+    def _skip_stale_backwards(self) -> None:
+        """Forwards whose cotangents came in a backward before the one that found the
+        gradients discarded belong to a step that never happened (a GradScaler skip)."""
+        task = self._grads.cleared_in_task
+        if task is None:
+            return
+        self._grads.cleared_in_task = None
+        stale = [c for c in self._pending if c.received and c.task != task]
+        if stale:
+            drop = {id(c) for c in stale}
+            self._pending = [c for c in self._pending if id(c) not in drop]
+            self._write_skip(stale, "grads_cleared")
+
     def _write_skip(self, caps: list[OutputCapture], reason: str) -> None:
         assert self.writer is not None
         forwards = [self._finish_forward(c) for c in caps]
@@ -353,6 +366,7 @@ class Recorder:
         if received and self._grads.cleared():
             self._pending = [c for c in self._pending if not c.received]
             self._write_skip(received, "grads_cleared")
+        self._skip_stale_backwards()
         self._prune_pending()
         batch, device = find_batch_size(args, kwargs)
         ids = self._next_ids
@@ -442,6 +456,7 @@ class Recorder:
                     "a parameter that was frozen (requires_grad=False) when recording started now "
                     "has a gradient; the trace cannot name it. Unfreeze parameters before recording."
                 )
+        self._skip_stale_backwards()
         received = [c for c in self._pending if c.received]
         for c in self._pending:
             if not c.received:

@@ -274,13 +274,6 @@ def _first_cotangent_fp32(path: str) -> torch.Tensor:
     return (logits.softmax(-1) - nn.functional.one_hot(y[:n], C)) / n
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="explaind_trace misses a GradScaler-skipped iteration when zero_grad() runs between "
-    "the next forward and its backward (Lightning's order: training_step, zero_grad, backward): "
-    "it checks for discarded gradients only at the next forward and at step(), so the skipped "
-    "iteration's forwards are filed under the next step instead of a skip record.",
-)
 def test_overflow_skipped_step_becomes_a_skip_record(tmp_path) -> None:
     # the default initial scale 2**16 overflows fp16 on the first iteration of this model
     plugin = MixedPrecision("16-mixed", "cpu", scaler=_scaler(2.0**16))

@@ -521,3 +521,44 @@ def test_empty_batch_is_recorded_without_samples(tmp_path) -> None:
     with et.open_trace(str(tmp_path / "e.lmdb")) as r:
         assert r.num_steps == 2 and r.finished
         assert [len(f.ids) for f in r.step(1).forwards] in ([0], [])
+
+
+def test_out_of_place_accumulation_is_not_a_skip(tmp_path) -> None:
+    """Holding references to .grad makes autograd accumulate out of place (a new .grad
+    object); that is gradient accumulation, not gradients discarded after a skipped step."""
+    import explaind_trace as et
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    held = []
+    with et.record(model, opt, store=str(tmp_path / "h.lmdb")):
+        for _ in range(3):
+            opt.zero_grad()
+            for _ in range(2):
+                model(torch.randn(4, 3)).pow(2).sum().backward()
+                held.append([p.grad for p in model.parameters()])
+            opt.step()
+    with et.open_trace(str(tmp_path / "h.lmdb")) as r:
+        assert r.skips() == []
+        assert [len(r.step(t).forwards) for t in range(r.num_steps)] == [2, 2, 2]
+
+
+def test_zero_grad_between_forward_and_backward_after_a_skip(tmp_path) -> None:
+    """forward → zero_grad → backward (Lightning's order): an iteration whose step was skipped
+    is filed as a skip record, not under the next step."""
+    import explaind_trace as et
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with et.record(model, opt, store=str(tmp_path / "z.lmdb")):
+        for i in range(3):
+            loss = model(torch.randn(4, 3)).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            if i != 1:  # iteration 1 is "skipped" (no step), like a GradScaler overflow
+                opt.step()
+    with et.open_trace(str(tmp_path / "z.lmdb")) as r:
+        assert r.num_steps == 2 and len(r.skips()) == 1
+        assert [len(r.step(t).forwards) for t in range(2)] == [1, 1]
