@@ -161,7 +161,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"report: {summary.report}")
     print(
         f"trained {summary.steps} steps (train accuracy {summary.train_accuracy:.2f}, "
-        f"test accuracy {summary.test_accuracy:.2f}) in {sum(summary.seconds.values()):.0f} s"
+        f"test accuracy {summary.test_accuracy:.2f}) in {summary.seconds.get('total', 0.0):.0f} s"
     )
     print(summary.completeness_line)
     return 0

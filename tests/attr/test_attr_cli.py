@@ -89,7 +89,7 @@ def test_demo_prints_report_path_and_completeness_line(capsys, tmp_path, monkeyp
         steps=12,
         train_accuracy=1.0,
         test_accuracy=0.5,
-        seconds={"record": 1.0, "kernel": 2.0},
+        seconds={"record": 1.0, "kernel": 2.0, "total": 3.5},
         completeness_line="completeness: max_abs=1.000e-06 rel=2.000e-07",
     )
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.append((out, kw)) or summary)
@@ -97,6 +97,7 @@ def test_demo_prints_report_path_and_completeness_line(capsys, tmp_path, monkeyp
     assert seen == [(str(tmp_path), {"quick": True, "progress": False})]
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"report: {tmp_path / 'report.html'}"
+    assert out[1].endswith("in 4 s")
     assert out[-1] == "completeness: max_abs=1.000e-06 rel=2.000e-07"
 
 
