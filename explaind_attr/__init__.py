@@ -38,7 +38,7 @@ _LAZY = {
         "slice_attribution",
     ),
     "pruning": ("PruneCurve", "prune_copy", "prune_curve", "prune_curves", "ranking_scores"),
-    "report": ("ReportPaths", "build_report"),
+    "report": ("ReportPaths", "build_report", "samples_from_trace"),
     "results": ("check_result_matches", "load_result", "trace_id_of"),
     "training": (
         "StepAttribution",
@@ -67,6 +67,7 @@ __all__ = [
     "ReportPaths",
     "StepAttribution",
     "build_report",
+    "samples_from_trace",
     "check_result_matches",
     "component_attribution",
     "component_window_view",
@@ -122,7 +123,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         slice_attribution,
     )
     from .pruning import PruneCurve, prune_copy, prune_curve, prune_curves, ranking_scores
-    from .report import ReportPaths, build_report
+    from .report import ReportPaths, build_report, samples_from_trace
     from .results import check_result_matches, load_result, trace_id_of
     from .training import (
         StepAttribution,

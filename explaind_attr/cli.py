@@ -81,22 +81,14 @@ def _trace_id(trace: str) -> str:
         return trace_id_of(reader)
 
 
-def _samples_from_trace(trace: str, ids: Sequence[str]) -> dict[str, Any] | None:
-    """Input rows of `ids` read from the trace, when its reader offers `sample(id)`."""
+def _samples_from_trace(trace: str, ids: Sequence[str]) -> dict[str, Any]:
+    """Input rows of `ids` read back from the trace, for the report's sample panels."""
     from explaind_trace import open_trace
 
+    from .report import samples_from_trace
+
     with open_trace(trace) as reader:
-        get = getattr(reader, "sample", None)
-        if get is None:
-            log.info("the trace reader offers no sample(id); the report shows no inputs")
-            return None
-        out = {}
-        for sid in ids:
-            try:
-                out[sid] = get(sid)
-            except (KeyError, LookupError):
-                continue
-        return out
+        return samples_from_trace(reader, ids)
 
 
 # ----------------------------------------------------------------------- subcommands

@@ -56,19 +56,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def samples_from_trace(reader: explaind_trace.TraceReader, wanted: set[str]) -> dict[str, Any]:
-    """Input images of the wanted training samples, read back from the recorded forwards."""
-    found: dict[str, Any] = {}
-    for step in reader.steps():
-        for fwd in step.forwards:
-            for row, sid in zip(fwd.args[0], fwd.ids):
-                if sid in wanted:
-                    found.setdefault(sid, row)
-        if len(found) == len(wanted):
-            break
-    return found
-
-
 def reuse(path: Path, trace: str, n_inputs: int) -> explaind_kernel.KernelResult | None:
     """The saved result at `path` when it was computed from `trace` on `n_inputs` inputs."""
     if not path.is_file():
@@ -145,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 2. the report, with training images
     with explaind_trace.open_trace(trace) as reader:
-        samples = samples_from_trace(reader, set(result.sample_ids))
+        samples = explaind_attr.samples_from_trace(reader, result.sample_ids)
         final = reader.final()
     report = explaind_attr.build_report(
         result, out / "report", samples=samples, title="ExPLAIND: small CNN on CIFAR-2"

@@ -74,19 +74,6 @@ def first_step(steps: np.ndarray, values: np.ndarray, threshold: float) -> int |
     return int(steps[hit[0]]) if hit.size else None
 
 
-def samples_from_trace(reader: explaind_trace.TraceReader, wanted: set[str]) -> dict[str, Any]:
-    """Token rows of the wanted training samples, read back from the recorded forwards."""
-    found: dict[str, Any] = {}
-    for step in reader.steps():
-        for fwd in step.forwards:
-            for row, sid in zip(fwd.args[0], fwd.ids):
-                if sid in wanted:
-                    found.setdefault(sid, row)
-        if len(found) == len(wanted):
-            break
-    return found
-
-
 def _unit(m: torch.Tensor) -> torch.Tensor:
     return m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -222,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 2. the report, with the training pairs as tokens
     with explaind_trace.open_trace(trace) as reader:
-        samples = samples_from_trace(reader, set(result.sample_ids))
+        samples = explaind_attr.samples_from_trace(reader, result.sample_ids)
         start = time.perf_counter()
         align = alignment_curve(reader, cfg["p"], args.align_every)
         align_s = time.perf_counter() - start

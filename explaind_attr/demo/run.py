@@ -36,7 +36,7 @@ from explaind_kernel import KernelResult, compute_kernel
 from explaind_trace import open_trace, record
 
 from ..errors import UsageError
-from ..report import build_report
+from ..report import build_report, samples_from_trace
 from .model import ModularAdditionTransformer, component_groups, head_slices, make_dataset
 
 __all__ = ["DemoConfig", "DemoSummary", "run_demo"]
@@ -212,17 +212,9 @@ def _train(cfg: DemoConfig, trace: Path, data: tuple[Tensor, ...], progress: boo
 
 
 def _samples_from_trace(trace: Path, wanted: set[str]) -> dict[str, Tensor]:
-    """Token rows of the wanted sample ids, read back from the recorded forwards."""
-    found: dict[str, Tensor] = {}
+    """Token rows of the wanted sample ids, read back from the trace."""
     with open_trace(str(trace)) as reader:
-        for step in reader.steps():
-            for fwd in step.forwards:
-                for row, sid in zip(fwd.args[0], fwd.ids):
-                    if sid in wanted and sid not in found:
-                        found[sid] = row.clone()
-            if len(found) == len(wanted):
-                break
-    return found
+        return samples_from_trace(reader, sorted(wanted))
 
 
 def _group_windows(result: KernelResult, groups: dict[str, list[str]]) -> np.ndarray:

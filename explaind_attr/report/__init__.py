@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from .build import ReportPaths, build_report
+from .samples import samples_from_trace
 
-__all__ = ["ReportPaths", "build_report"]
+__all__ = ["ReportPaths", "build_report", "samples_from_trace"]

@@ -72,3 +72,16 @@ def text_of(value: Any, max_items: int = _MAX_ITEMS) -> str:
     if arr.dtype.kind in "biu":
         return f"{shape}tokens: " + " ".join(str(int(v)) for v in flat[:max_items]) + more
     return f"{shape}values: " + " ".join(f"{float(v):.3g}" for v in flat[:max_items]) + more
+
+
+def samples_from_trace(reader: Any, ids: Any) -> dict[str, Any]:
+    """Input rows of the sample `ids` stored in a trace (an open TraceReader): the tensor of a
+    single-input model, or the first input of a multi-input one. Unknown ids are left out."""
+    out: dict[str, Any] = {}
+    for sid in ids:
+        try:
+            row = reader.sample(sid)
+        except (KeyError, LookupError):
+            continue
+        out[sid] = row[0] if isinstance(row, tuple) else row
+    return out
