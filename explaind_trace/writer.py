@@ -17,7 +17,15 @@ from typing import Any
 
 from . import codec
 from .errors import NotATraceError, TraceExistsError, TraceWriteError
-from .schema import META, PROGRESS, CapturedForward, CapturedState, CapturedStep, Encoder
+from .schema import (
+    META,
+    PROGRESS,
+    CapturedForward,
+    CapturedState,
+    CapturedStep,
+    Encoder,
+    yield_gil,
+)
 from .stores import Store, open_store
 
 __all__ = ["TraceWriter", "open_new_trace"]
@@ -180,6 +188,7 @@ class TraceWriter:
         progress["raw_bytes"] = enc.raw_bytes
         for key, value in items:
             self.store.put(key, value)
+            yield_gil()
         self.store.put(PROGRESS, codec.pack(progress))
         self.store.commit()
         self.progress = progress
