@@ -23,7 +23,9 @@ class KernelConfig:
                    error exceeds tol × (sub-segment length), so the step's |error| ≤ tol, within
                    `max_nodes` Jacobian evaluations per step (localises ReLU kinks, which a
                    higher-order rule alone cannot).
-    dtype:         "float32" (default) or "float64" (verification).
+    dtype:         "float32" (default) or "float64" (verification). On a run trained in fp32,
+                   float64 completes to ~1e-8 relative, not 1e-15: the replayed optimizer
+                   state (Adam's moments, SGD's buffer) carries the training's fp32 rounding.
     device:        "cuda", "cpu", ... (None: CUDA when available, else CPU).
     memory_budget: bytes the per-chunk adjoint state may take; test inputs are chunked to fit.
     block_rows:    rows held at once on the training side (batch rows, or adjoint rows for jvp).
