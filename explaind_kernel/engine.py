@@ -117,6 +117,20 @@ class _Acc:
             self.sample_window = _pad(self.sample_window, 1, new)
 
 
+@dataclass
+class _Pass:
+    """What stays fixed while one sweep walks its steps backward."""
+
+    test: Any  # TestSide
+    train: Any  # TrainingSide
+    acc: _Acc
+    scores: dict[str, Tensor] | None
+    nodes_used: np.ndarray
+    carry: dict[str, Tensor | None]
+    mode: str
+    rows: int
+
+
 _STEP_KEYS = (
     "data",
     "weight_decay",
@@ -398,24 +412,12 @@ class _Sweep:
             buf_next = self._cd(self.reader.buffers_at(end))
         f_T = test.values(theta_next, buf_next) if mode == "full" else None
         f_next = f_T
+        ps = _Pass(test, train, acc, scores, nodes_used, carry, mode, rows)
         bundles = SegmentPrefetcher(self.reader, enabled=cfg.prefetch, segments=segments)
         try:
             for bundle in bundles:
                 for sb in reversed(bundle):
-                    f_next = self._step(
-                        sb,
-                        test,
-                        train,
-                        acc,
-                        scores,
-                        nodes_used,
-                        carry,
-                        theta_next,
-                        buf_next,
-                        f_next,
-                        mode,
-                        rows,
-                    )
+                    f_next = self._step(sb, ps, theta_next, buf_next, f_next)
                     theta_next, buf_next = self._cd(sb.step.params), self._cd(sb.buffers)
                     if bar is not None:
                         bar.update(1)
@@ -432,61 +434,27 @@ class _Sweep:
             out["scores_raw"] = scores
         return out
 
-    def _step(
-        self,
-        sb: StepBundle,
-        test,
-        train,
-        acc,
-        scores,
-        nodes_used,
-        carry,
-        theta_next,
-        buf_next,
-        f_next,
-        mode="full",
-        rows=0,
-    ):
-        rs, t, rule = sb.step, sb.step.index, self.rule
-        rec = rs.record
-        theta = self._cd(rs.params)
+    def _step(self, sb: StepBundle, ps: _Pass, theta_next, buf_next, f_next):
+        """One step backward; returns f(θ_t, b_t) for the step before it."""
+        t = sb.step.index
+        test, acc, scores = ps.test, ps.acc, ps.scores
+        theta = self._cd(sb.step.params)
         buf = self._cd(sb.buffers)
         delta = {n: theta_next[n] - theta[n] for n in self.names}
-        if mode != "full":
-            return self._carry_step(sb, train, acc, carry, theta, delta, mode, rows)
+        if ps.mode != "full":
+            z_grad, terms = self._rule_terms(sb, ps, theta, delta, None)
+            if ps.mode == "correct":
+                self._record_sources(sb, ps, theta, z_grad, terms)
+            return None
         f_a = test.values(theta, buf)
         f_b = test.values(theta_next, buf)
         path = _np(f_b) - _np(f_a)
         drift = _np(f_next) - _np(f_b)
 
         jbar, lin, evals = self._integrate(test, theta, delta, buf, f_a, f_b)
-        qerr = path - lin
-        nodes_used[t] = evals
+        ps.nodes_used[t] = evals
         comp = {n: row_dot(jbar[n], delta[n]) for n in self.names}
-
-        # optimizer rule: adjoint w.r.t. the recorded gradient, decay, reconstruction
-        z_grad: dict[str, Tensor] = {}
-        wd = np.zeros(acc.rows)
-        resid = np.zeros(acc.rows)
-        total_g = np.zeros(acc.rows)
-        init = np.zeros(acc.rows)
-        for n in self.names:
-            g = rec.grads.get(n)
-            g = self._c(g) if g is not None else None
-            hp = rec.groups[rec.group_of[n]]
-            before = self._cd(rs.state_before.get(n, {}))
-            after = self._cd(rs.state_after.get(n, {}))
-            out = rule.backward(
-                ParamStep(n, jbar[n], theta[n], delta[n], g, hp, before, after), carry[n]
-            )
-            carry[n] = out.carry
-            wd += _np(out.weight_decay)
-            resid += _np(row_dot(jbar[n], delta[n] - out.recon))
-            if out.z_grad is not None and g is not None:
-                z_grad[n] = out.z_grad
-                total_g += _np(row_dot(out.z_grad, g))
-            if t == 0:
-                init += _np(rule.initial_state_term(carry[n], before, acc.rows, jbar[n]))
+        z_grad, terms = self._rule_terms(sb, ps, theta, delta, jbar)
 
         w = int(np.searchsorted(self.edges, t, side="right") - 1)
         for c, n in enumerate(self.names):
@@ -505,16 +473,10 @@ class _Sweep:
                 scores[n] += jbar[n] * delta[n]
         del jbar
 
-        data_t = self._training(sb, train, acc, theta, z_grad, t)
-
-        st = acc.step
-        st["data"][:, t] = data_t
-        st["weight_decay"][:, t] = wd
-        st["nondata"][:, t] = total_g - data_t
-        st["initial_state"][:, t] = init
-        st["residual"][:, t] = resid
-        st["quadrature_error"][:, t] = qerr
-        st["buffer_drift"][:, t] = drift
+        self._record_sources(sb, ps, theta, z_grad, terms)
+        acc.step["residual"][:, t] = terms["residual"]
+        acc.step["quadrature_error"][:, t] = path - lin
+        acc.step["buffer_drift"][:, t] = drift
         return f_a
 
     def _training(self, sb, train, acc, theta, z_grad, t) -> np.ndarray:
@@ -554,43 +516,53 @@ class _Sweep:
 
         return data_t
 
-    def _carry_step(self, sb, train, acc, carry, theta, delta, mode, rows):
-        """A step with J̄ = 0: what the boundary adjoint in `carry` contributes (linear in it)."""
-        rs, t, rule, rec = sb.step, sb.step.index, self.rule, sb.step.record
+    def _rule_terms(self, sb, ps: _Pass, theta, delta, jbar):
+        """Run the optimizer rule over the parameter tensors of step t (updating the carried
+        adjoints). `jbar=None` means J̄ = 0: only what the carried adjoint contributes (the
+        sharded scan and correction passes). Returns (z_grad, per-row source terms)."""
+        rs, t, rule, rec, rows = sb.step, sb.step.index, self.rule, sb.step.record, ps.rows
+        carry = ps.carry
         z_grad: dict[str, Tensor] = {}
-        wd, total_g, init = np.zeros(rows), np.zeros(rows), np.zeros(rows)
+        terms = {
+            k: np.zeros(rows) for k in ("weight_decay", "total_g", "initial_state", "residual")
+        }
         for n in self.names:
-            if carry[n] is None:
+            if jbar is None and carry[n] is None:
                 continue
+            if jbar is not None:
+                jb = jbar[n]
+            else:
+                jb = torch.zeros(rows, *theta[n].shape, dtype=self.dtype, device=self.device)
             g = rec.grads.get(n)
             g = self._c(g) if g is not None else None
             before = self._cd(rs.state_before.get(n, {}))
             after = self._cd(rs.state_after.get(n, {}))
-            zero = torch.zeros(rows, *theta[n].shape, dtype=self.dtype, device=self.device)
+            hp = rec.groups[rec.group_of[n]]
             out = rule.backward(
-                ParamStep(
-                    n, zero, theta[n], delta[n], g, rec.groups[rec.group_of[n]], before, after
-                ),
-                carry[n],
+                ParamStep(n, jb, theta[n], delta[n], g, hp, before, after), carry[n]
             )
             carry[n] = out.carry
-            if mode == "propagate":
+            if ps.mode == "propagate":
                 continue
-            wd += _np(out.weight_decay)
+            terms["weight_decay"] += _np(out.weight_decay)
+            if jbar is not None:
+                terms["residual"] += _np(row_dot(jb, delta[n] - out.recon))
             if out.z_grad is not None and g is not None:
                 z_grad[n] = out.z_grad
-                total_g += _np(row_dot(out.z_grad, g))
+                terms["total_g"] += _np(row_dot(out.z_grad, g))
             if t == 0:
-                init += _np(rule.initial_state_term(carry[n], before, rows, zero))
-        if mode == "propagate":
-            return None
-        data_t = self._training(sb, train, acc, theta, z_grad, t)
-        st = acc.step
+                terms["initial_state"] += _np(rule.initial_state_term(carry[n], before, rows, jb))
+        return z_grad, terms
+
+    def _record_sources(self, sb, ps: _Pass, theta, z_grad, terms) -> None:
+        """Replay step t's training forwards and write its source-step terms."""
+        t = sb.step.index
+        data_t = self._training(sb, ps.train, ps.acc, theta, z_grad, t)
+        st = ps.acc.step
         st["data"][:, t] = data_t
-        st["weight_decay"][:, t] = wd
-        st["nondata"][:, t] = total_g - data_t
-        st["initial_state"][:, t] = init
-        return None
+        st["weight_decay"][:, t] = terms["weight_decay"]
+        st["nondata"][:, t] = terms["total_g"] - data_t
+        st["initial_state"][:, t] = terms["initial_state"]
 
     def _integrate(self, test, theta, delta, buf, f_a, f_b):
         """J̄ over [0, 1] by the quadrature rule. With `adaptive_tol`, the sub-segment with the
