@@ -132,3 +132,26 @@ class RecordingSession:
                 self.recorder.steps,
                 type(error).__name__,
             )
+
+
+class SessionOwner:
+    """The public state both callbacks expose over their `session` (a RecordingSession)."""
+
+    session: RecordingSession | None
+
+    @property
+    def recorder(self) -> explaind_trace.Recorder | None:
+        """The recorder of the current (or last) run, ``None`` before training starts."""
+        return None if self.session is None else self.session.recorder
+
+    @property
+    def recording(self) -> bool:
+        """Whether hooks are attached right now."""
+        return self.session is not None and not self.session.closed
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the recording now (idempotent); ``error`` is recorded as the trace's error."""
+        session = self.session
+        if session is None or session.closed:
+            return
+        session.close(error=error)

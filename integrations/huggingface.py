@@ -54,7 +54,7 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides tr
 
 import explaind_trace
 
-from ._common import RecordingSession, RecordOptions
+from ._common import RecordingSession, RecordOptions, SessionOwner
 from .errors import CallbackStateError, UnsupportedSetupError
 
 __all__ = ["ExplaindTrainerCallback", "check_training_args"]
@@ -154,7 +154,7 @@ def _scalar_leaves(output: Any) -> list[str]:
     return [k for k, v in items if isinstance(v, torch.Tensor) and v.dim() == 0 and v.requires_grad]
 
 
-class ExplaindTrainerCallback(TrainerCallback):
+class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
     """Record ``transformers.Trainer.train()`` into an ExPLAIND trace.
 
     store:            where the trace is written (path, ``scheme://`` URL or Store); must not
@@ -181,25 +181,6 @@ class ExplaindTrainerCallback(TrainerCallback):
         )
         self.session: RecordingSession | None = None
         self._used = False
-
-    # -- public state -------------------------------------------------------------------
-
-    @property
-    def recorder(self) -> explaind_trace.Recorder | None:
-        """The recorder of the current (or last) run, ``None`` before training starts."""
-        return None if self.session is None else self.session.recorder
-
-    @property
-    def recording(self) -> bool:
-        """Whether hooks are attached right now."""
-        return self.session is not None and not self.session.closed
-
-    def close(self, error: BaseException | None = None) -> None:
-        """Close the recording now (idempotent); ``error`` is recorded as the trace's error."""
-        session = self.session
-        if session is None or session.closed:
-            return
-        session.close(error=error)
 
     def __enter__(self) -> ExplaindTrainerCallback:
         return self

@@ -65,7 +65,7 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides li
 
 import explaind_trace
 
-from ._common import RecordingSession, RecordOptions, normalize_ids
+from ._common import RecordingSession, RecordOptions, SessionOwner, normalize_ids
 from .errors import CallbackStateError, UnsupportedSetupError
 
 __all__ = ["ExplaindCallback", "check_trainer", "SUPPORTED_PRECISION"]
@@ -141,7 +141,7 @@ def _the_optimizer(trainer: pl.Trainer) -> torch.optim.Optimizer:
     return opt
 
 
-class ExplaindCallback(pl.Callback):
+class ExplaindCallback(pl.Callback, SessionOwner):
     """Record ``Trainer.fit`` into an ExPLAIND trace.
 
     store:            where the trace is written (path, ``scheme://`` URL or Store); must not
@@ -183,18 +183,6 @@ class ExplaindCallback(pl.Callback):
         self.session: RecordingSession | None = None
         self._used = False
         self._forwards = 0
-
-    # -- public state -------------------------------------------------------------------
-
-    @property
-    def recorder(self) -> explaind_trace.Recorder | None:
-        """The recorder of the current (or last) fit, ``None`` before fitting starts."""
-        return None if self.session is None else self.session.recorder
-
-    @property
-    def recording(self) -> bool:
-        """Whether hooks are attached right now."""
-        return self.session is not None and not self.session.closed
 
     # -- Lightning hooks ------------------------------------------------------------------
 
@@ -280,13 +268,6 @@ class ExplaindCallback(pl.Callback):
             self.close()
 
     # -- helpers --------------------------------------------------------------------------
-
-    def close(self, error: BaseException | None = None) -> None:
-        """Close the recording now (idempotent); ``error`` is recorded as the trace's error."""
-        session = self.session
-        if session is None or session.closed:
-            return
-        session.close(error=error)
 
     def _module(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         if self.module is None:
