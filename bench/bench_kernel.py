@@ -5,8 +5,10 @@ Records a run, then
    f(x; θ_0) + Σ_t J̄_t·Δθ_t against f(x; θ_T) (the kernel reports that error per step as its
    quadrature term, so the full decomposition stays complete whatever the rule) — for Gauss 1/2/3
    and midpoint 10/100, with the number of Jacobian evaluations each needs;
-2. runs the full kernel (data, components, steps) with Gauss 1/2/3 and reports wall time, peak
-   memory, steps per second and the completeness line.
+   — and for Gauss 1/2 with each step cut at the ReLU kinks of each input (kink_splits), where
+   the evaluations per step are measured (they grow with the number of kinks);
+2. runs the full kernel (data, components, steps) with Gauss-2, with Gauss 1/2 + kink splits and
+   adaptive Gauss-2, and reports wall time, peak memory, steps per second and completeness.
 
 Full scale (the issue's configuration) is `--steps 1000 --test-inputs 256` on a GPU; the CPU
 default is reduced so it finishes in minutes on 2 cores. Results: bench/results/kernel.json.
@@ -41,6 +43,11 @@ from explaind_kernel.jacobian import TestSide  # noqa: E402
 from explaind_kernel.quadrature import Quadrature  # noqa: E402
 
 RULES = ["gauss:1", "gauss:2", "gauss:3", "midpoint:10", "midpoint:100"]
+# rule -> (kink_splits, kink_probes): the rule on every piece between each input's ReLU kinks
+KINK_RULES = {
+    "gauss:1+kinks": (64, 8),
+    "gauss:2+kinks": (64, 8),
+}
 
 
 def record(
@@ -76,9 +83,12 @@ def quadrature_study(
     )
     x = to_compute(test_x, device, torch.float32)
     side = TestSide(fm, OutputSelector(outputs), (x,), labels.to(device))
-    quads = {r: Quadrature.parse(r) for r in RULES}
-    lin = {r: None for r in RULES}
-    seconds = {r: 0.0 for r in RULES}
+    names = RULES + list(KINK_RULES)
+    quads = {r: Quadrature.parse(r.split("+")[0]) for r in names}
+    lin = {r: None for r in names}
+    seconds = {r: 0.0 for r in names}
+    evals = {r: 0.0 for r in names}
+    steps = 0
     final = reader.final()
     theta_T = {k: to_compute(v, device, torch.float32) for k, v in final.params.items()}
     bufs: dict = {}
@@ -89,12 +99,22 @@ def quadrature_study(
             th = {k: to_compute(v, device, torch.float32) for k, v in rs.params.items()}
             nxt = {k: to_compute(v, device, torch.float32) for k, v in rs.next_params.items()}
             delta = {k: nxt[k] - th[k] for k in th}
+            steps += 1
             if f0 is None:
                 f0 = side.values(th, bufs).double().cpu().numpy()
             for r, q in quads.items():
                 t0 = time.perf_counter()
                 nodes, weights = q.points()
-                jbar = side.integrated_jacobian(th, delta, bufs, nodes, weights)
+                jbar, spent = side.integrated_jacobian(
+                    th,
+                    delta,
+                    bufs,
+                    nodes,
+                    weights,
+                    kink_splits=KINK_RULES.get(r, (0, 0))[0],
+                    kink_probes=KINK_RULES.get(r, (0, 4))[1],
+                )
+                evals[r] += spent
                 v = sum(
                     (jbar[k].reshape(jbar[k].shape[0], -1).double() @ delta[k].reshape(-1).double())
                     for k in th
@@ -106,10 +126,10 @@ def quadrature_study(
     fT = side.values(theta_T, bufs).double().cpu().numpy()
     scale = float(np.max(np.abs(fT)))
     out = {}
-    for r in RULES:
+    for r in names:
         err = fT - (f0 + lin[r].cpu().numpy())
         out[r] = {
-            "jacobian_evaluations_per_step": quads[r].nodes,
+            "jacobian_evaluations_per_step": evals[r] / steps,
             "max_abs_error": float(np.max(np.abs(err))),
             "rel_error": float(np.max(np.abs(err)) / scale),
             "seconds": seconds[r],
@@ -126,6 +146,7 @@ def full_kernel(
     device: torch.device,
     threads: int | None,
     adaptive_tol: float | None = None,
+    kink_splits: int = 0,
 ) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -141,12 +162,15 @@ def full_kernel(
         cpu_threads=threads,
         adaptive_tol=adaptive_tol,
         max_nodes=64,
+        kink_splits=kink_splits,
     )
     wall = time.perf_counter() - t0
     max_abs, rel = res.completeness()
     machine_err = res.fT - (res.reconstructed - res.quadrature_error)
     return {
-        "rule": rule if adaptive_tol is None else f"{rule} adaptive tol={adaptive_tol:g}",
+        "rule": rule
+        + (f" adaptive tol={adaptive_tol:g}" if adaptive_tol is not None else "")
+        + (f" kink_splits={kink_splits}" if kink_splits else ""),
         "jacobian_evaluations_per_step": float(np.mean(res.step_nodes)),
         "wall_s": wall,
         "steps_per_s": res.num_steps / wall,
@@ -177,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=None, help="CPU intra-op threads for the kernel")
     ap.add_argument("--kernel-rules", default="gauss:2")
+    ap.add_argument("--quad-only", action="store_true", help="skip the full-kernel runs")
+    ap.add_argument(
+        "--kink-rules",
+        default="gauss:1,gauss:2",
+        help="full-kernel runs with kink_splits=64 ('' for none)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernel.json"))
     args = ap.parse_args(argv)
     if args.full:
@@ -192,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         kernels = [
             full_kernel(path, args.p, test_x, r, device, args.threads)
-            for r in args.kernel_rules.split(",")
+            for r in ([] if args.quad_only else args.kernel_rules.split(","))
         ]
-        if args.adaptive_tol:
+        kernels += [
+            full_kernel(path, args.p, test_x, r, device, args.threads, kink_splits=64)
+            for r in ([] if args.quad_only or not args.kink_rules else args.kink_rules.split(","))
+        ]
+        if args.adaptive_tol and not args.quad_only:
             kernels.append(
                 full_kernel(
                     path, args.p, test_x, "gauss:2", device, args.threads, args.adaptive_tol
@@ -212,10 +246,13 @@ def main(argv: list[str] | None = None) -> int:
         "record_seconds": train_s,
         "quadrature": quad,
         "kernel": kernels,
-        "gauss2_vs_midpoint100": {
-            "error_ratio": quad["gauss:2"]["rel_error"]
-            / max(quad["midpoint:100"]["rel_error"], 1e-300),
-            "jacobian_evaluation_ratio": 2 / 100,
+        "vs_midpoint100": {
+            r: {
+                "error_ratio": quad[r]["rel_error"]
+                / max(quad["midpoint:100"]["rel_error"], 1e-300),
+                "jacobian_evaluation_ratio": quad[r]["jacobian_evaluations_per_step"] / 100,
+            }
+            for r in ["gauss:2", *KINK_RULES]
         },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,8 @@ def _compute(args: argparse.Namespace) -> Any:
         raise UsageError("computing a kernel result needs --model MODULE:FACTORY and --inputs")
     if args.nodes < 1:
         raise UsageError(f"--nodes must be ≥ 1, got {args.nodes}")
+    if args.kink_splits < 0:
+        raise UsageError(f"--kink-splits must be ≥ 0, got {args.kink_splits}")
     model = _loading().load_model(args.model)
     inputs, labels = _loading().load_inputs(args.inputs, args.labels)
     if args.outputs == "label" and labels is None:
@@ -63,6 +65,7 @@ def _compute(args: argparse.Namespace) -> Any:
         outputs=args.outputs,
         labels=labels,
         quadrature=f"gauss:{args.nodes}",
+        kink_splits=args.kink_splits,
         device=args.device,
         **options,
     )
@@ -188,6 +191,14 @@ def _kernel_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         default=2,
         metavar="N",
         help="Gauss-Legendre nodes per step (default: 2)",
+    )
+    p.add_argument(
+        "--kink-splits",
+        type=int,
+        default=0,
+        metavar="K",
+        help="cut each step at up to K ReLU-type kinks per test input, so Gauss keeps its "
+        "order on piecewise-smooth models (default: 0, off)",
     )
     p.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -15,6 +15,7 @@ from .errors import (
     ResultFileError,
     UnsupportedOptimizerError,
 )
+from .kinks import register_kink_op
 from .quadrature import Quadrature, register_quadrature
 from .result import KeepOptions, KernelResult
 from .rules import OptimizerRule, ParamStep, RuleOutput, register_rule
@@ -27,6 +28,7 @@ __all__ = [
     "KeepOptions",
     "Quadrature",
     "register_quadrature",
+    "register_kink_op",
     "OptimizerRule",
     "ParamStep",
     "RuleOutput",

@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outputs", default="all", choices=["all", "predicted", "label"])
     ap.add_argument("--labels", default=None, help="FILE.npy of class indices (outputs=label)")
     ap.add_argument("--nodes", type=int, default=2, help="Gauss–Legendre nodes per step")
+    ap.add_argument(
+        "--kink-splits",
+        type=int,
+        default=0,
+        help="split each step at up to this many ReLU-type kinks per input (0: off)",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -42,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs=args.outputs,
         labels=labels,
         quadrature=f"gauss:{args.nodes}",
+        kink_splits=args.kink_splits,
         dtype=args.dtype,
         progress=False,
     )

@@ -23,6 +23,12 @@ class KernelConfig:
                    error exceeds tol × (sub-segment length), so the step's |error| ≤ tol, within
                    `max_nodes` Jacobian evaluations per step (localises ReLU kinks, which a
                    higher-order rule alone cannot).
+    kink_splits:   split each step, per test input, at up to this many kinks of ReLU-type ops
+                   (largest estimated jumps first; see kinks.py) and apply the rule on every
+                   piece — Gauss's order back on piecewise-smooth models. 0: off. Costs about
+                   (kinks + 1) × nodes Jacobian evaluations per input and step.
+    kink_probes:   kinks are located by the secant inside this many equal intervals of the
+                   step (kink_probes + 1 forward passes; more place them more exactly).
     dtype:         "float32" (default) or "float64" (verification). On a run trained in fp32,
                    float64 completes to ~1e-8 relative, not 1e-15: the replayed optimizer
                    state (Adam's moments, SGD's buffer) carries the training's fp32 rounding.
@@ -43,6 +49,8 @@ class KernelConfig:
     quadrature: str = "gauss:2"
     adaptive_tol: float | None = None
     max_nodes: int = 32
+    kink_splits: int = 0
+    kink_probes: int = 8
     dtype: str = "float32"
     device: str | None = None
     memory_budget: int = 2 * 1024**3
@@ -69,6 +77,10 @@ class KernelConfig:
                 f"max_nodes ({self.max_nodes}) is below the quadrature's node count "
                 f"({self.quadrature}); raise max_nodes."
             )
+        if not isinstance(self.kink_splits, int) or self.kink_splits < 0:
+            raise InputError(f"kink_splits must be an integer ≥ 0, got {self.kink_splits!r}")
+        if not isinstance(self.kink_probes, int) or self.kink_probes < 1:
+            raise InputError(f"kink_probes must be an integer ≥ 1, got {self.kink_probes!r}")
         if self.memory_budget <= 0:
             raise InputError(f"memory_budget must be positive bytes, got {self.memory_budget!r}")
         if self.training_mode not in ("auto", "per_sample", "jvp", "vmap"):

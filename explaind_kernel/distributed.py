@@ -259,7 +259,7 @@ def _reduce(
     res.f0 = _allreduce(local.f0 if owns_start else np.zeros_like(local.f0), group, comm)
     res.fT = _allreduce(local.fT if owns_end else np.zeros_like(local.fT), group, comm)
     if res.step_nodes is not None:
-        res.step_nodes = _allreduce(res.step_nodes.astype(np.float64), group, comm).astype(np.int64)
+        res.step_nodes = _allreduce(res.step_nodes.astype(np.float64), group, comm)
     if sweep.config.keep.param_scores:
         res.param_scores = {}
         for n in sweep.names:

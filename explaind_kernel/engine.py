@@ -400,7 +400,7 @@ class _Sweep:
             if cfg.keep.param_scores and mode == "full"
             else None
         )
-        nodes_used = np.zeros(self.T, dtype=np.int64)
+        nodes_used = np.zeros(self.T)
         carry: dict[str, Tensor | None] = {n: None for n in self.names}
         if carry_in is not None:
             carry.update({n: v for n, v in carry_in.items()})
@@ -576,26 +576,35 @@ class _Sweep:
         def piece(a: float, b: float, fa: Tensor, fb: Tensor):
             start = {k: theta[k] + a * delta[k] for k in theta}
             seg = {k: (b - a) * delta[k] for k in delta}
-            jb = test.integrated_jacobian(start, seg, buf, nodes, weights)
+            jb, spent = test.integrated_jacobian(
+                start,
+                seg,
+                buf,
+                nodes,
+                weights,
+                kink_splits=self.config.kink_splits,
+                kink_probes=self.config.kink_probes,
+            )
             for k in jb:
                 jb[k].mul_(b - a)
             lin = sum(_np(row_dot(jb[n], delta[n])) for n in self.names)
             err = float(np.max(np.abs(_np(fb) - _np(fa) - lin))) if tol is not None else 0.0
             key = -(err - tol * (b - a)) if tol is not None else 0.0
-            return (key, next(order), a, b, fa, fb, jb, lin)
+            return (key, next(order), a, b, fa, fb, jb, lin, spent)
 
         heap = [piece(0.0, 1.0, f_a, f_b)]
-        evals = len(nodes)
+        evals = heap[0][-1]
         while tol is not None and heap[0][0] < 0 and evals + 2 * len(nodes) <= budget:
-            _, _, a, b, fa, fb, _, _ = heapq.heappop(heap)
+            _, _, a, b, fa, fb, _, _, spent = heapq.heappop(heap)
             m = 0.5 * (a + b)
             fm = test.values({k: theta[k] + m * delta[k] for k in theta}, buf)
-            heapq.heappush(heap, piece(a, m, fa, fm))
-            heapq.heappush(heap, piece(m, b, fm, fb))
-            evals += 2 * len(nodes)
+            left, right = piece(a, m, fa, fm), piece(m, b, fm, fb)
+            heapq.heappush(heap, left)
+            heapq.heappush(heap, right)
+            evals += left[-1] + right[-1] - spent
         total: dict[str, Tensor] = {}
         total_lin = np.zeros(f_a.numel())
-        for *_, jb, lin in heap:
+        for *_, jb, lin, _spent in heap:
             total_lin += lin
             for k, v in jb.items():
                 total[k] = total[k].add_(v) if k in total else v

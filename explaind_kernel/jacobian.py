@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.func import jacrev, vmap
 
 from .functional import FunctionalModel, OutputSelector
+from .kinks import breakpoints, piece_nodes, record_switches
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +72,90 @@ class TestSide:
         buffers: Mapping[str, Tensor],
         nodes: np.ndarray,
         weights: np.ndarray,
-    ) -> dict[str, Tensor]:
-        """J̄ = Σ_k w_k ∂f/∂θ(θ + s_k·Δθ)."""
+        *,
+        kink_splits: int = 0,
+        kink_probes: int = 8,
+    ) -> tuple[dict[str, Tensor], float]:
+        """J̄ = Σ_k w_k ∂f/∂θ(θ + s_k·Δθ), and the Jacobian evaluations spent per test input.
+
+        With `kink_splits` > 0 each test input's segment is first cut at up to that many kinks
+        (kinks.py), located on a grid of `kink_probes` equal intervals (forward passes only),
+        and the rule is applied on every piece, at that input's own nodes."""
+        if kink_splits > 0:
+            cuts = self._kinks(theta, delta, buffers, kink_splits, kink_probes)
+            if any(c.size for c in cuts):
+                rows, s, w = piece_nodes(cuts, nodes, weights)
+                return self._jacobian_at(theta, delta, buffers, rows, s, w), rows.size / self.n
         total: dict[str, Tensor] = {}
         for s, w in zip(nodes.tolist(), weights.tolist()):
             point = {k: theta[k] + s * delta[k] for k in theta}
             jac = self.jacobian(point, buffers)
             for k, v in jac.items():
-                total[k] = total[k].add_(v, alpha=w) if k in total else v.mul_(w)
-        return total
+                total[k] = total[k].add_(v, alpha=w) if k in total else v * w
+        return total, float(len(nodes))
+
+    def _kinks(self, theta, delta, buffers, limit: int, probes: int) -> list[np.ndarray]:
+        self.fm.set_modes(False)
+
+        def at(s: float):
+            point = {k: theta[k] + s * delta[k] for k in theta}
+            return record_switches(
+                lambda: self.selector(self._call(point, buffers, self.inputs), self.index), self.n
+            )
+
+        grid = np.linspace(0.0, 1.0, probes + 1).tolist()
+        return breakpoints(grid, [at(s) for s in grid], self.n, limit)
+
+    def _jacobian_at(self, theta, delta, buffers, rows, s, w) -> dict[str, Tensor]:
+        """Σ_j w_j ∂f/∂θ(θ + s_j·Δθ) at test input rows[j], summed per input: {name: [R, *shape]}.
+        Pairs go through in blocks of n, so memory stays that of one whole-chunk evaluation."""
+        self.fm.set_modes(False)
+        ref = next(iter(theta.values()))
+        total: dict[str, Tensor] = {}
+        for lo in range(0, rows.size, self.n):
+            r = torch.as_tensor(rows[lo : lo + self.n], device=ref.device)
+            sb = torch.as_tensor(s[lo : lo + self.n], device=ref.device, dtype=ref.dtype)
+            wb = torch.as_tensor(w[lo : lo + self.n], device=ref.device, dtype=ref.dtype)
+            xs = tuple(x[r] for x in self.inputs)
+            jac = self._jacobian_shifted(theta, delta, buffers, xs, self.index[r], sb)
+            for k, v in jac.items():
+                v = v.reshape(r.numel(), -1, *theta[k].shape)  # [m, O, *shape]
+                v = v * wb.reshape(-1, *([1] * (v.dim() - 1)))
+                if k not in total:
+                    total[k] = v.new_zeros(self.n, *v.shape[1:])
+                total[k].index_add_(0, r, v)
+        return {k: v.reshape(-1, *theta[k].shape) for k, v in total.items()}
+
+    def _jacobian_shifted(self, theta, delta, buffers, xs, index, s) -> dict[str, Tensor]:
+        """{name: [m·O, *shape]} ∂f/∂θ for input j of `xs` at θ + s_j·Δθ."""
+        if self.mode == "func":
+            selector = self.selector
+
+            def single(p, sj, idx, *x1):
+                point = {k: p[k] + sj * delta[k] for k in p}
+                out = self._call(point, buffers, tuple(x.unsqueeze(0) for x in x1))
+                return selector(out, idx.unsqueeze(0))[0]
+
+            try:
+                in_dims = (None, 0, 0) + (0,) * len(xs)
+                jac = vmap(jacrev(single), in_dims=in_dims)(dict(theta), s, index, *xs)
+                return {k: v.reshape(-1, *theta[k].shape) for k, v in jac.items()}
+            except (RuntimeError, NotImplementedError) as e:
+                log.warning("torch.func could not transform the model (%s); using autograd", e)
+                self.mode = "autograd"
+        parts = []
+        for j in range(int(s.numel())):
+            one = TestSide(
+                self.fm,
+                self.selector,
+                tuple(x[j : j + 1] for x in xs),
+                index[j : j + 1],
+                keys=self.keys,
+                mode="autograd",
+            )
+            point = {k: theta[k] + s[j] * delta[k] for k in theta}
+            parts.append(one._jacobian_autograd(point, buffers))
+        return {k: torch.cat([p[k] for p in parts], 0) for k in theta}
 
     # ----------------------------------------------------------------- impls
     def _jacobian_func(self, params, buffers) -> dict[str, Tensor]:

@@ -148,6 +148,8 @@ def test_kernel_command_saves_and_prints_one_line(user_dir, capsys):
             "label",
             "--nodes",
             "3",
+            "--kink-splits",
+            "16",
         ]
     )
     assert code == 0
@@ -156,6 +158,7 @@ def test_kernel_command_saves_and_prints_one_line(user_dir, capsys):
     (trace, model, inputs, kw) = calls[0]
     assert trace == "run.lmdb" and tuple(inputs.shape) == (4, 2)
     assert kw["quadrature"] == "gauss:3" and kw["outputs"] == "label" and kw["device"] is None
+    assert kw["kink_splits"] == 16
     assert kw["labels"].tolist() == [0, 1, 2, 0]
     saved = KernelResult.load(tmp_path / "run.lmdb.result.explaind")
     assert saved.trace_id == "trace-A"
