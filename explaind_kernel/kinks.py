@@ -91,18 +91,21 @@ class _SwitchRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         rule = _OPS.get(func)
-        if rule is None or not isinstance(out, Tensor) or not out.is_floating_point():
+        values = None
+        if rule is not None:
+            with torch.no_grad():  # before the call: in-place spellings overwrite the argument
+                values = [v.detach().clone() for v in rule(args, kwargs)]
+        out = func(*args, **kwargs)
+        if values is None or not isinstance(out, Tensor) or not out.is_floating_point():
             return out
         if out.dim() == 0 or out.shape[0] % self.n:
             return out  # cannot be tied to test inputs
-        with torch.no_grad():
-            values = [v.detach().reshape(self.n, -1) for v in rule(args, kwargs)]
-        if any(v.shape[1] != out.numel() // self.n for v in values):
+        per_input = out.numel() // self.n
+        if any(v.numel() != out.numel() for v in values):
             return out
         probe = torch.zeros_like(out, requires_grad=True)
-        self.switches.append(values)
+        self.switches.append([v.reshape(self.n, per_input) for v in values])
         self.probes.append(probe)
         return out + probe
 

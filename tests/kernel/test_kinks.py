@@ -21,6 +21,8 @@ from .models import SETUPS, KernelSetup, train
 # (activation, its thresholds): the pre-activation crosses each threshold at a kink
 ACTIVATIONS = {
     "nn.ReLU": (nn.ReLU(), (0.0,)),
+    "nn.ReLU(inplace)": (nn.ReLU(inplace=True), (0.0,)),
+    "relu_": (torch.relu_, (0.0,)),
     "Tensor.relu": (lambda h: h.relu(), (0.0,)),
     "leaky_relu": (nn.LeakyReLU(0.1), (0.0,)),
     "relu6": (nn.ReLU6(), (0.0, 6.0)),
