@@ -33,6 +33,7 @@ __all__ = [
     "decode_tensor",
     "is_tensor_map",
     "tensor_to_bytes",
+    "tensor_u8",
     "pack",
     "unpack",
 ]
@@ -73,21 +74,37 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return _u8(t).tobytes()
 
 
+def tensor_u8(t: torch.Tensor) -> np.ndarray:
+    """``tensor_to_bytes(t)`` as a flat uint8 array; a view of ``t``'s memory where possible."""
+    return _u8(t)
+
+
+# dtypes numpy has, so that a contiguous CPU tensor is viewed through ``numpy()`` (one torch
+# call) instead of reshaped and re-viewed by torch (several calls, which add up per record)
+_NUMPY_DTYPES = frozenset(v for k, v in DTYPES.items() if k != "bfloat16")
+
+
 def _u8(t: torch.Tensor) -> np.ndarray:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    if flat.numel() == 0:
-        return np.empty(0, dtype=np.uint8)
-    arr = flat.view(torch.uint8).numpy()
-    if not _LITTLE and flat.element_size() > 1:
-        arr = arr.reshape(-1, flat.element_size())[:, ::-1].reshape(-1)
+    if t.is_cpu and t.dtype in _NUMPY_DTYPES and t.is_contiguous():
+        arr = (t.detach() if t.requires_grad else t).numpy().reshape(-1).view(np.uint8)
+        size = t.element_size()
+    else:
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        if flat.numel() == 0:
+            return np.empty(0, dtype=np.uint8)
+        arr = flat.view(torch.uint8).numpy()
+        size = flat.element_size()
+    if not _LITTLE and size > 1:
+        arr = np.ascontiguousarray(arr.reshape(-1, size)[:, ::-1]).reshape(-1)
     return arr
 
 
-def _shuffle(raw: bytes | np.ndarray, itemsize: int) -> bytes:
+def _shuffle(raw: bytes | np.ndarray, itemsize: int) -> bytes | np.ndarray:
+    """The bytes regrouped by significance, as bytes or a contiguous uint8 array."""
     arr = np.frombuffer(raw, dtype=np.uint8) if isinstance(raw, bytes | bytearray) else raw
     if itemsize == 1 or arr.size == 0:
-        return arr.tobytes()
-    return np.ascontiguousarray(arr.reshape(-1, itemsize).T).tobytes()
+        return arr
+    return np.ascontiguousarray(arr.reshape(-1, itemsize).T)
 
 
 def _unshuffle(raw: bytes, itemsize: int) -> bytes:
@@ -120,7 +137,7 @@ def encode_bytes(
     if dtype in _FLOATS and itemsize > 1:
         data = _compressor(level).compress(_shuffle(raw, itemsize))
         return {"dtype": dtype, "shape": list(shape), "codec": "zstd-shuffle", "data": data}
-    data = _compressor(level).compress(raw if isinstance(raw, bytes) else raw.tobytes())
+    data = _compressor(level).compress(raw)  # bytes or a contiguous uint8 array
     return {"dtype": dtype, "shape": list(shape), "codec": "zstd", "data": data}
 
 

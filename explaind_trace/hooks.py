@@ -1,4 +1,4 @@
-"""What the recorder's hooks capture: inputs, output cotangents, buffers, gradient identity.
+"""What the recorder's hooks capture: inputs, output cotangents, gradient identity.
 
 Nothing here changes a value the training loop sees: inputs are copied, tensor hooks
 return ``None``, RNG states are read, not set.
@@ -14,20 +14,15 @@ import torch
 
 from . import codec
 from .errors import RecordingError, TraceCorruptError
+from .packing import cpu_copy
 from .schema import CapturedForward
 
 __all__ = [
     "find_batch_size",
     "capture_inputs",
     "OutputCapture",
-    "BufferTracker",
     "GradTracker",
-    "mode_overrides",
 ]
-
-
-def _cpu_copy(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
 
 
 def _tensors(obj: Any):
@@ -70,9 +65,9 @@ def capture_inputs(
                     f"model input {where} is a {obj.layout} tensor; only dense tensors are recorded"
                 )
             if obj.dim() >= 1 and obj.shape[0] == batch_size:
-                slots.append(_cpu_copy(obj))
+                slots.append(cpu_copy(obj))
                 return {"k": "b", "i": len(slots) - 1}
-            consts.append(_cpu_copy(obj))
+            consts.append(cpu_copy(obj))
             return {"k": "t", "i": len(consts) - 1}
         if obj is None:
             return {"k": "n"}
@@ -99,12 +94,6 @@ def capture_inputs(
     args_tree = node(tuple(args), "args")
     kwargs_tree = node(dict(kwargs), "kwargs")
     return args_tree, kwargs_tree, slots, consts
-
-
-def mode_overrides(model: torch.nn.Module) -> dict[str, bool]:
-    """Submodules whose training flag differs from the root's."""
-    root = model.training
-    return {name: m.training for name, m in model.named_modules() if name and m.training != root}
 
 
 def _graph_task() -> int | None:
@@ -210,33 +199,18 @@ class OutputCapture:
         self._handles.clear()
 
     def finish(self) -> CapturedForward:
-        """Copy the accumulated cotangents into the captured record (CPU)."""
+        """Hand the accumulated cotangents to the captured record (on CPU).
+
+        The accumulators are this capture's own tensors (a clone, a quotient or a sum made
+        in ``on_grad``, never touched again once released), so CPU ones need no copy.
+        """
         self.release()
         cf = self.captured
-        cf.cotangents = [None if a is None else _cpu_copy(a) for a in self._acc]
+        cf.cotangents = [
+            None if a is None else a if a.device.type == "cpu" else cpu_copy(a) for a in self._acc
+        ]
         cf.grad_scale = 1.0 if self._scale is None else float(self._scale.item())
         return cf
-
-
-class BufferTracker:
-    """Detects buffer changes by tensor identity and in-place version counters."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self._last: dict[str, tuple[int, int]] | None = None
-
-    def _signature(self) -> dict[str, tuple[int, int]]:
-        return {n: (id(b), b._version) for n, b in self.model.named_buffers() if b is not None}
-
-    def snapshot_if_changed(self) -> dict[str, torch.Tensor] | None:
-        sig = self._signature()
-        if sig == self._last:
-            return None
-        self._last = sig
-        return self.snapshot()
-
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: _cpu_copy(b) for n, b in self.model.named_buffers() if b is not None}
 
 
 class GradTracker:
@@ -263,10 +237,13 @@ class GradTracker:
         ]
 
     def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        seen = self.seen
+
         def on_accumulated(p: torch.Tensor) -> None:
-            if p.grad is None:
+            g = p.grad
+            if g is None:
                 return
-            old = self.seen.get(name)
+            old = seen.get(name)
             if old is not None and not self.allow_replaced:
                 # the gradient of this param's last backward was freed (zero_grad with
                 # set_to_none) before this backward accumulated a new one. Not a clear: an
@@ -275,7 +252,7 @@ class GradTracker:
                 # detected here (it is at the next forward and at step()).
                 if old[0]() is None:
                     self.cleared_in_task = _graph_task()
-            self.seen[name] = (weakref.ref(p.grad), p.grad._version)
+            seen[name] = (weakref.ref(g), g._version)
 
         return on_accumulated
 

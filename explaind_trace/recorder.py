@@ -30,23 +30,18 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from .ddp import rank_store_spec, unwrap_ddp
 from .errors import RecordingError, TraceWriteError
-from .hooks import (
-    BufferTracker,
-    GradTracker,
-    OutputCapture,
-    capture_inputs,
-    find_batch_size,
-    mode_overrides,
-)
+from .hooks import GradTracker, OutputCapture, capture_inputs, find_batch_size
 from .layout import build_meta, check_options, inspect_run
+from .modules import BufferTracker, ModuleIndex
 from .optimizers import capture_hyperparams, export_state
+from .packing import copy_named, cpu_copy
 from .schema import CapturedForward, CapturedState, CapturedStep
 from .stores import Store
 from .writer import TraceWriter, open_new_trace
@@ -202,8 +197,8 @@ class Recorder:
 
     def _attach(self) -> None:
         m, opt = self.model, self.optimizer
-        self._fwd_buffers = BufferTracker(m)
-        self._step_buffers = BufferTracker(m)
+        self._modules = ModuleIndex(m)
+        self._buffers = BufferTracker(self._modules)
         self._grads = GradTracker(self._params, allow_replaced=self.ddp is not None)
         self._handles.append(m.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         self._handles.append(m.register_forward_hook(self._post_forward, always_call=True))
@@ -286,8 +281,8 @@ class Recorder:
     def _state(self, step: int) -> CapturedState:
         return CapturedState(
             step=step,
-            params={n: p.detach().to("cpu", copy=True) for n, p in self._params.items()},
-            buffers=self._fwd_buffers.snapshot(),
+            params={n: cpu_copy(p) for n, p in self._params.items()},
+            buffers=self._buffers.snapshot(),
             optimizer_state=export_state(self.optimizer, self._names),
         )
 
@@ -387,19 +382,19 @@ class Recorder:
             rng_state=torch.get_rng_state(),
             cuda_rng_state=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             training=module.training,
-            mode_overrides=mode_overrides(module),
+            mode_overrides=self._modules.mode_overrides(),
             buffers=self._forward_buffers(),
             user_ids=ids,
         )
         self._stack[-1] = OutputCapture(captured, self._current_scale)
         return None
 
-    def _forward_buffers(self) -> dict[str, torch.Tensor] | None:
+    def _forward_buffers(self) -> Mapping[str, torch.Tensor] | None:
         if self._forwards_only:
             # a rank's forwards follow rank 0's in the merged step: each carries its buffers
-            snap = self._fwd_buffers.snapshot()
+            snap = self._buffers.snapshot()
             return snap or None
-        return self._fwd_buffers.snapshot_if_changed()
+        return self._buffers.snapshot_if_changed("forward")
 
     def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._closed or not self._stack:
@@ -476,7 +471,7 @@ class Recorder:
                 buffers=None,
             )
             return None
-        grads = {}
+        named_grads = []
         for n, p in self._params.items():
             g = p.grad
             if g is None:
@@ -485,13 +480,14 @@ class Recorder:
                 raise RecordingError(
                     f"parameter {n!r} has a {g.layout} gradient; only dense gradients are supported"
                 )
-            grads[n] = g.detach().to("cpu", copy=True)
+            named_grads.append((n, g))
+        grads = copy_named(named_grads)
         groups, tkeys = [], []
         for group in optimizer.param_groups:
             hp, tk = capture_hyperparams(group)
             groups.append(hp)
             tkeys.append(tk)
-        buffers = self._step_buffers.snapshot_if_changed()
+        buffers = self._buffers.snapshot_if_changed("step")
         ckpt = self._state(t) if t % self.checkpoint_every == 0 else None
         self._in_flight = CapturedStep(
             index=t,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 
 from . import codec
+from .packing import PackedTensors
+from .rowids import RowIds
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -59,6 +62,25 @@ def yield_gil() -> None:
     time.sleep(0)
 
 
+class GilPacer:
+    """``yield_gil()`` at most once per ``interval`` seconds of the writer's work.
+
+    A hand-off costs the writer a sleep and a wake-up, which on a busy machine preempts
+    the training thread; pacing bounds the training thread's wait for the GIL (about one
+    interval) without a hand-off after every small encode step.
+    """
+
+    def __init__(self, interval: float = 0.0002) -> None:
+        self.interval = interval
+        self._last = time.perf_counter()
+
+    def __call__(self) -> None:
+        now = time.perf_counter()
+        if now - self._last >= self.interval:
+            yield_gil()
+            self._last = time.perf_counter()
+
+
 def step_key(t: int) -> str:
     return f"step/{t:08d}"
 
@@ -88,7 +110,7 @@ class CapturedForward:
     cuda_rng_state: torch.Tensor | None
     training: bool
     mode_overrides: dict[str, bool]
-    buffers: dict[str, torch.Tensor] | None
+    buffers: Mapping[str, torch.Tensor] | None
     user_ids: list[str] | None
     output: Any = None  # tree of the output's structure, leaves {"k": "t", "i": j}
     cotangents: list[torch.Tensor | None] = field(default_factory=list)
@@ -101,7 +123,7 @@ class CapturedState:
 
     step: int
     params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
+    buffers: Mapping[str, torch.Tensor]
     optimizer_state: dict[str, dict[str, Any]]
 
 
@@ -110,11 +132,11 @@ class CapturedStep:
     """Everything recorded for optimizer step ``index``."""
 
     index: int
-    grads: dict[str, torch.Tensor]
+    grads: Mapping[str, torch.Tensor]
     groups: list[dict[str, Any]]
     tensor_hyperparams: list[dict[str, str]]
     forwards: list[CapturedForward]
-    buffers: dict[str, torch.Tensor] | None
+    buffers: Mapping[str, torch.Tensor] | None
     checkpoint: CapturedState | None = None
 
 
@@ -124,6 +146,11 @@ class Encoder:
     Used by the writer thread only (not thread-safe). ``raw_bytes`` counts the gradient
     bytes as fp32 plus the input batch bytes; ``stored_bytes`` the bytes handed to the
     store (without the progress record).
+
+    Values that repeat from record to record are encoded once: a buffer mapping handed over
+    again (the recorder shares one mapping of copies while the buffers are unchanged, e.g. a
+    step's buffers and the next forward's) and an RNG state with the same bytes as the last.
+    Sample row ids come from ``RowIds``, which hashes a row again only when it is not cached.
     """
 
     def __init__(self, *, grad_codec: str = "lossless", level: int = 1) -> None:
@@ -132,20 +159,54 @@ class Encoder:
         self.known_samples: set[str] = set()
         self.raw_bytes = 0
         self.stored_bytes = 0
+        self.pace = GilPacer()
+        self.row_ids = RowIds()
+        self._last_buffers: tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None = None
+        self._last_by_content: dict[str, tuple[tuple[Any, ...], bytes, dict[str, Any]]] = {}
 
     def tensor(self, t: torch.Tensor, *, lossy: bool = False) -> dict[str, Any]:
         encoded = codec.encode_tensor(t, lossy=self.lossy if lossy else None, level=self.level)
-        yield_gil()
+        self.pace()
         return encoded
 
-    def tensors(self, d: dict[str, torch.Tensor], *, lossy: bool = False) -> dict[str, Any]:
+    def tensors(self, d: Mapping[str, torch.Tensor], *, lossy: bool = False) -> dict[str, Any]:
+        if isinstance(d, PackedTensors) and not (lossy and self.lossy):
+            # the same maps as encode_tensor(view), from slices of the packed bytes
+            out = {}
+            for name, dtype, shape, raw in d.byte_items():
+                out[name] = codec.encode_bytes(
+                    raw, codec.dtype_name(dtype), shape, level=self.level
+                )
+                self.pace()
+            return out
         return {k: self.tensor(v, lossy=lossy) for k, v in d.items()}
+
+    def buffers(self, d: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """``tensors(d)``, reused when ``d`` is the mapping encoded last (held, so its id is too)."""
+        last = self._last_buffers
+        if last is not None and last[0] is d:
+            return last[1]
+        encoded = self.tensors(d)
+        self._last_buffers = (d, encoded)
+        return encoded
+
+    def repeated(self, slot: str, t: torch.Tensor) -> dict[str, Any]:
+        """``tensor(t)``, reused when ``t`` has the dtype, shape and bytes ``slot`` had last."""
+        raw = codec.tensor_u8(t).tobytes()
+        key = (t.dtype, tuple(t.shape))
+        last = self._last_by_content.get(slot)
+        if last is not None and last[0] == key and last[1] == raw:
+            return last[2]
+        encoded = codec.encode_bytes(raw, codec.dtype_name(t.dtype), key[1], level=self.level)
+        self._last_by_content[slot] = (key, raw, encoded)
+        self.pace()
+        return encoded
 
     def state(self, s: CapturedState) -> dict[str, Any]:
         return {
             "step": s.step,
             "params": self.tensors(s.params),
-            "buffers": self.tensors(s.buffers),
+            "buffers": self.buffers(s.buffers),
             "optimizer_state": {
                 name: {
                     k: self.tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()
@@ -159,7 +220,7 @@ class Encoder:
         b = f.batch_size
         views = []
         for t in f.slots:
-            u8 = np.frombuffer(codec.tensor_to_bytes(t), dtype=np.uint8)
+            u8 = codec.tensor_u8(t)  # a view of the captured copy, not another copy
             row_bytes = int(np.prod(t.shape[1:], dtype=np.int64)) * t.element_size()
             views.append((codec.dtype_name(t.dtype), list(t.shape[1:]), u8.reshape(b, row_bytes)))
             self.raw_bytes += t.numel() * t.element_size()
@@ -170,15 +231,12 @@ class Encoder:
         joined = (
             views[0][2] if len(views) == 1 else np.concatenate([v for _, _, v in views], axis=1)
         )
-        ids = []
-        for i in range(b):
-            if i % 64 == 63:
-                yield_gil()
-            cid = hashlib.blake2b(joined[i].data, digest_size=16, key=key).hexdigest()
-            ids.append(cid)
-            if cid in self.known_samples:
+        ids = self.row_ids.ids(key, joined, self.pace)
+        known = self.known_samples
+        for i, cid in enumerate(ids):
+            if cid in known:
                 continue
-            self.known_samples.add(cid)
+            known.add(cid)
             rec = {
                 "rows": [
                     codec.encode_bytes(rows[i], dtype, shape, level=self.level)
@@ -186,6 +244,7 @@ class Encoder:
                 ]
             }
             out.append((sample_key(cid), codec.pack(rec)))
+            self.pace()
         return ids
 
     def forward(self, f: CapturedForward, out: list[tuple[str, bytes]]) -> dict[str, Any]:
@@ -202,11 +261,15 @@ class Encoder:
             "tensors": [self.tensor(t) for t in f.tensors],
             "output": f.output,
             "cotangents": [None if c is None else self.tensor(c) for c in f.cotangents],
-            "rng_state": self.tensor(f.rng_state),
-            "cuda_rng_state": None if f.cuda_rng_state is None else self.tensor(f.cuda_rng_state),
+            "rng_state": self.repeated("rng_state", f.rng_state),
+            "cuda_rng_state": (
+                None
+                if f.cuda_rng_state is None
+                else self.repeated("cuda_rng_state", f.cuda_rng_state)
+            ),
             "training": f.training,
             "mode_overrides": f.mode_overrides,
-            "buffers": None if f.buffers is None else self.tensors(f.buffers),
+            "buffers": None if f.buffers is None else self.buffers(f.buffers),
             "grad_scale": f.grad_scale,
         }
 
@@ -219,9 +282,9 @@ class Encoder:
             "groups": s.groups,
             "tensor_hyperparams": s.tensor_hyperparams,
             "forwards": [self.forward(f, out) for f in s.forwards],
-            "buffers": None if s.buffers is None else self.tensors(s.buffers),
+            "buffers": None if s.buffers is None else self.buffers(s.buffers),
         }
-        yield_gil()
+        self.pace()
         out.append((step_key(s.index), codec.pack(rec)))
         if s.checkpoint is not None:
             out.append((ckpt_key(s.checkpoint.step), codec.pack(self.state(s.checkpoint))))

@@ -24,7 +24,6 @@ from .schema import (
     CapturedState,
     CapturedStep,
     Encoder,
-    yield_gil,
 )
 from .stores import Store, open_store
 
@@ -188,7 +187,7 @@ class TraceWriter:
         progress["raw_bytes"] = enc.raw_bytes
         for key, value in items:
             self.store.put(key, value)
-            yield_gil()
+            enc.pace()
         self.store.put(PROGRESS, codec.pack(progress))
         self.store.commit()
         self.progress = progress
