@@ -39,7 +39,7 @@ _LAZY = {
     ),
     "pruning": ("PruneCurve", "prune_copy", "prune_curve", "prune_curves", "ranking_scores"),
     "report": ("ReportPaths", "build_report", "samples_from_trace"),
-    "results": ("check_result_matches", "load_result", "trace_id_of"),
+    "results": ("check_result_matches", "load_result", "saved_result_for", "trace_id_of"),
     "training": (
         "StepAttribution",
         "cumulative_curve",
@@ -76,6 +76,7 @@ __all__ = [
     "group_component_view",
     "group_window_view",
     "load_result",
+    "saved_result_for",
     "module_attribution",
     "module_of",
     "param_score_table",
@@ -124,7 +125,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .pruning import PruneCurve, prune_copy, prune_curve, prune_curves, ranking_scores
     from .report import ReportPaths, build_report, samples_from_trace
-    from .results import check_result_matches, load_result, trace_id_of
+    from .results import check_result_matches, load_result, saved_result_for, trace_id_of
     from .training import (
         StepAttribution,
         cumulative_curve,

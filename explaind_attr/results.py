@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,9 @@ from explaind_kernel.result import KernelResult
 
 from .errors import ResultMismatchError
 
-__all__ = ["check_result_matches", "load_result", "trace_id_of"]
+__all__ = ["check_result_matches", "load_result", "saved_result_for", "trace_id_of"]
+
+log = logging.getLogger(__name__)
 
 
 def trace_id_of(trace: Any) -> str:
@@ -54,4 +57,24 @@ def load_result(path: str | Path, *, trace_id: str | Any | None = None) -> Kerne
     result = KernelResult.load(path)
     if trace_id is not None:
         check_result_matches(result, trace_id)
+    return result
+
+
+def saved_result_for(
+    path: str | Path, trace: str, num_inputs: int | None = None
+) -> KernelResult | None:
+    """The result saved at `path` when it was computed from the trace at `trace` (and on
+    `num_inputs` test inputs, when given); None when there is none, so the caller recomputes."""
+    if not Path(path).is_file():
+        return None
+    from explaind_trace import open_trace
+
+    with open_trace(trace) as reader:
+        try:
+            result = load_result(path, trace_id=reader)
+        except ResultMismatchError as e:
+            log.warning("not reusing %s: %s", path, e)
+            return None
+    if num_inputs is not None and result.num_inputs != num_inputs:
+        return None
     return result

@@ -56,19 +56,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def reuse(path: Path, trace: str, n_inputs: int) -> explaind_kernel.KernelResult | None:
-    """The saved result at `path` when it was computed from `trace` on `n_inputs` inputs."""
-    if not path.is_file():
-        return None
-    with explaind_trace.open_trace(trace) as reader:
-        try:
-            result = explaind_attr.load_result(path, trace_id=reader)
-        except explaind_attr.ResultMismatchError as e:
-            print(f"not reusing {path}: {e}")
-            return None
-    return result if result.num_inputs == n_inputs else None
-
-
 def plot(path: Path, curves, n_eval: int) -> None:
     from matplotlib.figure import Figure
 
@@ -112,7 +99,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. the kernel, keeping per-weight scores for pruning
     start = time.perf_counter()
-    result = reuse(out / "result.explaind", trace, n_explain) if args.reuse else None
+    result = (
+        explaind_attr.saved_result_for(out / "result.explaind", trace, n_explain)
+        if args.reuse
+        else None
+    )
     if result is None or result.param_scores is None:
         result = explaind_kernel.compute_kernel(
             trace,

@@ -113,19 +113,6 @@ def group_windows(result: explaind_kernel.KernelResult, groups: dict[str, list[s
     return np.stack([mean[[index[n] for n in names]].sum(axis=0) for names in groups.values()])
 
 
-def reuse(path: Path, trace: str, n_inputs: int) -> explaind_kernel.KernelResult | None:
-    """The saved result at `path` when it was computed from `trace` on `n_inputs` inputs."""
-    if not path.is_file():
-        return None
-    with explaind_trace.open_trace(trace) as reader:
-        try:
-            result = explaind_attr.load_result(path, trace_id=reader)
-        except explaind_attr.ResultMismatchError as e:
-            print(f"not reusing {path}: {e}")
-            return None
-    return result if result.num_inputs == n_inputs else None
-
-
 def plot(path: Path, history, phases, windows, groups_by_window, group_names, terms, align) -> None:
     from matplotlib.figure import Figure
 
@@ -188,7 +175,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. the kernel: f_T = f_0 + Σ_(sample, step) K + every other term, exactly
     start = time.perf_counter()
-    result = reuse(out / "result.explaind", trace, len(pick)) if args.reuse else None
+    result = (
+        explaind_attr.saved_result_for(out / "result.explaind", trace, len(pick))
+        if args.reuse
+        else None
+    )
     if result is None:
         result = explaind_kernel.compute_kernel(
             trace,
