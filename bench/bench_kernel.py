@@ -12,6 +12,8 @@ Records a run, then
 
 Full scale (the issue's configuration) is `--steps 1000 --test-inputs 256` on a GPU; the CPU
 default is reduced so it finishes in minutes on 2 cores. Results: bench/results/kernel.json.
+The quadrature comparison at full scale on a CPU is bench/bench_quadrature.py (forward-mode
+JVPs give the same error for a fraction of the cost).
 
     python bench/bench_kernel.py                # CPU default
     python bench/bench_kernel.py --full         # 1000 steps, 256 test inputs, all logits

@@ -1,7 +1,8 @@
-"""The `explaind` command line: info, kernel, report, demo.
+"""The `explaind` command line: info, kernel, quadrature, report, demo.
 
     explaind info TRACE
     explaind kernel TRACE --model MODULE:FACTORY --inputs MODULE:FUNCTION|FILE.npy
+    explaind quadrature TRACE --model ... --inputs ... [--rules gauss:1,gauss:2,gauss:1+kinks]
     explaind report TRACE [--result R] [--model ... --inputs ...] [--out DIR]
     explaind demo [--out DIR]
 
@@ -37,13 +38,10 @@ EXIT_LIBRARY_ERROR = 2
 # ----------------------------------------------------------------- argument resolution
 
 
-def _compute(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """(model, inputs, labels) from --model, --inputs and --labels."""
     if not args.model or not args.inputs:
         raise UsageError("computing a kernel result needs --model MODULE:FACTORY and --inputs")
-    if args.nodes < 1:
-        raise UsageError(f"--nodes must be ≥ 1, got {args.nodes}")
-    if args.kink_splits < 0:
-        raise UsageError(f"--kink-splits must be ≥ 0, got {args.kink_splits}")
     model = _loading().load_model(args.model)
     inputs, labels = _loading().load_inputs(args.inputs, args.labels)
     if args.outputs == "label" and labels is None:
@@ -51,6 +49,15 @@ def _compute(args: argparse.Namespace) -> Any:
             "--outputs label needs labels: pass --labels FILE.npy, or return (inputs, labels) "
             "from the --inputs function"
         )
+    return model, inputs, labels
+
+
+def _compute(args: argparse.Namespace) -> Any:
+    if args.nodes < 1:
+        raise UsageError(f"--nodes must be ≥ 1, got {args.nodes}")
+    if args.kink_splits < 0:
+        raise UsageError(f"--kink-splits must be ≥ 0, got {args.kink_splits}")
+    model, inputs, labels = _load(args)
     try:
         from explaind_kernel import compute_kernel
     except ImportError as e:
@@ -117,6 +124,35 @@ def _cmd_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quadrature(args: argparse.Namespace) -> int:
+    from explaind_kernel import compare_quadrature
+
+    model, inputs, labels = _load(args)
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    results = compare_quadrature(
+        args.trace,
+        model,
+        inputs,
+        rules,
+        outputs=args.outputs,
+        labels=labels,
+        device=args.device,
+        kink_probes=args.kink_probes,
+        progress=not args.no_progress,
+    )
+    print(f"{'rule':<22} {'evaluations/step':>16} {'max_abs':>10} {'rel':>10}")
+    for r in results:
+        print(
+            f"{r.rule:<22} {r.evaluations_per_step:>16.2f} {r.max_abs:>10.3e} {r.rel_error:>10.3e}"
+        )
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+        log.info("quadrature errors saved to %s", args.json)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from explaind_kernel.result import KernelResult
 
@@ -165,7 +201,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def _kernel_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+def _model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument(
         "--model",
         required=required,
@@ -185,6 +221,12 @@ def _kernel_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         help="which outputs to explain (default: all)",
     )
     p.add_argument("--labels", metavar="FILE.npy", help="labels for --outputs label")
+    p.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _kernel_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    _model_options(p, required=required)
     p.add_argument(
         "--nodes",
         type=int,
@@ -200,8 +242,6 @@ def _kernel_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         help="cut each step at up to K ReLU-type kinks per test input, so Gauss keeps its "
         "order on piecewise-smooth models (default: 0, off)",
     )
-    p.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,6 +276,25 @@ def build_parser() -> argparse.ArgumentParser:
     _kernel_options(p, required=True)
     p.add_argument("--out", metavar="RESULT", help="result file (default: TRACE.result.explaind)")
     p.set_defaults(func=_cmd_kernel)
+
+    p = sub.add_parser(
+        "quadrature",
+        parents=[common],
+        help="measure quadrature rules' errors on a trace (cheap: forward-mode JVPs)",
+    )
+    p.add_argument("trace", metavar="TRACE")
+    _model_options(p, required=True)
+    p.add_argument(
+        "--rules",
+        default="gauss:1,gauss:2,gauss:3,gauss:1+kinks,gauss:2+kinks",
+        help="comma-separated RULE:NODES[+kinks[:LIMIT]] (default: Gauss 1-3, Gauss 1-2 with "
+        "kink splits)",
+    )
+    p.add_argument(
+        "--kink-probes", type=int, default=8, help="probe intervals that locate kinks (default: 8)"
+    )
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.set_defaults(func=_cmd_quadrature)
 
     p = sub.add_parser("report", parents=[common], help="write an HTML/markdown report")
     p.add_argument("trace", metavar="TRACE")

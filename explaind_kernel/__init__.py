@@ -5,6 +5,7 @@
 'completeness: max_abs=… rel=…'
 """
 
+from .compare import QuadratureErrors, compare_quadrature
 from .config import KernelConfig
 from .engine import compute_kernel, trace_fingerprint
 from .errors import (
@@ -23,6 +24,8 @@ from .rules import OptimizerRule, ParamStep, RuleOutput, register_rule
 __all__ = [
     "compute_kernel",
     "trace_fingerprint",
+    "compare_quadrature",
+    "QuadratureErrors",
     "KernelConfig",
     "KernelResult",
     "KeepOptions",

@@ -298,21 +298,26 @@ class _Sweep:
         return max(1, min(self.N, self.config.memory_budget // per_input))
 
     # ------------------------------------------------------------------- run
+    def load_final(self) -> None:
+        """θ_T and the buffers the final model evaluates with (up to the last committed step
+        of an interrupted trace)."""
+        final = self.reader.final()
+        if final is not None:
+            theta_T, buf_T = final.params, final.buffers
+        else:
+            theta_T, buf_T = self.reader.params_at(self.T), self.reader.buffers_at(self.T - 1)
+        self.theta_T = self._cd(theta_T)
+        self.buf_T = self._cd(buf_T)
+
     def run(self) -> KernelResult:
-        cfg, reader = self.config, self.reader
+        cfg = self.config
         tf32 = _tf32(cfg.allow_tf32) if self.device.type == "cuda" else contextlib.nullcontext()
         with (
             tf32,
             _threads(cfg.cpu_threads if self.device.type == "cpu" else None),
             torch.no_grad(),
         ):
-            final = reader.final()
-            if final is not None:
-                theta_T, buf_T = final.params, final.buffers
-            else:
-                theta_T, buf_T = reader.params_at(self.T), reader.buffers_at(self.T - 1)
-            self.theta_T = self._cd(theta_T)
-            self.buf_T = self._cd(buf_T)
+            self.load_final()
             index = self._index()
             self.fm.set_modes(False)
             width = self._width(index)
