@@ -83,11 +83,10 @@ class TestSide:
         With `kink_splits` > 0 each test input's segment is first cut at up to that many kinks
         (kinks.py), located on a grid of `kink_probes` equal intervals (forward passes only),
         and the rule is applied on every piece, at that input's own nodes."""
-        if kink_splits > 0:
-            cuts = self._kinks(theta, delta, buffers, kink_splits, kink_probes)
-            if any(c.size for c in cuts):
-                rows, s, w = piece_nodes(cuts, nodes, weights)
-                return self._jacobian_at(theta, delta, buffers, rows, s, w), rows.size / self.n
+        pieces = self._kink_pieces(theta, delta, buffers, nodes, weights, kink_splits, kink_probes)
+        if pieces is not None:
+            rows, s, w = pieces
+            return self._jacobian_at(theta, delta, buffers, rows, s, w), rows.size / self.n
         total: dict[str, Tensor] = {}
         for s, w in zip(nodes.tolist(), weights.tolist()):
             point = {k: theta[k] + s * delta[k] for k in theta}
@@ -111,11 +110,10 @@ class TestSide:
         per test input. Forward mode: J(θ + sΔθ)·Δθ is d/ds f(θ + sΔθ), one JVP per node for
         all explained outputs at once, so measuring a rule costs a few forward passes where
         the Jacobian costs one backward per explained output."""
-        if kink_splits > 0:
-            cuts = self._kinks(theta, delta, buffers, kink_splits, kink_probes)
-            if any(c.size for c in cuts):
-                rows, s, w = piece_nodes(cuts, nodes, weights)
-                return self._jvp_at(theta, delta, buffers, rows, s, w), rows.size / self.n
+        pieces = self._kink_pieces(theta, delta, buffers, nodes, weights, kink_splits, kink_probes)
+        if pieces is not None:
+            rows, s, w = pieces
+            return self._jvp_at(theta, delta, buffers, rows, s, w), rows.size / self.n
         self.fm.set_modes(False)
         total: Tensor | None = None
         for s, w in zip(nodes.tolist(), weights.tolist()):
@@ -182,6 +180,16 @@ class TestSide:
             total.index_add_(0, r, v)
         assert total is not None, "every test input has at least one node"
         return total.reshape(-1)
+
+    def _kink_pieces(self, theta, delta, buffers, nodes, weights, limit: int, probes: int):
+        """Flat (input, s, weight) arrays of the rule on every piece between each input's kinks,
+        or None when splitting is off or no input has a kink on this segment."""
+        if limit <= 0:
+            return None
+        cuts = self._kinks(theta, delta, buffers, limit, probes)
+        if not any(c.size for c in cuts):
+            return None
+        return piece_nodes(cuts, nodes, weights)
 
     def _kinks(self, theta, delta, buffers, limit: int, probes: int) -> list[np.ndarray]:
         self.fm.set_modes(False)
