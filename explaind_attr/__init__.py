@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AttributionError,
+    ExplaindError,
     GroupingError,
     MissingViewError,
     PruningError,
@@ -52,6 +53,7 @@ _LAZY = {
 _OWNER = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
+    "ExplaindError",
     "AttributionError",
     "GroupingError",
     "MissingViewError",

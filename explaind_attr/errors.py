@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+from explaind_trace.errors import ExplaindError
 
-class AttributionError(Exception):
+__all__ = [
+    "ExplaindError",
+    "AttributionError",
+    "MissingViewError",
+    "GroupingError",
+    "ViewError",
+    "ResultMismatchError",
+    "PruningError",
+    "ReportError",
+    "UsageError",
+]
+
+
+class AttributionError(ExplaindError):
     """Base class of every error explaind_attr raises."""
 
 

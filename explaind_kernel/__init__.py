@@ -10,6 +10,7 @@ from .config import KernelConfig
 from .engine import compute_kernel, trace_fingerprint
 from .errors import (
     EmptyTraceError,
+    ExplaindError,
     InputError,
     KernelError,
     ModelMismatchError,
@@ -22,6 +23,7 @@ from .result import KeepOptions, KernelResult
 from .rules import OptimizerRule, ParamStep, RuleOutput, register_rule
 
 __all__ = [
+    "ExplaindError",
     "compute_kernel",
     "trace_fingerprint",
     "compare_quadrature",

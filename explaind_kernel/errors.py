@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+from explaind_trace.errors import ExplaindError, UnsupportedOptimizerError
 
-class KernelError(Exception):
+__all__ = [
+    "ExplaindError",
+    "KernelError",
+    "ModelMismatchError",
+    "InputError",
+    "UnsupportedOptimizerError",
+    "EmptyTraceError",
+    "ResultFileError",
+]
+
+
+class KernelError(ExplaindError):
     """Base class of every error explaind_kernel raises."""
 
 
@@ -13,10 +25,6 @@ class ModelMismatchError(KernelError):
 
 class InputError(KernelError):
     """Test inputs or output selection are malformed."""
-
-
-class UnsupportedOptimizerError(KernelError):
-    """No adjoint rule is registered for the traced optimizer class."""
 
 
 class EmptyTraceError(KernelError):

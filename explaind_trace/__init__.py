@@ -6,11 +6,20 @@ with explaind_trace.record(model, optimizer, store="runs/a.lmdb"):
 trace = explaind_trace.open_trace("runs/a.lmdb")
 for step in trace.replay():
     step.params, step.next_params, step.record.forwards
+
+Public names are imported on first use (PEP 562), so ``explaind_trace.errors`` -- home of
+``ExplaindError``, the base of every ExPLAIND error -- imports without torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .errors import (
     DistributedTraceError,
+    ExplaindError,
     NotATraceError,
     RecordingError,
     SchemaVersionError,
@@ -22,20 +31,24 @@ from .errors import (
     TraceWriteError,
     UnsupportedOptimizerError,
 )
-from .optimizers import register_optimizer, supported_optimizers
-from .reader import TraceReader, open_trace
-from .recorder import Recorder, record
-from .records import Checkpoint, ForwardRecord, SkipRecord, StepRecord, TraceMeta
-from .replay import DriftReport, ReplayStep
-from .stores import (
-    DirectoryStore,
-    LMDBStore,
-    MemoryStore,
-    Store,
-    available_schemes,
-    open_store,
-    register_store,
-)
+
+_LAZY = {
+    "optimizers": ("register_optimizer", "supported_optimizers"),
+    "reader": ("TraceReader", "open_trace"),
+    "recorder": ("Recorder", "record"),
+    "records": ("Checkpoint", "ForwardRecord", "SkipRecord", "StepRecord", "TraceMeta"),
+    "replay": ("DriftReport", "ReplayStep"),
+    "stores": (
+        "DirectoryStore",
+        "LMDBStore",
+        "MemoryStore",
+        "Store",
+        "available_schemes",
+        "open_store",
+        "register_store",
+    ),
+}
+_OWNER = {name: module for module, names in _LAZY.items() for name in names}
 
 __all__ = [
     "record",
@@ -59,6 +72,7 @@ __all__ = [
     "MemoryStore",
     "DirectoryStore",
     "errors",
+    "ExplaindError",
     "TraceError",
     "RecordingError",
     "UnsupportedOptimizerError",
@@ -71,3 +85,33 @@ __all__ = [
     "TraceWriteError",
     "DistributedTraceError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _OWNER.get(name)
+    if module is None:
+        raise AttributeError(f"module 'explaind_trace' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .optimizers import register_optimizer, supported_optimizers
+    from .reader import TraceReader, open_trace
+    from .recorder import Recorder, record
+    from .records import Checkpoint, ForwardRecord, SkipRecord, StepRecord, TraceMeta
+    from .replay import DriftReport, ReplayStep
+    from .stores import (
+        DirectoryStore,
+        LMDBStore,
+        MemoryStore,
+        Store,
+        available_schemes,
+        open_store,
+        register_store,
+    )

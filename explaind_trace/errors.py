@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 __all__ = [
+    "ExplaindError",
     "TraceError",
     "RecordingError",
     "UnsupportedOptimizerError",
@@ -17,7 +18,12 @@ __all__ = [
 ]
 
 
-class TraceError(Exception):
+class ExplaindError(Exception):
+    """The one base class of every error ExPLAIND raises (trace, kernel, attributions,
+    integrations). Each package re-exports it; catch it to handle any ExPLAIND failure."""
+
+
+class TraceError(ExplaindError):
     """Base class of every error explaind_trace raises."""
 
 
@@ -26,7 +32,9 @@ class RecordingError(TraceError):
 
 
 class UnsupportedOptimizerError(RecordingError):
-    """The optimizer's class has no registered replay support."""
+    """The optimizer's class (or one of its settings) has no registered support: neither
+    recording/replay nor the kernel's adjoint rule. The one such error of the library; the
+    kernel and the integrations raise and re-export this same class."""
 
 
 class StoreError(TraceError):

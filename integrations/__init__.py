@@ -16,7 +16,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .errors import CallbackStateError, IntegrationError, MissingExtraError, UnsupportedSetupError
+from .errors import (
+    CallbackStateError,
+    ExplaindError,
+    IntegrationError,
+    MissingExtraError,
+    UnsupportedSetupError,
+)
 
 _LAZY = {
     "ExplaindCallback": "lightning",
@@ -30,6 +36,7 @@ __all__ = [
     "check_trainer",
     "ExplaindTrainerCallback",
     "check_training_args",
+    "ExplaindError",
     "IntegrationError",
     "MissingExtraError",
     "UnsupportedSetupError",

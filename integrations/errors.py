@@ -1,7 +1,7 @@
 """Errors raised by the framework integrations. Each message says what happened, why, and what to do.
 
-This module imports nothing beyond the standard library, so ``integrations.errors`` can be
-imported (and its classes caught) without torch, Lightning or transformers.
+This module needs neither Lightning nor transformers, so ``integrations.errors`` can be
+imported (and its classes caught) without the optional extras.
 
 Errors of the recorder itself (``explaind_trace.UnsupportedOptimizerError``,
 ``explaind_trace.RecordingError``, ...) pass through the integrations unchanged.
@@ -9,7 +9,10 @@ Errors of the recorder itself (``explaind_trace.UnsupportedOptimizerError``,
 
 from __future__ import annotations
 
+from explaind_trace.errors import ExplaindError
+
 __all__ = [
+    "ExplaindError",
     "IntegrationError",
     "MissingExtraError",
     "UnsupportedSetupError",
@@ -17,7 +20,7 @@ __all__ = [
 ]
 
 
-class IntegrationError(Exception):
+class IntegrationError(ExplaindError):
     """Base class of every error the integrations raise."""
 
 

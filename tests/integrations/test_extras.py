@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_package_import_is_light() -> None:
     code = (
         "import sys, integrations, integrations.errors; "
-        "heavy = [m for m in ('torch', 'lightning', 'transformers', 'explaind_trace') "
-        "if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'lightning', 'transformers', 'explaind_trace.recorder', "
+        "'explaind_trace.reader') if m in sys.modules]; "
+        "assert issubclass(integrations.IntegrationError, sys.modules['explaind_trace.errors'].ExplaindError); "
         "assert not heavy, heavy; "
         "assert set(integrations.__all__) <= set(dir(integrations))"
     )
