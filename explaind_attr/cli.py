@@ -1,14 +1,15 @@
 """The `explaind` command line: info, kernel, quadrature, report, demo.
 
-    explaind info TRACE
+    explaind info TRACE [--verify]
     explaind kernel TRACE --model MODULE:FACTORY --inputs MODULE:FUNCTION|FILE.npy
     explaind quadrature TRACE --model ... --inputs ... [--rules gauss:1,gauss:2,gauss:1+kinks]
     explaind report TRACE [--result R] [--model ... --inputs ...] [--out DIR]
     explaind demo [--out DIR]
 
 MODULE is imported from the current directory. Errors raised by ExPLAIND (explaind_trace,
-explaind_kernel, explaind_attr) print one line on stderr and exit with code 2; --debug
-shows the traceback instead. Errors raised by the user's own code are not caught.
+explaind_kernel, explaind_attr: every `ExplaindError`) print one line on stderr and exit
+with code 2; --debug shows the traceback instead. Errors raised by the user's own code are
+not caught.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from explaind_trace.errors import ExplaindError
 
 from .errors import UsageError
 
@@ -31,7 +34,6 @@ def _loading():
 
 log = logging.getLogger(__name__)
 
-_LIBRARY_PACKAGES = ("explaind_attr", "explaind_kernel", "explaind_trace")
 EXIT_LIBRARY_ERROR = 2
 
 
@@ -111,6 +113,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
         raise UsageError(
             f"`explaind info` needs explaind_trace.info, which cannot be imported: {e}"
         ) from e
+    if getattr(args, "verify", False):
+        from explaind_trace.info import format_verify, verify_error, verify_trace
+
+        report = verify_trace(args.path)
+        print(format_verify(report))
+        if not report.ok:
+            raise verify_error(report)
     print(format_info(describe(args.path)))
     return 0
 
@@ -269,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", parents=[common], help="describe a recorded trace")
     p.add_argument("path", metavar="TRACE")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="read back every record; list the damaged ones and the last intact step",
+    )
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("kernel", parents=[common], help="compute and save a kernel result")
@@ -311,10 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_library_error(e: BaseException) -> bool:
-    return (type(e).__module__ or "").split(".")[0] in _LIBRARY_PACKAGES
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for ExPLAIND errors)."""
     args = build_parser().parse_args(argv)
@@ -325,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except Exception as e:
-        if debug or not _is_library_error(e):
+        if debug or not isinstance(e, ExplaindError):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"explaind: error: {message}", file=sys.stderr)

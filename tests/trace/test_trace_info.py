@@ -28,3 +28,42 @@ def test_describe_and_format(tmp_path) -> None:
     assert d["drift"]["exact"] and d["drift"]["checked"] == [3, 6, 7]
     text = format_info(d)
     assert "7 committed, 0 skipped" in text and "exact" in text and "lossless" in text
+
+
+def _dir_trace(tmp_path, steps: int = 7):
+    path = tmp_path / "v"
+    torch.manual_seed(0)
+    model = th.MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = th.data()
+    with et.record(model, opt, store=f"dir://{path}", checkpoint_every=3):
+        th.train(model, opt, None, x, y, steps=steps)
+    return path
+
+
+def test_verify_reports_damaged_records_and_the_last_intact_step(tmp_path) -> None:
+    from explaind_trace.info import format_verify, verify_trace
+
+    path = _dir_trace(tmp_path)
+    report = verify_trace(f"dir://{path}")
+    assert report.ok and report.intact_steps == 7 and report.last_intact_step == 6
+    assert report.records > 7 and report.bytes > 0
+    (path / "step" / "00000004").write_bytes(b"\x93not a record")
+    report = verify_trace(f"dir://{path}")
+    assert list(report.damaged) == ["step/00000004"] and report.last_intact_step == 3
+    assert "step/00000004" in format_verify(report) and "steps 0..3 of 7" in format_verify(report)
+
+
+def test_cli_info_verify_exits_2_with_one_line(tmp_path, capsys) -> None:
+    from explaind_attr import cli
+
+    path = _dir_trace(tmp_path)
+    assert cli.main(["info", "--verify", f"dir://{path}"]) == 0
+    assert "damaged   none" in capsys.readouterr().out
+    (path / "ckpt" / "00000003").write_bytes(b"")
+    assert cli.main(["info", "--verify", f"dir://{path}"]) == 2
+    captured = capsys.readouterr()
+    assert "ckpt/00000003" in captured.out
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("explaind: error: ")
+    assert "1 damaged record(s) (ckpt/00000003); steps 0..2 of 7" in err[0]
