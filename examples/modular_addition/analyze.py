@@ -37,7 +37,7 @@ import torch
 import explaind_attr
 import explaind_kernel
 import explaind_trace
-from explaind_attr.demo.model import (
+from explaind_attr.app.demo.model import (
     ModularAdditionTransformer,
     component_groups,
     head_slices,

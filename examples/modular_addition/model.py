@@ -1,6 +1,6 @@
 """One-layer Transformer for modular addition (a + b mod p), and its data.
 
-The model lives in the library (``explaind_attr.demo.model``) because ``explaind demo``
+The model lives in the library (``explaind_attr.app.demo.model``) because ``explaind demo``
 trains it and the library cannot import ``examples/``; this module re-exports it so the
 example scripts and benchmarks import it from here:
 
@@ -17,7 +17,7 @@ example scripts and benchmarks import it from here:
 
 from __future__ import annotations
 
-from explaind_attr.demo.model import (
+from explaind_attr.app.demo.model import (
     ModularAdditionTransformer,
     component_groups,
     head_slices,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import explaind_trace
-from explaind_attr.demo.model import ModularAdditionTransformer, make_dataset
+from explaind_attr.app.demo.model import ModularAdditionTransformer, make_dataset
 
 SMALL = {
     "p": 23,

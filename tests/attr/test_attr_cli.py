@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import explaind_attr.cli as cli
+import explaind_attr.app.cli as cli
 import explaind_kernel
 from explaind_kernel.result import KernelResult
 
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _run(*args, cwd=REPO):
     return subprocess.run(
-        [sys.executable, "-m", "explaind_attr.cli", *args],
+        [sys.executable, "-m", "explaind_attr.app.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -63,9 +63,9 @@ def test_bad_model_module_maps_to_exit_2(capsys, tmp_path, monkeypatch):
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    from explaind_kernel import InputError
+    from explaind_attr import UsageError
 
-    with pytest.raises(InputError, match="cannot import module"):
+    with pytest.raises(UsageError, match="cannot import module"):
         cli.main(["--debug", "kernel", "t", "--model", "no_such_module_xyz:f", "--inputs", "x.npy"])
 
 
@@ -81,7 +81,7 @@ def test_info_calls_describe_and_format_info(capsys, monkeypatch):
 def test_demo_prints_report_path_and_completeness_line(capsys, tmp_path, monkeypatch):
     import types
 
-    import explaind_attr.demo as demo
+    import explaind_attr.app.demo as demo
 
     seen = []
     summary = types.SimpleNamespace(
@@ -95,6 +95,8 @@ def test_demo_prints_report_path_and_completeness_line(capsys, tmp_path, monkeyp
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: seen.append((out, kw)) or summary)
     assert cli.main(["demo", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
     assert seen == [(str(tmp_path), {"quick": True, "progress": False})]
+    assert cli.main(["demo", "--out", str(tmp_path), "--cpu-threads", "2"]) == 0
+    assert seen[-1] == (str(tmp_path), {"quick": False, "threads": 2})
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"report: {tmp_path / 'report.html'}"
     assert out[1].endswith("in 4 s")
@@ -154,11 +156,13 @@ def test_kernel_command_saves_and_prints_one_line(user_dir, capsys):
     )
     assert code == 0
     out = capsys.readouterr().out.splitlines()
-    assert len(out) == 1 and out[0].startswith("completeness: max_abs=") and " rel=" in out[0]
+    assert out[0] == f"result: {Path('run.lmdb.result.explaind')}"
+    assert len(out) == 2 and out[1].startswith("completeness: max_abs=") and " rel=" in out[1]
     (trace, model, inputs, kw) = calls[0]
     assert trace == "run.lmdb" and tuple(inputs.shape) == (4, 2)
     assert kw["quadrature"] == "gauss:3" and kw["outputs"] == "label" and kw["device"] is None
-    assert kw["kink_splits"] == 16
+    assert kw["kink_splits"] == 16 and kw["cpu_threads"] is None and kw["dtype"] == "float32"
+    assert kw["keep"] == explaind_kernel.KeepOptions()
     assert kw["labels"].tolist() == [0, 1, 2, 0]
     saved = KernelResult.load(tmp_path / "run.lmdb.result.explaind")
     assert saved.trace_id == "trace-A"
@@ -187,7 +191,8 @@ def test_report_command_uses_a_matching_result(user_dir, capsys, monkeypatch, sy
     assert cli.main(["report", "run.lmdb", "--result", str(saved), "--out", "rep"]) == 0
     assert not calls  # nothing recomputed
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("completeness:") and (tmp_path / "rep" / "report.html").exists()
+    assert out[0] == f"result: {saved} (saved)"
+    assert out[1].startswith("completeness:") and (tmp_path / "rep" / "report.html").exists()
     # a result of another trace is not used: the kernel is computed again
     other = synth(trace_id="trace-B").save(tmp_path / "other.explaind")
     args = [
@@ -221,6 +226,80 @@ def test_package_exports_lazily():
         assert getattr(explaind_attr, name) is not None
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         explaind_attr.nope  # noqa: B018
-    code = "import sys, explaind_attr.cli; print(sorted({'torch', 'pandas', 'matplotlib'} & set(sys.modules)))"
+    code = "import sys, explaind_attr.app.cli; print(sorted({'torch', 'pandas', 'matplotlib'} & set(sys.modules)))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_kernel_flags_reach_the_engine(user_dir, capsys):
+    tmp_path, calls = user_dir
+    np.savez(tmp_path / "xy.npz", x=np.ones((4, 2), np.float32), y=np.array([2, 1, 0, 1]))
+    args = ["kernel", "run.lmdb", "--model", "usermod_attr_cli:make_model", "--inputs", "xy.npz"]
+    extra = ["--keep", "sample_window,param_scores", "--cpu-threads", "3", "--dtype", "float64"]
+    assert cli.main([*args, *extra, "--out", "r.explaind"]) == 0
+    kw = calls[-1][3]
+    assert kw["keep"] == explaind_kernel.KeepOptions(
+        sample_window=True, component_window=False, param_scores=True
+    )
+    assert kw["cpu_threads"] == 3 and kw["dtype"] == "float64"
+    assert kw["labels"].tolist() == [2, 1, 0, 1] and calls[-1][2].sum() == 8
+    assert capsys.readouterr().out.splitlines()[0] == "result: r.explaind"
+    assert cli.main([*args, "--keep", "all"]) == 0
+    assert calls[-1][3]["keep"].sample_component and calls[-1][3]["keep"].param_scores
+    assert cli.main([*args, "--keep", "samples"]) == 2
+    assert "--keep 'samples': unknown slice(s) ['samples']" in capsys.readouterr().err
+    assert cli.main([*args, "--cpu-threads", "0"]) == 2
+    assert "--cpu-threads must be ≥ 1" in capsys.readouterr().err
+    np.savez(tmp_path / "bad.npz", inputs=np.ones((4, 2)))
+    assert cli.main([*args[:-1], "bad.npz"]) == 2
+    assert "holds arrays ['inputs'] but no 'x'" in capsys.readouterr().err
+
+
+def test_report_finds_the_result_kernel_wrote(user_dir, capsys, monkeypatch):
+    tmp_path, calls = user_dir
+    monkeypatch.setattr(cli, "_trace_id", lambda trace: "trace-A")
+    monkeypatch.setattr(cli, "_samples_from_trace", lambda trace, ids: None)
+    args = ["--model", "usermod_attr_cli:make_model", "--inputs", "x.npy"]
+    assert cli.main(["kernel", "run.lmdb", *args]) == 0
+    assert len(calls) == 1
+    capsys.readouterr()
+    assert cli.main(["report", "run.lmdb", "--out", "rep"]) == 0  # no --model: the saved one
+    assert len(calls) == 1
+    assert capsys.readouterr().out.splitlines()[0] == "result: run.lmdb.result.explaind (saved)"
+    assert cli.main(["report", "other.lmdb"]) == 2
+    assert "no kernel result for other.lmdb at other.lmdb.result.explaind" in (
+        capsys.readouterr().err
+    )
+
+
+def test_every_explaind_error_is_one_line(monkeypatch, capsys):
+    from explaind_trace.errors import ExplaindError
+
+    class Custom(ExplaindError):
+        pass
+
+    def boom(args):
+        raise Custom("something went wrong\n  over two lines")
+
+    monkeypatch.setattr(cli, "_cmd_info", boom)
+    assert cli.main(["info", "x"]) == 2
+    assert capsys.readouterr().err == "explaind: error: something went wrong over two lines\n"
+
+    def user_bug(args):
+        raise ValueError("the user's own code")
+
+    monkeypatch.setattr(cli, "_cmd_info", user_bug)
+    with pytest.raises(ValueError, match="the user's own code"):
+        cli.main(["info", "x"])
+
+
+def test_python_m_explaind_kernel_is_the_kernel_verb():
+    proc = subprocess.run(
+        [sys.executable, "-m", "explaind_kernel", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--model" in proc.stdout and "--keep" in proc.stdout and "--cpu-threads" in proc.stdout

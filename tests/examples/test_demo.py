@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from explaind_attr.demo import DemoConfig, DemoSummary, run_demo
+from explaind_attr.app.demo import DemoConfig, DemoSummary, run_demo
 from explaind_attr.errors import UsageError
 
 from .conftest import FP32_REL, parse_completeness

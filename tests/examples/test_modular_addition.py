@@ -90,7 +90,7 @@ def test_analyze_is_exact_and_groups_add_up(run_dir, capsys) -> None:
 
 
 def test_examples_model_reexports_the_library_model() -> None:
-    from explaind_attr.demo import model as library
+    from explaind_attr.app.demo import model as library
 
     example = load_script("modular_addition", "model")
     assert example.ModularAdditionTransformer is library.ModularAdditionTransformer

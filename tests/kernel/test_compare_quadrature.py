@@ -125,7 +125,7 @@ def test_cli_prints_the_same_numbers(tmp_path, monkeypatch, capsys) -> None:
     import json
     import sys
 
-    import explaind_attr.cli as cli
+    import explaind_attr.app.cli as cli
 
     store = str(tmp_path / "run.lmdb")
     fresh, test_x, _ = train(RELU_TRANSFORMER, store)

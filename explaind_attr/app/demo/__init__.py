@@ -1,6 +1,6 @@
 """The two-minute demo behind ``explaind demo``, and the modular-addition model it trains.
 
-from explaind_attr.demo import run_demo
+from explaind_attr.app.demo import run_demo
 summary = run_demo("explaind-demo")   # trace, kernel, report; see DemoSummary
 """
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import logging
 import shutil
@@ -35,8 +36,8 @@ from torch import Tensor
 from explaind_kernel import KernelResult, compute_kernel
 from explaind_trace import open_trace, record
 
-from ..errors import UsageError
-from ..report import build_report, samples_from_trace
+from ...errors import UsageError
+from ...report import build_report, samples_from_trace
 from .model import ModularAdditionTransformer, component_groups, head_slices, make_dataset
 
 __all__ = ["DemoConfig", "DemoSummary", "run_demo"]
@@ -254,14 +255,18 @@ def run_demo(
     quick: bool = False,
     progress: bool = True,
     config: DemoConfig | None = None,
+    threads: int | None = None,
 ) -> DemoSummary:
     """Record, explain and report a small modular-addition run into `out_dir`.
 
     quick: a tiny configuration (seconds). config: any other DemoConfig (wins over quick).
+    threads: torch's intra-op threads for the run (wins over the config's `threads`).
     Writes trace.lmdb, result.explaind, report/report.html, training.png, history.csv and
     demo.json; a previous demo run in the same directory is replaced.
     """
     cfg = config if config is not None else (DemoConfig.quick() if quick else DemoConfig())
+    if threads is not None:
+        cfg = dataclasses.replace(cfg, threads=threads)
     out = Path(out_dir)
     _prepare(out)
     trace, result_path = out / "trace.lmdb", out / "result.explaind"
