@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .errors import (
+    DiskFullError,
     DistributedTraceError,
     ExplaindError,
     NotATraceError,
@@ -78,6 +79,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "StoreError",
     "TraceExistsError",
+    "DiskFullError",
     "NotATraceError",
     "SchemaVersionError",
     "TraceCorruptError",

@@ -9,6 +9,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "StoreError",
     "TraceExistsError",
+    "DiskFullError",
     "NotATraceError",
     "SchemaVersionError",
     "TraceCorruptError",
@@ -43,6 +44,10 @@ class StoreError(TraceError):
 
 class TraceExistsError(StoreError):
     """A trace already exists where a new one was to be written."""
+
+
+class DiskFullError(StoreError):
+    """The filesystem holding a store has no space left; the message says "disk full"."""
 
 
 class NotATraceError(StoreError):

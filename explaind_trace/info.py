@@ -92,7 +92,7 @@ def format_info(d: dict[str, Any]) -> str:
     ratio = d["compression_ratio"]
     rows = [
         ("trace", d["trace"]),
-        ("status", status + (f" ({d['error']})" if d["error"] else "")),
+        ("status", status + (f": {d['error']}" if d["error"] else "")),
         ("steps", f"{d['steps']} committed, {d['skipped_steps']} skipped"),
         ("checkpoints", f"{len(ckpts)} every {d['checkpoint_every']} steps [{shown}]"),
         (
@@ -190,16 +190,24 @@ def _verify_records(trace: TraceReader, report: VerifyReport) -> None:
     for key in sorted(k for k in committed if k.startswith("sample/")):
         _check(report, key, lambda k=key: trace.sample(k.split("/", 1)[1]))
     ckpts = set(trace.checkpoint_steps)
+    every = trace.meta.checkpoint_every
+    for t in range(0, trace.num_steps, every):
+        if t not in ckpts:
+            report.damaged[f"ckpt/{t:08d}"] = (
+                f"{trace.name}: record 'ckpt/{t:08d}' is missing (the trace keeps a checkpoint "
+                f"every {every} steps); restore it from a copy of the trace."
+            )
     for t in sorted(ckpts):
         _check(report, f"ckpt/{t:08d}", lambda t=t: trace.checkpoint(t))
     if trace.progress.get("final", False):
         _check(report, "final", trace.final)
-    if int(trace.progress.get("skipped", 0)):
-        _check(report, "skip/", trace.skips)
+    for n in range(int(trace.progress.get("skipped", 0))):
+        key = f"skip/{n:08d}"
+        _check(report, key, lambda k=key: [trace._forward(f) for f in trace._get(k)["forwards"]])
     intact = True
     for t in range(trace.num_steps):
         good = _check(report, f"step/{t:08d}", lambda t=t: trace.step(t))
-        if intact and good and (t not in ckpts or f"ckpt/{t:08d}" not in report.damaged):
+        if intact and good and f"ckpt/{t:08d}" not in report.damaged:
             report.intact_steps = t + 1
         else:
             intact = False

@@ -80,6 +80,11 @@ class TraceReader:
             raise NotATraceError(f"{self.name} holds no trace (no meta record).")
         self.meta = TraceMeta.decode(codec.unpack(raw), self.name)
         prog = store.get(PROGRESS)
+        if prog is None and next(iter(store.keys("step/")), None) is not None:
+            raise TraceCorruptError(
+                f"{self.name}: record 'progress' is missing but step records are present, so "
+                "which steps were committed is unknown. Restore the trace from a copy."
+            )
         self.progress: dict[str, Any] = codec.unpack(prog) if prog is not None else {"steps": 0}
         self.num_steps = int(self.progress.get("steps", 0))
         self.finished = bool(self.progress.get("finished", False))

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from .ddp import rank_store_spec, unwrap_ddp
-from .errors import RecordingError, TraceWriteError
+from .errors import RecordingError, StoreError, TraceWriteError
 from .hooks import GradTracker, OutputCapture, capture_inputs, find_batch_size
 from .layout import build_meta, check_options, inspect_run
 from .modules import BufferTracker, ModuleIndex
@@ -255,14 +255,21 @@ class Recorder:
         finally:
             try:
                 self.writer.close()
-            except TraceWriteError:
+            except TraceWriteError as failure:
                 if error is None:
                     raise
-                logger.error(
-                    "the trace writer also failed while the training loop raised", exc_info=True
-                )
+                if failure.__cause__ is not getattr(error, "__cause__", None):
+                    logger.error(
+                        "the trace writer also failed while the training loop raised",
+                        exc_info=True,
+                    )
             finally:
-                self.store.close()
+                try:
+                    self.store.close()
+                except StoreError:
+                    if error is None and not self.writer.failed:
+                        raise
+                    logger.error("closing the trace store failed too", exc_info=True)
 
     # -- helpers --------------------------------------------------------------------------
 

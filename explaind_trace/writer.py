@@ -4,11 +4,14 @@ The training thread only copies tensors to CPU and hands them over through a bou
 queue (back-pressure instead of unbounded memory). Each job is one atomic store commit
 that also rewrites the ``progress`` record, so progress always describes committed data.
 A failure in the thread is kept and re-raised in the training thread as
-``TraceWriteError`` by ``check()``/``submit()``/``close()``.
+``TraceWriteError`` by ``check()``/``submit()``/``close()`` (its message says "disk full"
+when that is the cause); when space allows, the failure is also written into the trace's
+progress record, so ``explaind info`` says "stopped by an error: disk full ...".
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import threading
@@ -16,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import codec
-from .errors import NotATraceError, TraceExistsError, TraceWriteError
+from .errors import DiskFullError, ExplaindError, NotATraceError, TraceExistsError, TraceWriteError
 from .schema import (
     META,
     PROGRESS,
@@ -99,12 +102,14 @@ class TraceWriter:
 
     def check(self) -> None:
         """Raise ``TraceWriteError`` if the writer thread has failed."""
-        if self._error is not None:
+        e = self._error
+        if e is not None:
             raise TraceWriteError(
-                f"writing the trace to {self.store!r} failed: {type(self._error).__name__}: "
-                f"{self._error}. Steps committed before the failure stay readable; fix the "
-                "cause (disk space, permissions, store backend) and record again."
-            ) from self._error
+                f"writing the trace to {self.store!r} failed: {_reason(e)}. "
+                f"The {self.progress['steps']} step(s) committed before the failure stay "
+                "readable; fix the cause (disk space, permissions, store backend) and record "
+                "again."
+            ) from e
 
     def _submit(self, job: Any) -> None:
         while True:
@@ -162,8 +167,21 @@ class TraceWriter:
             except BaseException as e:  # kept and re-raised in the training thread
                 logger.error("trace writer failed: %s: %s", type(e).__name__, e)
                 self._error = e
+                self._record_failure(e)
             finally:
                 self._queue.task_done()
+
+    def _record_failure(self, e: BaseException) -> None:
+        """Write the failure into the progress record of the trace, when space allows; the
+        progress still describes only what was committed before."""
+        progress = {**self.progress, "finished": False, "error": " ".join(_reason(e).split())}
+        try:
+            self.store.put(PROGRESS, codec.pack(progress))
+            self.store.commit()
+        except BaseException as again:  # no space even for that: the exception says it all
+            logger.warning("the failure could not be written into the trace: %s", again)
+            return
+        self.progress = progress
 
     def _commit(self, job: Any) -> None:
         enc = self.encoder
@@ -191,3 +209,23 @@ class TraceWriter:
         self.store.put(PROGRESS, codec.pack(progress))
         self.store.commit()
         self.progress = progress
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether ``e`` (or what caused it) is a full filesystem."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, DiskFullError):
+            return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, starting with "disk full" when that is the cause."""
+    text = str(e) if isinstance(e, ExplaindError) else f"{type(e).__name__}: {e}"
+    if _disk_full(e) and not text.startswith("disk full"):
+        text = f"disk full: {text}"
+    return text.rstrip(". ")

@@ -7,14 +7,17 @@ leaves files the trace's progress record does not yet cover, and readers ignore 
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from ..errors import NotATraceError, StoreError
+from ..errors import DiskFullError, NotATraceError, StoreError, TraceCorruptError
 from .base import Store
+from .locking import LOCK_NAME, WriterLock
 from .registry import register_store
 
 __all__ = ["DirectoryStore"]
@@ -49,6 +52,7 @@ class DirectoryStore(Store):
         self.readonly = readonly
         self.fsync = fsync
         self._staged: dict[str, bytes] = {}
+        self._lock: WriterLock | None = None
         marker = self.path / _MARKER
         if readonly:
             if not self.path.exists():
@@ -61,16 +65,22 @@ class DirectoryStore(Store):
                 raise NotATraceError(
                     f"{self.path} exists and is a file; it was left untouched. Choose another path."
                 )
-            if any(self.path.iterdir()) and not marker.is_file():
+            names = {p.name for p in self.path.iterdir()} - {LOCK_NAME}
+            if names and not marker.is_file():
                 raise NotATraceError(
                     f"{self.path} is a non-empty directory that is not an ExPLAIND store; it was "
                     "left untouched. Choose a new path (or an empty directory) for the trace."
                 )
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_error(f"cannot create directory store at {self.path}", e) from e
+        self._lock = WriterLock(self.path)
+        try:
             marker.write_text("explaind directory store v1\n")
         except OSError as e:
-            raise StoreError(f"cannot create directory store at {self.path}: {e}") from e
+            self.close()
+            raise _write_error(f"cannot create directory store at {self.path}", e) from e
 
     def _file(self, key: str) -> Path:
         return self.path.joinpath(*(_escape(s) for s in key.split("/")))
@@ -81,10 +91,31 @@ class DirectoryStore(Store):
         self._staged[key] = bytes(value)
 
     def get(self, key: str) -> bytes | None:
+        path = self._file(key)
         try:
-            return self._file(key).read_bytes()
+            # O_NONBLOCK: a FIFO in place of a record must not block the reader
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        except OSError as e:
+            raise StoreError(f"{self.path}: record {key!r} cannot be read ({e}).") from e
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                if stat.S_ISDIR(mode):
+                    return None
+                raise TraceCorruptError(
+                    f"{self.path}: record {key!r} is not a regular file ({path} is a "
+                    f"{_kind(mode)}); refusing to read it. Restore the trace from a copy."
+                )
+            with os.fdopen(fd, "rb", closefd=True) as fh:
+                fd = -1
+                return fh.read()
+        except OSError as e:
+            raise StoreError(f"{self.path}: record {key!r} cannot be read ({e}).") from e
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         found = []
@@ -108,15 +139,20 @@ class DirectoryStore(Store):
                 target = self._file(key)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as fh:
-                    fh.write(self._staged[key])
-                    if self.fsync:
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                os.replace(tmp, target)
+                try:
+                    with open(tmp, "wb") as fh:
+                        fh.write(self._staged[key])
+                        if self.fsync:
+                            fh.flush()
+                            os.fsync(fh.fileno())
+                    os.replace(tmp, target)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)  # give the space back (a full disk)
+                    raise
         except OSError as e:
-            raise StoreError(f"writing to directory store {self.path} failed: {e}") from e
-        self._staged.clear()
+            raise _write_error(f"writing to directory store {self.path} failed", e) from e
+        finally:
+            self._staged.clear()
 
     def nbytes(self) -> int | None:
         total = 0
@@ -130,6 +166,27 @@ class DirectoryStore(Store):
 
     def close(self) -> None:
         self._staged.clear()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __repr__(self) -> str:
         return f"DirectoryStore({str(self.path)!r}, readonly={self.readonly})"
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISSOCK, "socket"),
+    ):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def _write_error(what: str, e: OSError) -> StoreError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFullError(f"disk full: {what} ({e.strerror}); free some space.")
+    return StoreError(f"{what}: {e}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 import explaind_trace as et
 from explaind_trace import codec
-from explaind_trace.stores import LMDBStore, MemoryStore, registry
+from explaind_trace.errors import StoreError, TraceCorruptError, TraceExistsError
+from explaind_trace.stores import LMDBStore, MemoryStore, open_store, registry
 from tests.trace import trace_helpers as th
 
 
@@ -262,3 +264,42 @@ def test_lmdb_readers_share_one_environment_and_writers_are_exclusive(tmp_path) 
     with et.record(model, opt, store=tmp_path / "live.lmdb"):
         with pytest.raises(et.StoreError, match="Close the recorder"):
             et.open_trace(tmp_path / "live.lmdb")
+
+
+@pytest.mark.parametrize("bad", [-1, 0, 1 << 60, 2.5, "64M", True])
+def test_lmdb_map_size_is_validated_and_the_path_stays_usable(tmp_path, bad) -> None:
+    path = tmp_path / "m.lmdb"
+    with pytest.raises(StoreError, match=r"map_size=.* is not a valid LMDB map size"):
+        LMDBStore(path, map_size=bad)
+    with LMDBStore(path) as store:  # not left marked open in this process
+        store.put("k", b"v")
+        store.commit()
+
+
+def test_lmdb_refuses_a_truncated_data_file_before_mapping_it(tmp_path) -> None:
+    path = tmp_path / "t.lmdb"
+    with LMDBStore(path) as store:
+        for i in range(40):
+            store.put(f"k{i}", bytes(3000))
+        store.commit()
+    size = (path / "data.mdb").stat().st_size
+    os.truncate(path / "data.mdb", size // 2)
+    with pytest.raises(TraceCorruptError, match=r"data.mdb is truncated: it has \d+ bytes"):
+        LMDBStore(path, readonly=True)
+    with pytest.raises(TraceCorruptError, match="truncated"):
+        LMDBStore(path)  # nor is it reopened for writing
+
+
+def test_second_writer_on_one_path_is_refused(tmp_path) -> None:
+    from explaind_trace.stores.locking import WriterLock
+
+    held = WriterLock(tmp_path)  # as another process's recorder would hold it
+    try:
+        for store in (f"dir://{tmp_path}", str(tmp_path)):
+            with pytest.raises(TraceExistsError, match="another writer is recording into"):
+                open_store(store, readonly=False)
+    finally:
+        held.release()
+    with open_store(f"dir://{tmp_path / 'd'}", readonly=False) as store:
+        store.put("a", b"1")
+        store.commit()
