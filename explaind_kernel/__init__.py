@@ -21,6 +21,7 @@ from .kinks import register_kink_op
 from .quadrature import Quadrature, register_quadrature
 from .result import KeepOptions, KernelResult
 from .rules import OptimizerRule, ParamStep, RuleOutput, register_rule
+from .targets import Target, register_target, registered_targets
 
 __all__ = [
     "ExplaindError",
@@ -30,6 +31,9 @@ __all__ = [
     "QuadratureErrors",
     "KernelConfig",
     "KernelResult",
+    "Target",
+    "register_target",
+    "registered_targets",
     "KeepOptions",
     "Quadrature",
     "register_quadrature",

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from .config import KernelConfig
 from .errors import EmptyTraceError, InputError, ModelMismatchError, UnsupportedOptimizerError
-from .functional import FunctionalModel, OutputSelector, to_compute
+from .functional import FunctionalModel, OutputSelector, primary_output, to_compute
+from .inputs import collect_inputs, inputs_digest
 from .jacobian import TestSide
 from .prefetch import SegmentPrefetcher, StepBundle
 from .quadrature import Quadrature
@@ -44,10 +45,10 @@ SliceSpec = Mapping[str, tuple[str, Any]]
 def compute_kernel(
     trace: Any,
     model: nn.Module,
-    inputs: Tensor | Sequence[Tensor],
+    inputs: Any,
     *,
-    outputs: str | Callable[[Tensor], Tensor] = "all",
-    labels: Tensor | np.ndarray | Sequence[int] | None = None,
+    outputs: str | Callable[..., Tensor] = "all",
+    labels: Tensor | np.ndarray | Sequence[Any] | None = None,
     output_names: list[str] | None = None,
     slices: SliceSpec | None = None,
     config: KernelConfig | None = None,
@@ -57,9 +58,15 @@ def compute_kernel(
 
     trace:   a path/URL of a trace or an open `explaind_trace.TraceReader`.
     model:   a model of the traced architecture (never modified; a private copy is used).
-    inputs:  test inputs [N, ...] (or a tuple of tensors passed positionally).
-    outputs: "all", "predicted" (argmax of the final model), "label" (needs `labels`) or a
-             function of the model output returning [n, O] (margin, loss of the test point...).
+    inputs:  test inputs [N, ...]: a tensor or numpy array, a tuple of tensors (positional) or
+             a dict (keyword inputs), an (x, y) tuple, or a Dataset / DataLoader yielding
+             x or (x, y) (see explaind_kernel.inputs).
+    outputs: the target (explaind_kernel.targets): "all", "predicted" (argmax of the final
+             model), "label", "loss" (cross-entropy, or NLL for log-probability outputs),
+             "margin", a registered name, or fn(output, labels) -> [n] or [n, O], called
+             with each chunk's labels aligned to its rows.
+    labels:  one label per test input (class indices for "label", "loss", "margin"); wins
+             over labels that come with the inputs.
     slices:  {name: (parameter name, index or boolean mask)} user-defined parameter slices.
     config / options: a KernelConfig, or its fields as keyword arguments.
     """
@@ -180,6 +187,10 @@ class _Sweep:
             output_module=getattr(meta, "output_module", None),
             device=self.device,
             dtype=self.dtype,
+        )
+        inputs, labels = collect_inputs(inputs, labels, positional=_positional_inputs(reader))
+        self.digest = inputs_digest(
+            inputs, labels, outputs, output_names=output_names, slices=slices
         )
         self.inputs = self._inputs(inputs)
         self.N = int(self.inputs[0].shape[0])
@@ -352,25 +363,24 @@ class _Sweep:
         return int(side.values(self.theta_T, self.buf_T).numel())
 
     def _index(self) -> Tensor:
-        mode = self.selector.mode
-        if mode == "label":
-            if self.labels is None:
-                raise InputError("outputs='label' needs labels= (one class index per test input)")
-            idx = torch.as_tensor(np.asarray(self.labels), dtype=torch.long).reshape(-1)
-            if idx.numel() != self.N:
-                raise InputError(f"labels has {idx.numel()} entries for {self.N} test inputs")
-            return idx.to(self.device)
-        if mode == "predicted":
-            self.fm.set_modes(False)
-            side = TestSide(
-                self.fm,
-                OutputSelector("all"),
-                self.inputs,
-                torch.zeros(self.N, dtype=torch.long),
-                keys=self.input_keys,
-            )
-            return side.values(self.theta_T, self.buf_T).reshape(self.N, -1).argmax(dim=1)
-        return torch.zeros(self.N, dtype=torch.long, device=self.device)
+        """The per-row tensor the sweep carries: labels, predicted classes or zeros (checked
+        against the target and the final output; see targets.py)."""
+        out_T = self._final_output()
+        classes = out_T.dim() == 2 and out_T.shape[-1] > 1
+        self.predicted = _np(out_T.argmax(dim=-1)).astype(np.int64) if classes else None
+        return self.selector.prepare(self.labels, self.N, lambda: out_T)
+
+    def _final_output(self) -> Tensor:
+        """f(x; θ_T) on every test input: the primary output tensor [N, ...]."""
+        self.fm.set_modes(False)
+        side = TestSide(
+            self.fm,
+            self.selector,
+            self.inputs,
+            torch.zeros(self.N, dtype=torch.long),
+            keys=self.input_keys,
+        )
+        return primary_output(side._call(self.theta_T, self.buf_T, self.inputs))
 
     # ------------------------------------------------------------- the sweep
     def _sweep(
@@ -680,6 +690,8 @@ class _Sweep:
                 "finished": bool(self.reader.finished),
                 "optimizer": _optimizer_name(self.reader),
                 "device": str(self.device),
+                **self.selector.describe(self.predicted),
+                "inputs_digest": self.digest,
             },
         )
         max_abs, rel = res.completeness()
@@ -709,12 +721,24 @@ def _threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
+def _positional_inputs(reader) -> int | None:
+    """Positional tensor inputs of the first recorded forward (None: no forward recorded)."""
+    fwds = reader.step(0).forwards
+    if not fwds:
+        return None
+    return sum(isinstance(a, Tensor) for a in fwds[0].args)
+
+
 def _param_shapes(reader) -> list[tuple[int, ...]]:
     return [tuple(p.shape) for p in reader.meta.params]
 
 
 def trace_fingerprint(reader) -> str:
-    """A stable id of a trace (hash of its header): results carry it to refuse mixing traces."""
+    """The trace's id (`TraceReader.trace_id`, a hash of its header): results carry it to
+    refuse mixing traces. Readers without the property are fingerprinted the same way."""
+    value = getattr(reader, "trace_id", None)
+    if isinstance(value, str) and value:
+        return value
     raw = msgpack.packb(reader.meta.raw, use_bin_type=True)
     return hashlib.blake2b(raw, digest_size=12).hexdigest()
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .errors import InputError
+from .targets import Target, check_labels, resolve_target, row_labels
 
 Pytree = Any
 
@@ -63,8 +64,8 @@ def primary_output(out: Pytree) -> Tensor:
             if isinstance(v, Tensor):
                 return v
     raise InputError(
-        f"the model output ({type(out).__name__}) holds no tensor to explain; pass `explain=` "
-        "with a function mapping the output to an [N, O] tensor."
+        f"the model output ({type(out).__name__}) holds no tensor to explain; name the "
+        "submodule whose output to explain with record(output=...), or return a tensor."
     )
 
 
@@ -129,44 +130,81 @@ class FunctionalModel:
 
 
 class OutputSelector:
-    """Maps a model output to the explained values [n, O] for a fixed choice per test input.
+    """Maps a model output to the explained values [n, O] through a target (targets.py).
 
-    `index` (shape [N], long) is the per-input output index for "predicted"/"label" modes; for
-    "all" and callables it is ignored.
+    The sweep carries one tensor per test input alongside it (`labels` below): the labels,
+    the final model's argmax for "predicted", or zeros. `prepare` makes that tensor once,
+    checking the labels against the target and the final output.
     """
 
     def __init__(
         self,
-        mode: str | Callable[[Tensor], Tensor],
+        mode: str | Target | Callable[..., Tensor],
         *,
         names: list[str] | None = None,
     ) -> None:
-        if callable(mode):
-            self.mode, self.fn = "function", mode
-        elif mode in ("all", "predicted", "label"):
-            self.mode, self.fn = mode, None
-        else:
-            raise InputError(
-                f"outputs={mode!r} is not understood; use 'all', 'predicted', 'label' or a "
-                "function mapping the model output [n, ...] to [n, O]."
-            )
+        self.target = resolve_target(mode)
         self.names = names
+        self.has_labels = False
+        self.labels: Tensor | None = None
 
-    def __call__(self, out: Pytree, index: Tensor) -> Tensor:
+    @property
+    def mode(self) -> str:
+        """The target's name ("all", "predicted", "loss", ... or the callable's)."""
+        return self.target.name
+
+    def prepare(self, labels: Any, n: int, final_output: Callable[[], Tensor]) -> Tensor:
+        """The per-row tensor for the sweep; `final_output()` gives f(x; θ_T) [n, ...] (the
+        primary output) and is called only when the target needs it."""
+        t = self.target
+        given = as_labels(labels)
+        needs_output = t.rows == "predicted" or t.specialise is not None or t.needs_labels
+        out_T = final_output() if needs_output else None
+        check_labels(t, given, n, out_T)
+        if t.specialise is not None and out_T is not None:
+            self.target = t.specialise(t, out_T)
+        self.has_labels = given is not None or t.rows == "predicted"
+        self.labels = given
+        rows = row_labels(self.target, given, out_T, n)
+        return rows.to(out_T.device) if out_T is not None else rows
+
+    def __call__(self, out: Pytree, labels: Tensor) -> Tensor:
         y = primary_output(out)
-        if self.mode == "function":
-            v = self.fn(y)  # type: ignore[misc]
-            return v.unsqueeze(-1) if v.dim() == 1 else v.reshape(v.shape[0], -1)
-        flat = y.reshape(y.shape[0], -1)
-        if self.mode == "all":
-            return flat
-        return flat.gather(1, index.reshape(-1, 1))
+        v = self.target.fn(y, labels if self.has_labels else None)
+        if not isinstance(v, Tensor) or v.dim() == 0 or v.shape[0] != y.shape[0]:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise InputError(
+                f"outputs={self.target.name!r} returned {got} for a chunk of {y.shape[0]} test "
+                "inputs; a target must return [n] or [n, O] (one row per test input)"
+            )
+        return v.unsqueeze(-1) if v.dim() == 1 else v.reshape(v.shape[0], -1)
+
+    def describe(self, predicted: Any = None) -> dict[str, Any]:
+        """What a result records about its target: the name, the labels (when numeric) and
+        the final model's predicted class per test input (when the output holds classes)."""
+        out: dict[str, Any] = {"target": self.target.name}
+        if self.labels is not None and not self.labels.is_complex():
+            out["labels"] = self.labels.detach().to("cpu").numpy()
+        if predicted is not None:
+            out["predicted"] = predicted
+        return out
 
     def output_names(self, width: int) -> list[str]:
         if self.names is not None:
             return list(self.names)
-        if self.mode == "all":
-            return [f"output[{j}]" for j in range(width)]
-        if self.mode == "function":
-            return ["explained"] if width == 1 else [f"explained[{j}]" for j in range(width)]
-        return [self.mode]
+        return self.target.names(width)
+
+
+def as_labels(labels: Any) -> Tensor | None:
+    """Labels as a tensor (from a tensor, numpy array or sequence), or None."""
+    if labels is None or isinstance(labels, Tensor):
+        return labels
+    try:
+        import numpy as np
+
+        return torch.as_tensor(np.asarray(labels))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise InputError(
+            f"labels must be a tensor, a numpy array or a sequence of numbers, got "
+            f"{type(labels).__name__} ({e})"
+        ) from e

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -9,6 +10,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import torch
 
 from . import codec
@@ -106,6 +108,13 @@ class TraceReader:
                 self.name,
                 self.meta.grad_codec,
             )
+
+    @property
+    def trace_id(self) -> str:
+        """The trace's identity: a 24-hex blake2b of its header (the meta record), the id
+        every kernel result carries so that results of another trace are refused."""
+        raw = msgpack.packb(self.meta.raw, use_bin_type=True)
+        return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
     # -- plumbing -------------------------------------------------------------------------
 

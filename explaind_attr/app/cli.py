@@ -48,12 +48,18 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
         raise UsageError("computing a kernel result needs --model MODULE:FACTORY and --inputs")
     model = loading.load_model(args.model)
     inputs, labels = loading.load_inputs(args.inputs, args.labels)
-    if args.outputs == "label" and labels is None and hasattr(inputs, "shape"):
+    if labels is None and hasattr(inputs, "shape") and _needs_labels(args.outputs):
         raise UsageError(
-            "--outputs label needs labels: pass --labels FILE.npy, an .npz with x and y, or "
-            "return (inputs, labels) from the --inputs function"
+            f"--outputs {args.outputs} needs labels: pass --labels FILE.npy, an .npz with x and "
+            "y, or return (inputs, labels) or a Dataset of (x, y) from the --inputs function"
         )
     return model, inputs, labels
+
+
+def _needs_labels(outputs: str) -> bool:
+    from explaind_kernel.targets import resolve_target
+
+    return resolve_target(outputs).needs_labels
 
 
 def keep_options(spec: str | None) -> Any:

@@ -71,8 +71,17 @@ class Reference:
     extra: dict = field(default_factory=dict)
 
 
-def run_setup(setup: Setup, store: str, test_x: torch.Tensor, nodes: int = 2):
-    """Train under explaind_trace.record and compute the reference. Returns (model0, reference)."""
+def run_setup(
+    setup: Setup,
+    store: str,
+    test_x: torch.Tensor,
+    nodes: int = 2,
+    target: Callable[[torch.Tensor], torch.Tensor] | None = None,
+):
+    """Train under explaind_trace.record and compute the reference. Returns (model0, reference).
+
+    target: what is explained, a function of the model output [N, C] (e.g. a per-input loss
+    closed over the test labels); None: every output."""
     torch.manual_seed(setup.seed)
     model = TinyMLP().double()
     model0 = copy.deepcopy(model)
@@ -140,14 +149,26 @@ def run_setup(setup: Setup, store: str, test_x: torch.Tensor, nodes: int = 2):
             if sched is not None:
                 sched.step()
     thetas.append({n: p.detach().clone() for n, p in params.items()})
-    ref = _reference(model0, names, thetas, grads, per_sample, hps, states, test_x, nodes)
+    f = _explained(target)
+    ref = _reference(model0, names, thetas, grads, per_sample, hps, states, test_x, nodes, f)
     return model0, ref
 
 
-def _jacobian(model: nn.Module, theta: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _explained(target):
+    """The explained values [N, O] as a function of (model, θ, x)."""
+
+    def f(model: nn.Module, theta: dict, x: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, theta, (x,))
+        out = target(out) if target is not None else out
+        return out.reshape(x.shape[0], -1)
+
+    return f
+
+
+def _jacobian(model: nn.Module, theta: dict, x: torch.Tensor, f) -> dict[str, torch.Tensor]:
     """{name: [N*O, *shape]} by plain autograd, one output row at a time."""
     th = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
-    y = functional_call(model, th, (x,)).reshape(-1)
+    y = f(model, th, x).reshape(-1)
     rows = {k: [] for k in th}
     for r in range(y.numel()):
         g = torch.autograd.grad(y[r], list(th.values()), retain_graph=True, allow_unused=True)
@@ -160,12 +181,14 @@ def _dot(j: torch.Tensor, v: torch.Tensor) -> np.ndarray:
     return (j.reshape(j.shape[0], -1) @ v.reshape(-1)).numpy()
 
 
-def _reference(model0, names, thetas, grads, per_sample, hps, states, test_x, nodes) -> Reference:
+def _reference(
+    model0, names, thetas, grads, per_sample, hps, states, test_x, nodes, f
+) -> Reference:
     T = len(grads)
     x = test_x.double()
     with torch.no_grad():
-        f0 = functional_call(model0, thetas[0], (x,)).numpy()
-        fT = functional_call(model0, thetas[-1], (x,)).numpy()
+        f0 = f(model0, thetas[0], x).numpy()
+        fT = f(model0, thetas[-1], x).numpy()
     N, O = f0.shape  # noqa: E741 (N inputs × O outputs, as in design.md)
     R = N * O
     s_nodes, w_nodes = np.polynomial.legendre.leggauss(nodes)
@@ -189,15 +212,11 @@ def _reference(model0, names, thetas, grads, per_sample, hps, states, test_x, no
         delta = {n: nxt[n] - th[n] for n in names}
         jbar = {n: torch.zeros(R, *th[n].shape, dtype=torch.float64) for n in names}
         for s, w in zip(s_nodes, w_nodes):
-            j = _jacobian(model0, {n: th[n] + s * delta[n] for n in names}, x)
+            j = _jacobian(model0, {n: th[n] + s * delta[n] for n in names}, x, f)
             for n in names:
                 jbar[n] += w * j[n]
         with torch.no_grad():
-            path = (
-                (functional_call(model0, nxt, (x,)) - functional_call(model0, th, (x,)))
-                .reshape(-1)
-                .numpy()
-            )
+            path = (f(model0, nxt, x) - f(model0, th, x)).reshape(-1).numpy()
         qerr += path - sum(_dot(jbar[n], delta[n]) for n in names)
         data_sum = {n: sum(g[n] for _, g in per_sample[t]) for n in names}
         recon = {n: torch.zeros_like(th[n]) for n in names}
