@@ -20,6 +20,7 @@ import msgpack
 import numpy as np
 
 from .errors import ResultFileError
+from .result_file import decode_fields
 
 RESULT_FORMAT = "explaind.kernel_result"
 RESULT_VERSION = 1
@@ -170,7 +171,7 @@ class KernelResult:
         path = Path(path)
         try:
             payload = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=False)
-        except (OSError, ValueError, msgpack.UnpackException) as e:
+        except (OSError, ValueError, TypeError, msgpack.UnpackException) as e:
             raise ResultFileError(
                 f"{path} is not a readable ExPLAIND kernel result ({e}); "
                 "write one with `explaind kernel` or KernelResult.save()."
@@ -185,11 +186,7 @@ class KernelResult:
                 f"{path} was written by a newer ExPLAIND (result version {payload['version']}, "
                 f"this one reads up to {RESULT_VERSION}); upgrade explaind."
             )
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in payload:
-                kwargs[f.name] = _decode(payload[f.name])
-        return cls(**kwargs)
+        return cls(**decode_fields(cls, payload, path))
 
 
 def _encode(value: Any) -> Any:
@@ -207,21 +204,4 @@ def _encode(value: Any) -> Any:
         return [_encode(v) for v in value]
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
-    return value
-
-
-_ALLOWED_DTYPES = {"<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1", "<u8", "<u4"}
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict):
-        if value.get("__nd__") is True:
-            dtype = value["dtype"]
-            if dtype not in _ALLOWED_DTYPES:
-                raise ResultFileError(f"unsupported array dtype {dtype!r} in result file")
-            arr = np.frombuffer(value["data"], dtype=np.dtype(dtype))
-            return arr.reshape(value["shape"]).astype(np.dtype(dtype).newbyteorder("="))
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
     return value
