@@ -7,6 +7,7 @@ by the momentum tail, which the test would see at 1e-10).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ def test_split_segments_is_contiguous_and_balanced() -> None:
     assert split_segments(segs, 8)[0] == [(0, 3)]
 
 
+def _free_port() -> int:
+    """A port nothing listens on now, so parallel test runs do not collide on a fixed one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_sharded_equals_single_process(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = make_model()
@@ -59,7 +67,7 @@ def test_sharded_equals_single_process(tmp_path: Path) -> None:
         "--nproc-per-node",
         "2",
         "--master-port",
-        "29533",
+        str(_free_port()),
         "-m",
         "explaind_kernel",
         str(trace),
