@@ -35,8 +35,9 @@ class KernelConfig:
     device:        "cuda", "cpu", ... (None: CUDA when available, else CPU).
     memory_budget: bytes the per-chunk adjoint state may take; test inputs are chunked to fit.
     block_rows:    rows held at once on the training side (batch rows, or adjoint rows for jvp).
-    training_mode: "auto" | "per_sample" | "jvp" | "vmap" — how K(x; i, τ) is contracted (see
-                   training_side.py); auto picks by cost.
+    training_mode: "auto" | "rules" | "per_sample" | "jvp" — how K(x; i, τ) is contracted
+                   (see training_side.py; "vmap" is an older name of "rules"); auto times the
+                   routes on the first forward and keeps the fastest.
     step_windows:  number of equal step windows for windowed views (or explicit edges).
     keep:          which joint slices to keep (see KeepOptions).
     allow_tf32:    permit TF32 matmuls on CUDA (off by default: fp32 means fp32).
@@ -83,9 +84,9 @@ class KernelConfig:
             raise InputError(f"kink_probes must be an integer ≥ 1, got {self.kink_probes!r}")
         if self.memory_budget <= 0:
             raise InputError(f"memory_budget must be positive bytes, got {self.memory_budget!r}")
-        if self.training_mode not in ("auto", "per_sample", "jvp", "vmap"):
+        if self.training_mode not in ("auto", "rules", "per_sample", "jvp", "vmap"):
             raise InputError(
-                "training_mode must be 'auto', 'per_sample', 'jvp' or 'vmap', "
+                "training_mode must be 'auto', 'rules', 'per_sample', 'jvp' or 'vmap', "
                 f"got {self.training_mode!r}"
             )
         if self.block_rows < 1:

@@ -89,6 +89,7 @@ class FunctionalModel:
         self.device, self.dtype = device, dtype
         self._captured: list[Any] = []
         self._hook = None
+        self._row_captures: dict[tuple[str, ...], Any] = {}
         if output_module:
             try:
                 sub = self.module.get_submodule(output_module)
@@ -123,10 +124,23 @@ class FunctionalModel:
         for name, mode in (overrides or {}).items():
             self.module.get_submodule(name).train(mode)
 
+    def row_capture(self, names: list[str]):
+        """The per-row gradient hooks (persample.RowCapture) for parameters `names`, made once."""
+        key = tuple(names)
+        if key not in self._row_captures:
+            from .persample import RowCapture
+
+            self._row_captures[key] = RowCapture(self.module, list(names))
+        return self._row_captures[key]
+
     def close(self) -> None:
+        """Remove every hook this object put on its private copy."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        for cap in self._row_captures.values():
+            cap.close()
+        self._row_captures.clear()
 
 
 class OutputSelector:

@@ -1,8 +1,9 @@
 """Test side: explained outputs f(x; θ) and their integrated Jacobian J̄_t along a step.
 
-Rows are (test input, explained output) pairs, R = n·O. Per-sample Jacobians come from
-torch.func (vmap over test inputs of jacrev of a single-input call, eval mode), with a plain
-autograd fallback for models torch.func cannot transform.
+Rows are (test input, explained output) pairs, R = n·O. Per-row Jacobians come from the
+per-layer rules of all rows in one pass (rowjac.py, checked per row), else from torch.func
+(vmap over test inputs of jacrev of a single-input call, eval mode), with a plain autograd
+fallback for models torch.func cannot transform.
 """
 
 from __future__ import annotations
@@ -18,6 +19,14 @@ from torch.func import jacrev, jvp, vmap
 
 from .functional import FunctionalModel, OutputSelector
 from .kinks import breakpoints, piece_nodes, record_switches
+from .rowjac import (
+    exact_jv,
+    func_jacobian,
+    math_attention,
+    random_direction,
+    rows_agree,
+    rule_jacobian,
+)
 from .rules.base import row_dot
 
 log = logging.getLogger(__name__)
@@ -35,11 +44,17 @@ class TestSide:
         *,
         keys: tuple[str | None, ...] | None = None,
         mode: str = "func",
+        rules: bool = True,
+        check_every: int = 16,
     ) -> None:
         self.fm, self.selector, self.inputs, self.index = fm, selector, inputs, index
         self.keys = keys if keys is not None else (None,) * len(inputs)
         self.n = int(inputs[0].shape[0])
-        self.mode = mode
+        self.mode = mode  # "func" (torch.func) or "autograd" (the plain fallback)
+        self.rules = rules and mode == "func"  # per-row layer rules first (rowjac.py)
+        self.check_every = max(1, int(check_every))
+        self._evals = 0
+        self._width: int | None = None
 
     def _call(self, params, buffers, xs):
         """Run the model with `xs` split into positional and keyword inputs by `keys`."""
@@ -59,6 +74,10 @@ class TestSide:
     ) -> dict[str, Tensor]:
         """{name: [R, *shape]} ∂f/∂θ at (θ, buffers)."""
         self.fm.set_modes(False)
+        if self.rules:
+            jac = self._rules(params, buffers, self.inputs, self.index, None)
+            if jac is not None:
+                return jac
         if self.mode == "func":
             try:
                 return self._jacobian_func(params, buffers)
@@ -123,7 +142,7 @@ class TestSide:
                 except (RuntimeError, NotImplementedError) as e:
                     log.warning("forward-mode AD failed on the model (%s); using autograd", e)
                     self.mode = "autograd"
-            if self.mode != "func":
+            if self.mode == "autograd":
                 point = {k: theta[k] + s * delta[k] for k in theta}
                 jac = self._jacobian_autograd(point, buffers)
                 v = sum(row_dot(jac[k], delta[k]) for k in theta)
@@ -134,7 +153,7 @@ class TestSide:
     def _jvp_func(self, theta, delta, buffers, s: float) -> Tensor:
         """[R] ∂f/∂θ(θ + sΔθ)·Δθ for the whole chunk: one forward with dual parameters
         (torch.autograd.forward_ad; a third of torch.func.jvp's fixed cost on small models)."""
-        with fwAD.dual_level():
+        with fwAD.dual_level(), math_attention():
             point = {k: fwAD.make_dual(theta[k] + s * delta[k], delta[k]) for k in theta}
             out = self.selector(self._call(point, buffers, self.inputs), self.index).reshape(-1)
             primal, tangent = fwAD.unpack_dual(out)
@@ -167,7 +186,8 @@ class TestSide:
             if self.mode == "func":
                 try:
                     in_dims = (0, 0) + (0,) * len(xs)
-                    v = vmap(single, in_dims=in_dims)(sb, self.index[r], *xs)  # [m, O]
+                    with math_attention():
+                        v = vmap(single, in_dims=in_dims)(sb, self.index[r], *xs)  # [m, O]
                 except (RuntimeError, NotImplementedError) as e:
                     log.warning("torch.func could not transform the model (%s); using autograd", e)
                     self.mode = "autograd"
@@ -225,6 +245,10 @@ class TestSide:
 
     def _jacobian_shifted(self, theta, delta, buffers, xs, index, s) -> dict[str, Tensor]:
         """{name: [m·O, *shape]} ∂f/∂θ for input j of `xs` at θ + s_j·Δθ."""
+        if self.rules:
+            jac = self._rules(theta, buffers, xs, index, (s, delta))
+            if jac is not None:
+                return jac
         if self.mode == "func":
             selector = self.selector
 
@@ -235,7 +259,8 @@ class TestSide:
 
             try:
                 in_dims = (None, 0, 0) + (0,) * len(xs)
-                jac = vmap(jacrev(single), in_dims=in_dims)(dict(theta), s, index, *xs)
+                with math_attention():
+                    jac = vmap(jacrev(single), in_dims=in_dims)(dict(theta), s, index, *xs)
                 return {k: v.reshape(-1, *theta[k].shape) for k, v in jac.items()}
             except (RuntimeError, NotImplementedError) as e:
                 log.warning("torch.func could not transform the model (%s); using autograd", e)
@@ -249,12 +274,65 @@ class TestSide:
                 index[j : j + 1],
                 keys=self.keys,
                 mode="autograd",
+                rules=False,
             )
             point = {k: theta[k] + s[j] * delta[k] for k in theta}
             parts.append(one._jacobian_autograd(point, buffers))
         return {k: torch.cat([p[k] for p in parts], 0) for k in theta}
 
     # ----------------------------------------------------------------- impls
+    def width(self, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> int:
+        """O: explained outputs per test input (one forward of the first input, cached)."""
+        if self._width is None:
+            with torch.no_grad():
+                out = self._call(params, buffers, tuple(x[:1] for x in self.inputs))
+                self._width = int(self.selector(out, self.index[:1]).shape[1])
+        return self._width
+
+    def _rules_hold(self, jac, params, buffers, xs, index, shift) -> bool:
+        """The per-row check: J·v along a random v equals autograd's, row by row (at θ); at
+        per-row points, the first two inputs' rows equal torch.func's."""
+        v = random_direction(params, seed=self._evals)
+        try:
+            if shift is None:
+                exact = exact_jv(self, params, buffers, xs, index)(v)
+                ok = rows_agree(jac, v, exact)
+            else:
+                m = min(2, int(xs[0].shape[0]))
+                rows = m * self.width(params, buffers)
+                s, delta = shift
+                sub = tuple(x[:m] for x in xs)
+                ref = func_jacobian(self, params, params, buffers, sub, index[:m], s[:m], delta)
+                exact = sum(r.reshape(rows, -1) @ v[k].reshape(-1) for k, r in ref.items())
+                ok = rows_agree({k: j[:rows] for k, j in jac.items()}, v, exact)
+        except (RuntimeError, NotImplementedError) as e:
+            log.warning("the per-row rules could not be checked (%s); using torch.func", e)
+            return False
+        if not ok:
+            log.warning(
+                "per-row layer rules disagree with autograd on this model (rows interact, or "
+                "a parameter is used outside its module's forward); using torch.func for the "
+                "test side"
+            )
+        return ok
+
+    def _rules(self, params, buffers, xs, index, shift) -> dict[str, Tensor] | None:
+        """Per-row rules (rowjac.py), checked per row every `check_every`-th call; None (and
+        the torch.func route from then on) when they cannot treat the model or disagree."""
+        try:
+            jac = rule_jacobian(
+                self, params, buffers, xs, index, self.width(params, buffers), shift
+            )
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            log.warning("per-row layer rules failed (%s); using torch.func", e)
+            jac = None
+        if jac is not None and self._evals % self.check_every == 0:
+            jac = jac if self._rules_hold(jac, params, buffers, xs, index, shift) else None
+        self._evals += 1
+        if jac is None:
+            self.rules = False
+        return jac
+
     def _jacobian_func(self, params, buffers) -> dict[str, Tensor]:
         selector = self.selector
 
@@ -263,7 +341,8 @@ class TestSide:
             return selector(out, idx.unsqueeze(0))[0]
 
         in_dims = (None, 0) + (0,) * len(self.inputs)
-        jac = vmap(jacrev(single), in_dims=in_dims)(dict(params), self.index, *self.inputs)
+        with math_attention():
+            jac = vmap(jacrev(single), in_dims=in_dims)(dict(params), self.index, *self.inputs)
         return {k: v.reshape(-1, *params[k].shape) for k, v in jac.items()}
 
     def _jacobian_autograd(self, params, buffers) -> dict[str, Tensor]:

@@ -11,29 +11,34 @@ the same numbers (tested against each other):
   trick (d/du ⟨Jᵀu, Z_r⟩ = J·Z_r, which works in train mode with batch norm and dropout); then
   K[:, r] = c · (J·Z_r). Costs O(R) passes for R explained rows and no B × P memory.
 
-* "vmap": per-sample gradients by torch.func.vmap over the batch rows (one batch backward's
-  cost), exact only when samples do not interact and nothing random runs in the forward: vmap
-  itself refuses dropout and train-mode batch norm, and each forward is also checked — Σ_i G_i
-  must equal the batched Jᵀc — else the run falls back to a batched route.
+* "rules": per-sample gradients from persample's layer rules on one replayed forward and
+  one backward (train_rows.py): one batch backward's cost plus a matrix product per tensor,
+  checked per sample every `check_every`-th forward; when a parameter has no rule or the check
+  fails (samples interact, e.g. through train-mode batch norm) the forward, and the rest of
+  the run, go through a batched route. "vmap" is an older name of this route.
 
-"auto" tries "vmap", and otherwise takes "jvp" when 3·R < B and no per-parameter split is
-asked for, else "per_sample".
+"auto" measures: on the first forward of a run it times each route that applies (the results
+of the chosen one are returned, so auto equals the explicit choice of the route it reports in
+`route`), and keeps the fastest for the run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad as func_grad
-from torch.func import vmap
 
 from .errors import InputError
 from .functional import FunctionalModel, tree_leaves, tree_to
+from .persample.local import math_attention
+from .train_rows import rows_check, rule_grads
+
+ROUTES = ("auto", "rules", "per_sample", "jvp", "vmap")
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +52,6 @@ class ForwardProducts:
     grad_sum: dict[str, Tensor]  # Σ_i G_i per parameter tensor (for slices and checks)
 
 
-@dataclass
-class _Replayed:
-    """One recorded forward replayed batched at θ_τ (the graph is kept for the routes)."""
-
-    forward: Any
-    names: list[str]
-    leaves: dict[str, Tensor]  # parameters that get adjoints, requiring grad
-    other: dict[str, Tensor]
-    bufs: dict[str, Tensor]
-    args: tuple
-    kwargs: dict[str, Any]
-    pairs: list[tuple[Tensor, Tensor]]  # (output leaf, its recorded cotangent)
-    batch: int
-    rows: int
-
-
 def _restore_rng(cpu_state: Tensor, cuda_state: Tensor | None, device: torch.device) -> None:
     torch.set_rng_state(cpu_state)
     if cuda_state is not None and device.type == "cuda":
@@ -72,16 +61,33 @@ def _restore_rng(cpu_state: Tensor, cuda_state: Tensor | None, device: torch.dev
 class TrainingSide:
     """Replays recorded training forwards and contracts per-sample gradients with Z_τ."""
 
-    def __init__(self, fm: FunctionalModel, *, block_rows: int = 64, mode: str = "auto") -> None:
-        if mode not in ("auto", "per_sample", "jvp", "vmap"):
+    def __init__(
+        self,
+        fm: FunctionalModel,
+        *,
+        block_rows: int = 64,
+        mode: str = "auto",
+        check_every: int = 16,
+    ) -> None:
+        if mode not in ROUTES:
             raise InputError(
-                f"training_mode must be 'auto', 'per_sample', 'jvp' or 'vmap', got {mode!r}"
+                f"training_mode must be one of {', '.join(repr(r) for r in ROUTES)}, got {mode!r}"
             )
         self.fm = fm
         self.block_rows = max(1, int(block_rows))
-        self.mode = mode
+        self.mode = "rules" if mode == "vmap" else mode
+        self.check_every = max(1, int(check_every))
         self._batched_ok = True
-        self._vmap_ok = mode in ("auto", "vmap")
+        self._forwards = 0
+        self.timings: dict[str, float] = {}
+
+    @property
+    def route(self) -> str | None:
+        """The route auto chose for this run (shared by every chunk), or None before."""
+        return getattr(self.fm, "training_route", None)
+
+    def _rules_ok(self) -> bool:
+        return getattr(self.fm, "training_rules_ok", True)
 
     def products(
         self,
@@ -93,6 +99,102 @@ class TrainingSide:
         per_param: bool,
     ) -> ForwardProducts:
         """K for every batch row of `forward` against the adjoints `z_grad` ({name: [R, *shape]})."""
+        self._forwards += 1
+        mode = self.mode
+        if mode == "auto" and self.route is not None:
+            mode = self.route
+        if mode == "auto":
+            return self._calibrate(params, buffers, forward, z_grad, per_param)
+        if mode == "rules":
+            got = self._rule_products(params, buffers, forward, z_grad, per_param)
+            if got is not None:
+                return got
+            mode = self._batched_route(forward, z_grad, per_param)
+        return self._batched(params, buffers, forward, z_grad, per_param=per_param, mode=mode)
+
+    def _batched_route(self, forward, z_grad, per_param: bool) -> str:
+        rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
+        return "jvp" if (3 * rows < len(forward.ids) and not per_param) else "per_sample"
+
+    def _calibrate(self, params, buffers, forward, z_grad, per_param) -> ForwardProducts:
+        """Time every route that applies on this forward; keep the fastest for the run."""
+        results: dict[str, ForwardProducts] = {}
+        for route in ("rules", "jvp", "per_sample"):
+            if route == "jvp" and per_param:
+                continue
+            t0 = time.perf_counter()
+            if route == "rules":
+                got = self._rule_products(params, buffers, forward, z_grad, per_param)
+                if got is None:
+                    continue
+            else:
+                try:
+                    got = self._batched(
+                        params, buffers, forward, z_grad, per_param=per_param, mode=route
+                    )
+                except RuntimeError as e:  # e.g. an op without a double backward (jvp)
+                    log.info("training route %s unavailable (%s)", route, e)
+                    continue
+            self.timings[route] = time.perf_counter() - t0
+            results[route] = got
+        best = min(self.timings, key=self.timings.get)
+        self.fm.training_route = best  # type: ignore[attr-defined]
+        log.info("training side: route %s (measured %s)", best, self.timings)
+        return results[best]
+
+    def _rule_products(self, params, buffers, forward, z_grad, per_param):
+        """K by per-sample layer rules (train_rows.py), or None (and batched routes from then
+        on) when a parameter has no rule or the per-sample check fails."""
+        if not self._rules_ok() or not z_grad:
+            return None
+        names = list(z_grad)
+        fm = self.fm
+        try:
+            grads = rule_grads(fm, params, buffers, forward, names)
+        except (RuntimeError, NotImplementedError, ValueError) as e:
+            log.info("per-sample layer rules failed (%s)", str(e).splitlines()[0])
+            grads = None
+        if grads is None:
+            log.info("per-sample layer rules do not cover every parameter; batched route")
+            fm.training_rules_ok = False  # type: ignore[attr-defined]
+            return None
+        rows = next(iter(z_grad.values())).shape[0]
+        batch = len(forward.ids)
+        k = torch.zeros(batch, rows, dtype=fm.dtype, device=fm.device)
+        k_param = {} if per_param else None
+        grad_sum = {}
+        for n in names:
+            g = grads[n].reshape(batch, -1)
+            kn = g @ z_grad[n].reshape(rows, -1).T
+            k += kn
+            if k_param is not None:
+                k_param[n] = kn
+            grad_sum[n] = g.sum(0).reshape(params[n].shape)
+        count = getattr(fm, "training_checks", 0)
+        if count % self.check_every == 0:
+            if not rows_check(fm, params, buffers, forward, grads, z_grad, k, seed=count):
+                log.warning(
+                    "per-sample gradients by layer rules do not hold per sample on this model "
+                    "(samples interact in the forward, e.g. train-mode batch norm); using a "
+                    "batched route for the training side"
+                )
+                fm.training_rules_ok = False  # type: ignore[attr-defined]
+                return None
+        fm.training_checks = count + 1  # type: ignore[attr-defined]
+        return ForwardProducts(k, k_param, grad_sum)
+
+    def _batched(
+        self,
+        params: Mapping[str, Tensor],
+        buffers: Mapping[str, Tensor],
+        forward,
+        z_grad: Mapping[str, Tensor],
+        *,
+        per_param: bool,
+        mode: str,
+    ) -> ForwardProducts:
+        """K by one batched replay and a batched route ("per_sample" or "jvp")."""
+
         fm = self.fm
         device, dtype = fm.device, fm.dtype
         names = [n for n in z_grad]
@@ -107,7 +209,9 @@ class TrainingSide:
         fm.set_modes(bool(forward.training), getattr(forward, "mode_overrides", None))
         try:
             _restore_rng(forward.rng_state, getattr(forward, "cuda_rng_state", None), device)
-            with torch.enable_grad():
+            # the jvp route differentiates twice: fused attention kernels cannot
+            twice = math_attention() if mode == "jvp" else contextlib.nullcontext()
+            with torch.enable_grad(), twice:
                 out = fm({**leaves_p, **other}, bufs, args, kwargs)
         finally:
             _restore_rng(saved_cpu, saved_cuda, device)
@@ -123,16 +227,6 @@ class TrainingSide:
         pairs = [(o, c) for o, c in zip(outs, cots) if c is not None and o is not None]
         batch = len(forward.ids)
         rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
-        replayed = _Replayed(
-            forward, names, leaves_p, other, bufs, args, kwargs, pairs, batch, rows
-        )
-        mode = self.mode
-        if mode in ("auto", "vmap") and self._vmap_ok:
-            got = self._try_vmap(replayed, z_grad, per_param)
-            if got is not None:
-                return got
-        if mode in ("auto", "vmap"):
-            mode = "jvp" if (3 * rows < batch and not per_param) else "per_sample"
         if mode == "jvp" and not per_param:
             with torch.enable_grad():  # the sweep runs under no_grad; tangents need a graph
                 return self._jvp_products(pairs, names, leaves_p, z_grad, batch, rows)
@@ -158,88 +252,6 @@ class TrainingSide:
                 if k_param is not None:
                     k_param[n][start:stop] = kn
                 grad_sum[n] += g.sum(0).reshape(grad_sum[n].shape)
-        return ForwardProducts(k, k_param, grad_sum)
-
-    def _try_vmap(self, r: _Replayed, z_grad, per_param: bool):
-        """Per-sample gradients by vmap over batch rows; None (and never again) when not exact."""
-        pairs, names, leaves_p, other, bufs = r.pairs, r.names, r.leaves, r.other, r.bufs
-        args, kwargs, forward, batch, rows = r.args, r.kwargs, r.forward, r.batch, r.rows
-        fm = self.fm
-        plist = [leaves_p[n] for n in names]
-        outs = [o for o, _ in pairs]
-        cots_all = tree_leaves(tree_to(forward.cotangent, fm.device, fm.dtype))
-        with torch.enable_grad():
-            ref = torch.autograd.grad(
-                outs, plist, [c.to(o.dtype) for o, c in pairs], retain_graph=True, allow_unused=True
-            )
-        detached = {n: leaves_p[n].detach() for n in names}
-
-        def batched(x):
-            return isinstance(x, Tensor) and x.dim() > 0 and x.shape[0] == batch
-
-        flat_args = list(args)
-        kw_names = list(kwargs)
-        flat = flat_args + [kwargs[k] for k in kw_names]
-        dims = tuple(0 if batched(x) else None for x in flat)
-        cot_dims = tuple(0 if (c is not None and batched(c)) else None for c in cots_all)
-        if any(d is None for c, d in zip(cots_all, cot_dims) if c is not None):
-            self._vmap_ok = False
-            return None
-
-        def loss_one(p, xs, cs):
-            xs = [x.unsqueeze(0) if d == 0 else x for x, d in zip(xs, dims)]
-            a, kw = xs[: len(flat_args)], dict(zip(kw_names, xs[len(flat_args) :]))
-            out = fm({**p, **other}, bufs, tuple(a), kw)
-            total = 0.0
-            for o, c in zip(tree_leaves(out), cs):
-                if c is not None and o is not None:
-                    total = total + (o[0] * c).sum()
-            return total
-
-        fm.set_modes(bool(forward.training), getattr(forward, "mode_overrides", None))
-        try:
-            per = vmap(func_grad(loss_one), in_dims=(None, list(dims), list(cot_dims)))
-            k = torch.zeros(batch, rows, dtype=fm.dtype, device=fm.device)
-            k_param = (
-                {n: torch.zeros(batch, rows, dtype=fm.dtype, device=fm.device) for n in names}
-                if per_param
-                else None
-            )
-            grad_sum = {n: torch.zeros_like(detached[n]) for n in names}
-            zflat = {n: z_grad[n].reshape(rows, -1) for n in names}
-            for start in range(0, batch, self.block_rows):
-                stop = min(batch, start + self.block_rows)
-                xs = [x[start:stop] if d == 0 else x for x, d in zip(flat, dims)]
-                cs = [c[start:stop] if c is not None else None for c in cots_all]
-                g = per(detached, xs, cs)
-                for n in names:
-                    gn = g[n].reshape(stop - start, -1)
-                    kn = gn @ zflat[n].T
-                    k[start:stop] += kn
-                    if k_param is not None:
-                        k_param[n][start:stop] = kn
-                    grad_sum[n] += gn.sum(0).reshape(grad_sum[n].shape)
-        except (RuntimeError, NotImplementedError, ValueError) as e:
-            log.info(
-                "vmap per-sample gradients unavailable (%s); using batched replay",
-                str(e).splitlines()[0],
-            )
-            self._vmap_ok = False
-            return None
-        finally:
-            fm.set_modes(False)
-        for n, r in zip(names, ref):
-            r = torch.zeros_like(grad_sum[n]) if r is None else r
-            scale = float(r.abs().max()) if r.numel() else 0.0
-            tol = (1e-3 if fm.dtype == torch.float32 else 1e-9) * max(scale, 1e-30)
-            if float((grad_sum[n] - r).abs().max()) > tol:
-                log.warning(
-                    "per-sample gradients by vmap do not add up to the batch gradient of %s "
-                    "(samples interact in the forward); using batched replay",
-                    n,
-                )
-                self._vmap_ok = False
-                return None
         return ForwardProducts(k, k_param, grad_sum)
 
     def _jvp_products(

@@ -1,0 +1,237 @@
+"""Row capture: hooks on the private model copy that record, per module call, the inputs and
+(through an identity "tap" on the outputs) the gradient of the explained sum at the outputs.
+
+One forward over all rows and one backward of the *sum* of the explained values then give every
+module the output gradient of each row — exact as long as rows do not interact (eval mode; a
+training forward without batch statistics), which the callers check per row. The layer rules
+turn (inputs, output gradients) into per-row parameter gradients. With `shift` set, each row r
+is evaluated at its own point θ + s_r·Δθ: a module whose output is affine in its parameters
+adds s_r times its output's derivative along its Δθ (one more layer evaluation).
+
+The hooks live on FunctionalModel's private copy only, do nothing outside `capture()`, and are
+removed by `close()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .local import batch_dim, local_rule
+from .registry import Call, layer_rule_for, layer_shift_for, replace_leaves, tensor_leaves
+
+
+def _has_rows(t: Tensor, rows: int, bdim: int = 0) -> bool:
+    return t.dim() > bdim and t.shape[bdim] == rows
+
+
+class _Tap(torch.autograd.Function):
+    """Identity whose backward keeps the gradient arriving at a module output."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, anchor: Tensor, slot: list) -> Tensor:  # type: ignore[override]
+        ctx.slot = slot
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        ctx.slot.append(g)
+        return g, torch.zeros((), dtype=g.dtype, device=g.device), None
+
+
+@dataclass
+class _Owner:
+    """A hooked module: its direct parameters as {local name: canonical name}."""
+
+    path: str
+    own: dict[str, str]
+    calls: list[Call]
+    untapped: bool = False
+
+
+@dataclass
+class Shift:
+    """Per-row evaluation points θ + s_r·Δθ: `s` [R] and Δθ by canonical parameter name."""
+
+    s: Tensor
+    delta: Mapping[str, Tensor]
+
+
+class RowCapture:
+    """Per-row gradients of the parameters `names` of `module` (FunctionalModel.module)."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        canonical = {id(p): n for n, p in module.named_parameters()}
+        wanted = set(names)
+        self._owners: dict[int, _Owner] = {}
+        self._handles = []
+        self._active = False
+        self._anchor: Tensor | None = None
+        self._rows = 0
+        self._shift: Shift | None = None
+        self.shiftable = True  # every hooked module has a shift (per-row points possible)
+        for path, m in module.named_modules():
+            own = {
+                local: canonical[id(p)]
+                for local, p in m.named_parameters(recurse=False, remove_duplicate=False)
+                if id(p) in canonical and canonical[id(p)] in wanted
+            }
+            if not own and m is not module:  # the root is always hooked (orphans go there)
+                continue
+            if own and layer_shift_for(m) is None:
+                self.shiftable = False
+            self._owners[id(m)] = _Owner(path, own, [])
+            self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        self.covered = {c for o in self._owners.values() for c in o.own.values()}
+        self._modules = {id(m): m for _, m in module.named_modules()}
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextlib.contextmanager
+    def capture(self, rows: int, dtype: torch.dtype, device, shift: Shift | None = None):
+        """Record module calls of one forward over `rows` rows (at per-row points if `shift`)."""
+        for o in self._owners.values():
+            o.calls.clear()
+            o.untapped = False
+        self._anchor = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+        self._rows, self._shift, self._active = rows, shift, True
+        try:
+            with torch.enable_grad():
+                yield self
+        finally:
+            self._active = False
+            self._shift = None
+
+    def backward(self, total: Tensor) -> None:
+        """Backpropagate the explained sum `total` to every tapped module output."""
+        assert self._anchor is not None, "backward() runs inside capture()"
+        torch.autograd.grad(total, [self._anchor], allow_unused=True)
+
+    def _hook(self, module: nn.Module, args, kwargs, output):
+        if not self._active:
+            return None
+        owner = self._owners[id(module)]
+        state = dict(module.named_parameters())
+        state.update(dict(module.named_buffers()))
+        leaves = tensor_leaves(output)
+        rows, bdim = self._rows, batch_dim(module)
+        if bdim == 0 and any(t.is_floating_point() and not _has_rows(t, rows) for t in leaves):
+            # a call shared by every row (positions, a constant input): seen as one per row,
+            # so its output gradient splits by row; a model this misleads fails the check
+            leaves = [
+                t.expand(rows, *t.shape) if t.is_floating_point() and not _has_rows(t, rows) else t
+                for t in leaves
+            ]
+            args = tuple(
+                a.expand(rows, *a.shape) if isinstance(a, Tensor) and not _has_rows(a, rows) else a
+                for a in args
+            )
+        call = Call(tuple(args), dict(kwargs), state, module.training, list(leaves))
+        if self._shift is not None:
+            leaves = self._shifted(module, owner, call, leaves)
+        slots: list[list] = []
+        tapped = []
+        for t in leaves:
+            slot: list = []
+            slots.append(slot)
+            if not t.is_floating_point():
+                tapped.append(t)
+            elif _has_rows(t, rows, bdim):
+                tapped.append(_Tap.apply(t, self._anchor, slot))
+            else:  # a floating output without the rows: its gradient cannot be split by row
+                owner.untapped = True
+                tapped.append(t)
+        call.grads = slots  # type: ignore[assignment]  (lists until gradients() reads them)
+        owner.calls.append(call)
+        return replace_leaves(output, tapped)
+
+    def _shifted(self, module, owner: _Owner, call: Call, leaves: list[Tensor]) -> list[Tensor]:
+        shift = self._shift
+        assert shift is not None
+        delta = {loc: shift.delta[c] for loc, c in owner.own.items() if c in shift.delta}
+        d = layer_shift_for(module)(module, call, delta) if delta else None  # type: ignore[misc]
+        if d is None:
+            return leaves
+        s = shift.s.reshape(-1, *([1] * (d.dim() - 1))).to(d.dtype)
+        return [leaves[0] + s * d] + leaves[1:]
+
+    @torch.no_grad()
+    def gradients(self) -> tuple[dict[str, Tensor], set[str]]:
+        """({canonical name: [R, *shape]} per-row gradients, names no rule could produce)."""
+        out: dict[str, Tensor] = {}
+        failed: set[str] = set()
+        orphans = self._orphans(failed)
+        for key, owner in self._owners.items():
+            module = self._modules[key]
+            rule = layer_rule_for(module)
+            if owner.untapped:
+                failed.update(owner.own.values())
+                failed.update(orphans.get(key, {}).values())
+                owner.calls.clear()
+                continue
+            for call in owner.calls:
+                call.grads = [s[0] if s else None for s in call.grads]  # type: ignore[union-attr]
+                call.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
+                if all(g is None for g in call.grads):
+                    continue  # this call never reached the explained values: zero gradient
+                for names, got in self._call_grads(module, rule, owner, call, orphans.get(key)):
+                    if got is None:
+                        failed.update(names.values())
+                        continue
+                    for local, g in got.items():
+                        c = names.get(local)
+                        if c is not None:
+                            out[c] = out[c] + g if c in out else g
+            owner.calls.clear()
+        return out, failed
+
+    def _orphans(self, failed: set[str]) -> dict[int, dict[str, str]]:
+        """Parameters of hooked modules that were not called (read by an ancestor's forward,
+        like nn.MultiheadAttention's out_proj): {ancestor key: {relative name: canonical}},
+        given to the nearest called ancestor's local rule."""
+        by_path = {o.path: k for k, o in self._owners.items()}
+        extra: dict[int, dict[str, str]] = {}
+        for owner in self._owners.values():
+            if owner.calls or not owner.own:
+                continue
+            parts = owner.path.split(".") if owner.path else []
+            for cut in range(len(parts) - 1, -1, -1):
+                anc = by_path.get(".".join(parts[:cut]))
+                if anc is not None and self._owners[anc].calls:
+                    rel = ".".join(parts[cut:])
+                    extra.setdefault(anc, {}).update(
+                        {f"{rel}.{loc}": c for loc, c in owner.own.items()}
+                    )
+                    break
+            else:
+                failed.update(owner.own.values())
+        return extra
+
+    def _call_grads(self, module, rule, owner: _Owner, call: Call, orphans):
+        """[(names, {local: [R, *shape]} or None)] for one call: the module's own parameters
+        (closed-form rule, else the local rule) and any orphans (local rule)."""
+        rows = self._rows
+        parts = []
+        if owner.own:
+            got = rule(module, call, rows) if rule is not None else None
+            if got is None:
+                got = _local(module, call, rows, list(owner.own))
+            parts.append((owner.own, got))
+        if orphans:
+            parts.append((orphans, _local(module, call, rows, list(orphans))))
+        return parts
+
+
+def _local(module, call: Call, rows: int, names: list[str]):
+    try:
+        return local_rule(module, call, rows, names)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return None

@@ -1,0 +1,103 @@
+"""Layer rules: per-row parameter gradients of one module call from what hooks saw.
+
+A rule gets the module, the `Call` (its inputs, the values of its own parameters and buffers
+at that call, its output and the gradient of the explained sum at that output, all with the
+rows first) and returns {local parameter name: [R, *shape]}, or None when it cannot treat this
+call (then the generic local rule in local.py, and failing that the torch.func route, takes
+over). Rules are registered per exact module class: a subclass may change `forward`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+
+@dataclass
+class Call:
+    """One call of a hooked module during a row-capture forward."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    state: dict[str, Tensor]  # the module's parameters and buffers (recursive names) at the call
+    training: bool
+    outputs: list[Tensor]  # tensor outputs, in tree order (tapped)
+    grads: list[Tensor | None] = field(default_factory=list)  # their gradients, filled later
+
+    @property
+    def gout(self) -> Tensor | None:
+        return self.grads[0] if self.grads else None
+
+
+LayerRule = Callable[[nn.Module, Call, int], "dict[str, Tensor] | None"]
+
+#: shift(module, call, delta) -> the output's derivative along the module's own parameter
+#: change `delta` ({local name: tensor}); exact for modules whose output is affine in their
+#: parameters, so per-row points θ + s_r·Δθ cost one more layer evaluation.
+LayerShift = Callable[[nn.Module, Call, "dict[str, Tensor]"], "Tensor | None"]
+
+_RULES: dict[type, LayerRule] = {}
+_SHIFTS: dict[type, LayerShift] = {}
+
+
+def register_layer_rule(
+    *classes: type, shift: LayerShift | None = None
+) -> Callable[[LayerRule], LayerRule]:
+    """Function decorator: `rule(module, call, rows)` gives per-row gradients for `classes`;
+    `shift` (optional) the output's derivative along a parameter change (see LayerShift)."""
+
+    def deco(fn: LayerRule) -> LayerRule:
+        for c in classes:
+            _RULES[c] = fn
+            if shift is not None:
+                _SHIFTS[c] = shift
+        return fn
+
+    return deco
+
+
+def layer_shift_for(module: nn.Module) -> LayerShift | None:
+    """The shift registered for exactly `type(module)`, or None."""
+    return _SHIFTS.get(type(module))
+
+
+def layer_rule_for(module: nn.Module) -> LayerRule | None:
+    """The rule registered for exactly `type(module)`, or None."""
+    return _RULES.get(type(module))
+
+
+def registered_layers() -> list[str]:
+    """Qualified names of the module classes that have a closed-form rule."""
+    return sorted(f"{c.__module__}.{c.__qualname__}" for c in _RULES)
+
+
+def rows_first(t: Any, rows: int) -> bool:
+    """True when `t` is a tensor whose leading dim holds the `rows`."""
+    return isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == rows
+
+
+def tensor_leaves(value: Any) -> list[Tensor]:
+    """Tensor leaves of a module output (tensor / tuple / list / dict), in tree order."""
+    if isinstance(value, Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in tensor_leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for k in value for leaf in tensor_leaves(value[k])]
+    return []
+
+
+def replace_leaves(value: Any, new: list[Tensor]) -> Any:
+    """`value` with its tensor leaves replaced, in order, by `new` (consumed from the front)."""
+    if isinstance(value, Tensor):
+        return new.pop(0)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(replace_leaves(v, new) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(replace_leaves(v, new) for v in value)
+    if isinstance(value, dict):
+        return {k: replace_leaves(v, new) for k, v in value.items()}
+    return value

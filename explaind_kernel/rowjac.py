@@ -1,0 +1,147 @@
+"""Test-side Jacobians of all rows of a chunk in one pass, by the per-row layer rules.
+
+Rows are (test input, explained output) pairs. The chunk's inputs are repeated once per
+explained output, so that row r = i·O + o of one forward holds input i; the backward of
+Σ_r y_r[o(r)] then gives every module the output gradient of each row separately (eval mode:
+rows do not interact), and persample's rules turn those into {name: [R, *shape]}. Parameters
+no rule covers go through torch.func (vmap of jacrev) restricted to them.
+
+Every `check_every`-th evaluation (the first included) is checked per row: J·v for a random
+direction v must equal autograd's (reverse-over-reverse, at θ). A failure — rows that interact,
+a module that reads its parameters outside its forward, a wrong rule — hands the test side to
+the torch.func route for good, with a warning in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+from .persample import Shift
+from .persample.local import math_attention
+
+log = logging.getLogger(__name__)
+
+#: per-row check tolerance relative to Σ|J|·|v|, by compute dtype (rounding of the dot products
+#: and of two differently ordered evaluations; a wrong rule is off by O(1))
+CHECK_RTOL = {torch.float64: 1e-9, torch.float32: 2e-3}
+
+
+def rule_jacobian(
+    side,
+    params: Mapping[str, Tensor],
+    buffers: Mapping[str, Tensor],
+    xs: tuple[Tensor, ...],
+    index: Tensor,
+    width: int,
+    shift: tuple[Tensor, Mapping[str, Tensor]] | None = None,
+) -> dict[str, Tensor] | None:
+    """{name: [m·O, *shape]} for the m inputs `xs` (at θ + s_j·Δθ when `shift` = (s, Δθ)),
+    or None when the rules cannot treat this model (then the caller uses torch.func)."""
+    names = list(params)
+    cap = side.fm.row_capture(names)
+    if shift is not None and not cap.shiftable:
+        return None
+    m = int(xs[0].shape[0])
+    rows = m * width
+    ref = next(iter(params.values()))
+    rep = tuple(x.repeat_interleave(width, 0) for x in xs)
+    idx = index.repeat_interleave(width, 0)
+    sh = None
+    if shift is not None:
+        sh = Shift(shift[0].repeat_interleave(width, 0), shift[1])
+    pick = (torch.arange(rows, device=ref.device) % width).unsqueeze(1)
+    with cap.capture(rows, ref.dtype, ref.device, sh):
+        y = side.selector(side._call(params, buffers, rep), idx)
+        cap.backward(y.gather(1, pick).sum())
+    grads, failed = cap.gradients()
+    rest = [n for n in names if n in failed or n not in cap.covered]
+    out = {
+        n: grads[n] if n in grads else params[n].new_zeros(rows, *params[n].shape) for n in names
+    }
+    if rest:
+        sub = {n: params[n] for n in rest}
+        s = shift[0] if shift is not None else None
+        delta = shift[1] if shift is not None else None
+        out.update(func_jacobian(side, sub, params, buffers, xs, index, s, delta))
+    return out
+
+
+def func_jacobian(side, sub, params, buffers, xs, index, s=None, delta=None) -> dict[str, Tensor]:
+    """{name: [m·O, *shape]} for the parameters `sub` by vmap over inputs of jacrev."""
+    fixed = {k: v for k, v in params.items() if k not in sub}
+    selector = side.selector
+
+    def single(p, sj, idx, *x1):
+        point = {**fixed, **p}
+        if delta is not None:
+            point = {k: t + sj * delta[k] for k, t in point.items()}
+        out = side._call(point, buffers, tuple(x.unsqueeze(0) for x in x1))
+        return selector(out, idx.unsqueeze(0))[0]
+
+    ref = next(iter(params.values()))
+    sv = s if s is not None else torch.zeros(xs[0].shape[0], dtype=ref.dtype, device=ref.device)
+    with math_attention():
+        in_dims = (None, 0, 0) + (0,) * len(xs)
+        jac = vmap(jacrev(single), in_dims=in_dims)(dict(sub), sv, index, *xs)
+    return {k: v.reshape(-1, *params[k].shape) for k, v in jac.items()}
+
+
+def reverse_jv(outputs, params: Mapping[str, Tensor], v: Mapping[str, Tensor]) -> list:
+    """J·v for each output tensor of `outputs(leaves)` by reverse-over-reverse autograd
+    (d/du ⟨Jᵀu, v⟩), so the derivative has exactly autograd's semantics (an embedding's
+    padding row, say); None for an output that does not depend on the parameters."""
+    with torch.enable_grad(), math_attention():  # fused attention has no double backward
+        leaves = {k: p.detach().requires_grad_(True) for k, p in params.items()}
+        outs = outputs(leaves)
+        us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+        names = [k for k in leaves if k in v]
+        g = torch.autograd.grad(
+            outs, [leaves[k] for k in names], us, create_graph=True, allow_unused=True
+        )
+        total = None
+        for k, gk in zip(names, g):
+            if gk is not None:
+                term = (gk * v[k]).sum()
+                total = term if total is None else total + term
+        if total is None or not total.requires_grad:
+            return [None] * len(outs)
+        return list(torch.autograd.grad(total, us, allow_unused=True))
+
+
+def exact_jv(side, params, buffers, xs, index) -> Callable[[Mapping[str, Tensor]], Tensor]:
+    """v ↦ [m·O] ∂f/∂θ·v per row at θ (reverse-over-reverse on the chunk, one forward)."""
+
+    def at(v: Mapping[str, Tensor]) -> Tensor:
+        def outputs(leaves):
+            return [side.selector(side._call(leaves, buffers, xs), index).reshape(-1)]
+
+        (jv,) = reverse_jv(outputs, params, v)
+        ref = next(iter(params.values()))
+        n = int(xs[0].shape[0]) * side.width(params, buffers)
+        return jv.detach() if jv is not None else ref.new_zeros(n)
+
+    return at
+
+
+def rows_agree(jac: Mapping[str, Tensor], v: Mapping[str, Tensor], exact: Tensor) -> bool:
+    """Whether J·v of the per-row Jacobians `jac` equals `exact` row by row."""
+    got = sum(j.reshape(j.shape[0], -1) @ v[k].reshape(-1) for k, j in jac.items())
+    scale = sum(j.reshape(j.shape[0], -1).abs() @ v[k].reshape(-1).abs() for k, j in jac.items())
+    rtol = CHECK_RTOL.get(exact.dtype, 2e-3)
+    tiny = torch.finfo(exact.dtype).tiny
+    bad = (got - exact).abs() > rtol * (scale + exact.abs()) + tiny
+    return not bool(bad.any())
+
+
+def random_direction(params: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """A reproducible random direction (own generator: the global RNG is never touched)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return {
+        k: torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype)
+        for k, p in params.items()
+    }
