@@ -35,6 +35,7 @@ from .errors import (
 
 _LAZY = {
     "optimizers": ("register_optimizer", "supported_optimizers"),
+    "options": ("RecordOptions",),
     "reader": ("TraceReader", "open_trace"),
     "recorder": ("Recorder", "record"),
     "records": ("Checkpoint", "ForwardRecord", "SkipRecord", "StepRecord", "TraceMeta"),
@@ -54,6 +55,7 @@ _OWNER = {name: module for module, names in _LAZY.items() for name in names}
 __all__ = [
     "record",
     "Recorder",
+    "RecordOptions",
     "open_trace",
     "TraceReader",
     "TraceMeta",
@@ -104,6 +106,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .optimizers import register_optimizer, supported_optimizers
+    from .options import RecordOptions
     from .reader import TraceReader, open_trace
     from .recorder import Recorder, record
     from .records import Checkpoint, ForwardRecord, SkipRecord, StepRecord, TraceMeta

@@ -9,6 +9,10 @@ Every store's ``meta`` carries ``ddp = {rank, world_size, cotangent_scale}``.
 DDP averages gradients over ranks, so each recorded cotangent is the local one divided by
 the world size (``cotangent_scale = 1/world_size``): summed over the forwards of all ranks,
 ``Jᵀc`` then equals the (averaged) gradient rank 0 recorded.
+
+Reading merges the ranks: ``open_rank_stores`` opens ``P.rank1 …`` next to rank 0's
+store and ``check_ranks`` checks them against rank 0's header; the reader then takes
+rank 0's record of a step and appends the other ranks' forwards (``ForwardRecord.rank``).
 """
 
 from __future__ import annotations
@@ -16,14 +20,24 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from .errors import DistributedTraceError, RecordingError
-from .stores import Store
+from .errors import DistributedTraceError, RecordingError, StoreError
+from .records import TraceMeta
+from .stores import Store, open_store
 
-__all__ = ["DDPInfo", "unwrap_ddp", "rank_store_spec", "base_store_spec", "check_rank_steps"]
+__all__ = [
+    "DDPInfo",
+    "unwrap_ddp",
+    "rank_store_spec",
+    "base_store_spec",
+    "check_rank_steps",
+    "check_ranks",
+    "open_rank_stores",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -99,3 +113,87 @@ def check_rank_steps(name: str, steps: list[int]) -> int:
             common,
         )
     return common
+
+
+class RankTrace(Protocol):
+    """What merging needs of one rank's reader."""
+
+    name: str
+    meta: TraceMeta
+    num_steps: int
+
+    def close(self) -> None: ...
+
+
+R = TypeVar("R", bound=RankTrace)
+
+
+def check_ranks(rank0: RankTrace, ranks: Sequence[RankTrace]) -> int:
+    """Check the stores of ranks 1.. against rank 0's; the number of steps all committed."""
+    mine = rank0.meta
+    for r, rr in enumerate(ranks, start=1):
+        theirs = rr.meta
+        if theirs.schema_version != mine.schema_version:
+            raise DistributedTraceError(
+                f"{rank0.name}: rank {r}'s store {rr.name} has trace schema version "
+                f"{theirs.schema_version} but rank 0's has {mine.schema_version}; the ranks "
+                "of one run are written by the same explaind. Record again."
+            )
+        if (theirs.rank, theirs.world_size) != (r, mine.world_size):
+            raise DistributedTraceError(
+                f"{rank0.name}: the store {rr.name} expected for rank {r} of "
+                f"{mine.world_size} says it is rank {theirs.rank} of {theirs.world_size}; "
+                "it belongs to another run. Record again, or restore the right store."
+            )
+        if theirs.params != mine.params:
+            raise DistributedTraceError(
+                f"{rank0.name}: rank {r}'s store {rr.name} records different parameters "
+                "(names, shapes or dtypes) than rank 0's; it belongs to another run."
+            )
+    return check_rank_steps(rank0.name, [rank0.num_steps, *(rr.num_steps for rr in ranks)])
+
+
+def open_rank_stores(rank0: RankTrace, spec: Any, make: Callable[[Store, str], R]) -> list[R]:
+    """Open the other ranks' stores of the DDP trace whose rank-0 reader is given.
+
+    ``make(store, name)`` builds a reader over one store. On any failure the readers opened
+    so far are closed.
+    """
+    meta = rank0.meta
+    if meta.rank != 0:
+        raise DistributedTraceError(
+            f"{rank0.name} holds only rank {meta.rank}'s forwards of a {meta.world_size}-rank "
+            f"DDP trace; open rank 0's trace at {base_store_spec(spec)!r} instead."
+        )
+    if isinstance(spec, Store):
+        raise DistributedTraceError(
+            f"{rank0.name} is rank 0's store of a {meta.world_size}-rank DDP trace; open it by "
+            "its path or URL so that the other ranks' stores ('<path>.rank{r}') can be found."
+        )
+    ranks: list[R] = []
+    try:
+        for r in range(1, meta.world_size):
+            where = rank_store_spec(spec, r)
+            try:
+                store = open_store(where, readonly=True)
+            except StoreError as e:
+                raise DistributedTraceError(
+                    f"{rank0.name}: the store of rank {r} of {meta.world_size} ({where!r}) "
+                    f"cannot be opened ({e}). A DDP trace needs every rank's store next to rank "
+                    "0's; copy them together."
+                ) from e
+            try:
+                ranks.append(make(store, where))
+            except StoreError as e:
+                store.close()
+                raise DistributedTraceError(
+                    f"{rank0.name}: the store of rank {r} ({where!r}) is not readable: {e}"
+                ) from e
+            except BaseException:
+                store.close()
+                raise
+    except BaseException:
+        for rr in ranks:
+            rr.close()
+        raise
+    return ranks

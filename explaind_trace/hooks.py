@@ -7,7 +7,7 @@ return ``None``, RNG states are read, not set.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -15,11 +15,16 @@ import torch
 from . import codec
 from .errors import RecordingError, TraceCorruptError
 from .packing import cpu_copy
-from .schema import CapturedForward
+from .records import CapturedForward
+from .trees import capture_inputs, output_tree
 
 __all__ = [
     "find_batch_size",
     "capture_inputs",
+    "check_sample_ids",
+    "in_backward",
+    "current_grad_scale",
+    "dense_grads",
     "OutputCapture",
     "GradTracker",
 ]
@@ -47,53 +52,51 @@ def find_batch_size(args: tuple, kwargs: dict[str, Any]) -> tuple[int, torch.dev
     )
 
 
-def capture_inputs(
-    args: tuple, kwargs: dict[str, Any], batch_size: int
-) -> tuple[Any, Any, list[torch.Tensor], list[torch.Tensor]]:
-    """Trees for args/kwargs plus CPU copies of batched (``slots``) and constant tensors."""
-    slots: list[torch.Tensor] = []
-    consts: list[torch.Tensor] = []
+_MAX_ID_LEN = 200
 
-    def node(obj: Any, where: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            try:
-                codec.dtype_name(obj.dtype)
-            except TraceCorruptError as e:
-                raise RecordingError(f"model input {where}: {e}") from None
-            if obj.layout != torch.strided:
-                raise RecordingError(
-                    f"model input {where} is a {obj.layout} tensor; only dense tensors are recorded"
-                )
-            if obj.dim() >= 1 and obj.shape[0] == batch_size:
-                slots.append(cpu_copy(obj))
-                return {"k": "b", "i": len(slots) - 1}
-            consts.append(cpu_copy(obj))
-            return {"k": "t", "i": len(consts) - 1}
-        if obj is None:
-            return {"k": "n"}
-        if isinstance(obj, bool | int | float | str):
-            if isinstance(obj, int) and not isinstance(obj, bool) and not -(2**63) <= obj < 2**64:
-                raise RecordingError(f"model input {where} = {obj} does not fit in 64 bits")
-            return {"k": "v", "v": obj}
-        if isinstance(obj, tuple | list):
-            kind = "tuple" if isinstance(obj, tuple) else "list"
-            return {"k": kind, "items": [node(o, f"{where}[{i}]") for i, o in enumerate(obj)]}
-        if isinstance(obj, dict):
-            if not all(isinstance(k, str) for k in obj):
-                raise RecordingError(f"model input {where} is a dict with non-string keys")
-            return {
-                "k": "dict",
-                "keys": list(obj),
-                "items": [node(v, f"{where}[{k!r}]") for k, v in obj.items()],
-            }
-        raise RecordingError(
-            f"model input {where} has type {type(obj).__name__}, which cannot be recorded. "
-            "Model inputs must be tensors, numbers, strings, None, or tuples/lists/dicts of these."
-        )
 
-    args_tree = node(tuple(args), "args")
-    kwargs_tree = node(dict(kwargs), "kwargs")
-    return args_tree, kwargs_tree, slots, consts
+def check_sample_ids(ids: Iterable[int | str]) -> list[str]:
+    """User sample ids (ints or strings, at most 200 characters) as strings."""
+    out = []
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int | str):
+            raise TypeError(f"sample ids must be ints or strings, got {type(i).__name__}")
+        s = str(i)
+        if len(s) > _MAX_ID_LEN:
+            raise ValueError(f"sample id {s[:30]!r}... is longer than {_MAX_ID_LEN} characters")
+        out.append(s)
+    return out
+
+
+def in_backward() -> bool:
+    """Whether autograd is running a backward pass (e.g. recomputing a checkpointed forward)."""
+    current = getattr(torch._C, "_current_autograd_node", None)
+    return current is not None and current() is not None
+
+
+def current_grad_scale(scaler: Any) -> torch.Tensor | None:
+    """The loss scale a ``GradScaler`` applies now (None without an enabled scaler)."""
+    if scaler is None or not scaler.is_enabled():
+        return None
+    t = getattr(scaler, "_scale", None)
+    if isinstance(t, torch.Tensor):
+        return t.detach().clone()
+    return torch.tensor(float(scaler.get_scale()))
+
+
+def dense_grads(params: dict[str, torch.nn.Parameter]) -> list[tuple[str, torch.Tensor]]:
+    """``(name, .grad)`` of the parameters that have a gradient; refuses sparse ones."""
+    out = []
+    for n, p in params.items():
+        g = p.grad
+        if g is None:
+            continue
+        if g.layout != torch.strided:
+            raise RecordingError(
+                f"parameter {n!r} has a {g.layout} gradient; only dense gradients are supported"
+            )
+        out.append((n, g))
+    return out
 
 
 def _graph_task() -> int | None:
@@ -119,20 +122,7 @@ class OutputCapture:
 
     def attach(self, output: Any, *, where: str) -> bool:
         """Register cotangent hooks on the output leaves; False if none requires grad."""
-        leaves: list[torch.Tensor] = []
-
-        def node(obj: Any) -> Any:
-            if isinstance(obj, torch.Tensor):
-                leaves.append(obj)
-                return {"k": "t", "i": len(leaves) - 1}
-            if isinstance(obj, tuple | list):
-                kind = "tuple" if isinstance(obj, tuple) else "list"
-                return {"k": kind, "items": [node(o) for o in obj]}
-            if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
-                return {"k": "dict", "keys": list(obj), "items": [node(v) for v in obj.values()]}
-            return {"k": "n"}
-
-        tree = node(output)
+        tree, leaves = output_tree(output)
         # a tensor listed twice gets its cotangent once (at its first position), so that
         # summing J^T c over the leaves does not count it twice
         first: dict[int, int] = {}

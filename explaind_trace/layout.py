@@ -1,23 +1,27 @@
 """What a run looks like before recording starts: named parameters, groups, metadata.
 
 ``inspect_run`` validates a model/optimizer pair (no side effects) and names every
-optimized parameter; ``build_meta`` turns that into the trace's ``meta`` record.
+optimized parameter; ``header.encode_header`` turns that into the trace's ``meta`` record.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
 from . import codec
+from .ddp import DDPInfo, rank_store_spec
 from .errors import RecordingError, TraceCorruptError
-from .optimizers import capture_hyperparams, qualified_name, resolve_optimizer
-from .schema import FORMAT, SCHEMA_VERSION, library_version
+from .optimizers import resolve_optimizer
 
-__all__ = ["RunLayout", "check_options", "inspect_run", "build_meta"]
+__all__ = ["RunLayout", "check_arguments", "inspect_run", "store_location"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,33 +35,35 @@ class RunLayout:
     frozen_in_opt: list[torch.Tensor]  # optimized but requires_grad=False at start
     output_module: torch.nn.Module | None
 
+    def check_groups(self, optimizer: torch.optim.Optimizer) -> None:
+        """Refuse param groups that changed since recording started."""
+        ids = [[id(p) for p in g["params"] if id(p) in self.names] for g in optimizer.param_groups]
+        if ids != self.group_ids:
+            raise RecordingError(
+                "the optimizer's param groups changed after recording started (add_param_group or "
+                "replaced params); a trace needs fixed groups. Create all groups before recording."
+            )
 
-def check_options(
-    model: Any,
-    optimizer: Any,
-    *,
-    checkpoint_every: Any,
-    grad_codec: Any,
-    compression_level: Any,
-    scaler: Any,
-) -> None:
-    """Reject malformed recorder arguments, naming the bad one."""
+
+def store_location(spec: Any, ddp: DDPInfo | None) -> Any:
+    """Where this process writes: ``spec``, the rank's own store under DDP, or by default a
+    new ``runs/explaind-<time>-<pid>.lmdb``."""
+    if ddp is not None:
+        return rank_store_spec(spec, ddp.rank)
+    if spec is None:
+        spec = os.path.join("runs", f"explaind-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.lmdb")
+        logger.info("recording trace to %s", spec)
+    return spec
+
+
+def check_arguments(model: Any, optimizer: Any, scaler: Any) -> None:
+    """Reject a model, optimizer or scaler of the wrong kind, naming it."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
-    if (
-        isinstance(checkpoint_every, bool)
-        or not isinstance(checkpoint_every, int)
-        or checkpoint_every < 1
-    ):
-        raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
-    if grad_codec not in ("lossless", "bf16"):
-        raise ValueError(f"grad_codec must be 'lossless' or 'bf16', got {grad_codec!r}")
-    if not isinstance(compression_level, int) or not 1 <= compression_level <= 22:
-        raise ValueError(f"compression_level must be an int in 1..22, got {compression_level!r}")
     if scaler is not None and not hasattr(scaler, "get_scale"):
         raise TypeError("scaler must be a torch.amp.GradScaler (or offer get_scale())")
 
@@ -114,46 +120,3 @@ def inspect_run(
                 "Use a name from model.named_modules()."
             ) from None
     return RunLayout(params, names, group_ids, group_names, frozen, module)
-
-
-def _describe(t: torch.Tensor) -> dict[str, Any]:
-    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-
-
-def build_meta(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    layout: RunLayout,
-    *,
-    output: str | None,
-    checkpoint_every: int,
-    grad_codec: str,
-    level: int,
-    grad_scaler: bool,
-) -> dict[str, Any]:
-    """The ``meta`` record: schema, versions, names/shapes/dtypes, optimizer, options."""
-    groups = []
-    for names, group in zip(layout.group_names, optimizer.param_groups):
-        hp, tkeys = capture_hyperparams(group)
-        groups.append({"params": names, "hyperparams": hp, "tensor_hyperparams": tkeys})
-    first = next(iter(layout.params.values()))
-    return {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "library_version": library_version(),
-        "torch_version": torch.__version__,
-        "created": datetime.now(timezone.utc).isoformat(),
-        "model_class": qualified_name(type(model)),
-        "params": [{"name": n, **_describe(p)} for n, p in layout.params.items()],
-        "buffers": [{"name": n, **_describe(b)} for n, b in model.named_buffers() if b is not None],
-        "optimizer": {
-            "class": qualified_name(type(optimizer)),
-            "rule": qualified_name(resolve_optimizer(type(optimizer))),
-            "groups": groups,
-        },
-        "output_module": output,
-        "checkpoint_every": checkpoint_every,
-        "codec": {"grad_codec": grad_codec, "level": level, "lossy": grad_codec != "lossless"},
-        "device": str(first.device),
-        "grad_scaler": grad_scaler,
-    }

@@ -13,14 +13,9 @@ on the output (cotangents dL/d(output)), post-accumulate-grad hooks on the param
 (to notice gradients discarded without a step) and the optimizer's step pre/post hooks.
 All are removed when recording ends, also when the loop raises.
 
-DistributedDataParallel: pass the DDP-wrapped model. The recorder hooks the wrapped
-``.module`` (parameter names have no ``module.`` prefix) and reads the rank and world size
-from its process group. Every rank records its own forwards (inputs, sample ids, RNG
-state, and cotangents divided by the world size, because DDP averages the gradients over
-ranks); only rank 0 records gradients, hyperparameters, checkpoints and the final state.
-``store=`` must be the same path or URL on every rank: rank 0 writes it, rank ``r > 0``
-writes ``<store>.rank{r}`` (step records holding only forwards, its own samples, its own
-meta and progress). ``open_trace(<store>)`` merges the ranks (see ``ddp.py``).
+DistributedDataParallel: pass the DDP-wrapped model with the same ``store=`` path on every
+rank; every rank records its own forwards, rank 0 also the gradients, hyperparameters and
+states (see ``ddp.py``).
 """
 
 from __future__ import annotations
@@ -28,22 +23,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-from .ddp import rank_store_spec, unwrap_ddp
+from .ddp import unwrap_ddp
 from .errors import RecordingError, StoreError, TraceWriteError
-from .hooks import GradTracker, OutputCapture, capture_inputs, find_batch_size
-from .layout import build_meta, check_options, inspect_run
+from .header import encode_header
+from .hooks import (
+    GradTracker,
+    OutputCapture,
+    check_sample_ids,
+    current_grad_scale,
+    dense_grads,
+    find_batch_size,
+    in_backward,
+)
+from .layout import check_arguments, inspect_run, store_location
 from .modules import BufferTracker, ModuleIndex
 from .optimizers import capture_hyperparams, export_state
+from .options import RecordOptions
 from .packing import copy_named, cpu_copy
-from .schema import CapturedForward, CapturedState, CapturedStep
+from .records import CapturedForward, CapturedStep, Checkpoint
 from .stores import Store
+from .trees import capture_inputs
 from .writer import TraceWriter, open_new_trace
 
 __all__ = ["Recorder", "record"]
@@ -51,28 +56,19 @@ __all__ = ["Recorder", "record"]
 logger = logging.getLogger(__name__)
 
 _attached: weakref.WeakSet[Any] = weakref.WeakSet()
-_MAX_ID_LEN = 200
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass (e.g. recomputing a checkpointed forward)."""
-    current = getattr(torch._C, "_current_autograd_node", None)
-    return current is not None and current() is not None
 
 
 class Recorder:
     """Records a training run into a trace; ``record()`` wraps it as a context manager.
 
     Call ``start()`` before the first forward and ``close(error=...)`` after the last step
-    (integrations use this form). Options are keyword-only:
+    (integrations use this form).
 
     - ``store``: where to write (path, ``scheme://`` URL or ``Store`` instance; the
       recorder closes it). Default: a new ``runs/explaind-<time>-<pid>.lmdb``.
-    - ``checkpoint_every``: a full checkpoint every K optimizer steps.
-    - ``output``: name of the submodule whose output is the model output (for models that
-      compute the loss inside ``forward``).
     - ``scaler``: the ``torch.amp.GradScaler`` in use, so cotangents are unscaled.
-    - ``grad_codec``: ``"lossless"`` (default) or ``"bf16"`` (lossy, recorded in metadata).
+    - the recording options (``checkpoint_every``, ``output``, ``grad_codec``, ...; see
+      ``RecordOptions``): as keywords, or as ``options=RecordOptions(...)``, not both.
     """
 
     def __init__(
@@ -81,36 +77,18 @@ class Recorder:
         optimizer: torch.optim.Optimizer,
         *,
         store: Store | str | os.PathLike[str] | None = None,
-        checkpoint_every: int = 100,
-        output: str | None = None,
         scaler: Any = None,
-        progress: bool = False,
-        grad_codec: str = "lossless",
-        compression_level: int = 1,
-        queue_size: int = 8,
-        max_pending_forwards: int = 256,
+        options: RecordOptions | None = None,
+        **keywords: Any,
     ) -> None:
-        check_options(
-            model,
-            optimizer,
-            checkpoint_every=checkpoint_every,
-            grad_codec=grad_codec,
-            compression_level=compression_level,
-            scaler=scaler,
-        )
+        self.options = RecordOptions.build(options, keywords)
+        check_arguments(model, optimizer, scaler)
         self.model, self.ddp = unwrap_ddp(model)
         # rank r > 0 of a DDP run records its forwards only
         self._forwards_only = self.ddp is not None and self.ddp.rank != 0
         self.optimizer = optimizer
         self.store_spec = store
-        self.checkpoint_every = checkpoint_every
-        self.output = output
         self.scaler = scaler
-        self.grad_codec = grad_codec
-        self.compression_level = compression_level
-        self.queue_size = queue_size
-        self.max_pending_forwards = max_pending_forwards
-        self._progress = progress
         self._started = False
         self._closed = False
         self._handles: list[Any] = []
@@ -124,6 +102,14 @@ class Recorder:
         self._bar: Any = None
         self.writer: TraceWriter | None = None
         self.store: Store | None = None
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.options.checkpoint_every
+
+    @property
+    def output(self) -> str | None:
+        return self.options.output
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -149,35 +135,25 @@ class Recorder:
                 )
         self._layout = inspect_run(self.model, self.optimizer, self.output)
         self._params, self._names = self._layout.params, self._layout.names
-        if self.ddp is not None:
-            spec = rank_store_spec(self.store_spec, self.ddp.rank)
-        else:
-            spec = self.store_spec
-        meta = build_meta(
+        spec = store_location(self.store_spec, self.ddp)
+        meta = encode_header(
             self.model,
             self.optimizer,
-            self._layout,
-            output=self.output,
-            checkpoint_every=self.checkpoint_every,
-            grad_codec=self.grad_codec,
-            level=self.compression_level,
+            self._params,
+            self._layout.group_names,
+            self.options,
             grad_scaler=self.scaler is not None,
+            ddp=None if self.ddp is None else self.ddp.meta(),
         )
-        if self.ddp is not None:
-            meta["ddp"] = self.ddp.meta()
-        if spec is None:
-            spec = os.path.join(
-                "runs", f"explaind-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.lmdb"
-            )
-            logger.info("recording trace to %s", spec)
         store = open_new_trace(spec)
         try:
             self.store = store
+            opts = self.options
             self.writer = TraceWriter(
                 store,
-                grad_codec=self.grad_codec,
-                level=self.compression_level,
-                queue_size=self.queue_size,
+                grad_codec=opts.grad_codec,
+                level=opts.compression_level,
+                queue_size=opts.queue_size,
             )
             self.writer.write_meta(meta)
             self._attach()
@@ -189,7 +165,7 @@ class Recorder:
             store.close()
             raise
         self._started = True
-        if self._progress:
+        if self.options.progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(desc="recording", unit="step")
@@ -275,32 +251,15 @@ class Recorder:
 
     def set_sample_ids(self, ids: Iterable[int | str]) -> None:
         """Sample ids (ints or strings) for the rows of the next recorded forward."""
-        out = []
-        for i in ids:
-            if isinstance(i, bool) or not isinstance(i, int | str):
-                raise TypeError(f"sample ids must be ints or strings, got {type(i).__name__}")
-            s = str(i)
-            if len(s) > _MAX_ID_LEN:
-                raise ValueError(f"sample id {s[:30]!r}... is longer than {_MAX_ID_LEN} characters")
-            out.append(s)
-        self._next_ids = out
+        self._next_ids = check_sample_ids(ids)
 
-    def _state(self, step: int) -> CapturedState:
-        return CapturedState(
+    def _state(self, step: int) -> Checkpoint:
+        return Checkpoint(
             step=step,
             params={n: cpu_copy(p) for n, p in self._params.items()},
             buffers=self._buffers.snapshot(),
             optimizer_state=export_state(self.optimizer, self._names),
         )
-
-    def _current_scale(self) -> torch.Tensor | None:
-        s = self.scaler
-        if s is None or not s.is_enabled():
-            return None
-        t = getattr(s, "_scale", None)
-        if isinstance(t, torch.Tensor):
-            return t.detach().clone()
-        return torch.tensor(float(s.get_scale()))
 
     def _finish_forward(self, cap: OutputCapture) -> CapturedForward:
         """The captured forward, with cotangents scaled for DDP's gradient average."""
@@ -338,14 +297,14 @@ class Recorder:
 
     def _prune_pending(self) -> None:
         waiting = [c for c in self._pending if not c.received]
-        excess = len(waiting) - self.max_pending_forwards
+        excess = len(waiting) - self.options.max_pending_forwards
         if excess <= 0:
             return
         if not self._warned_pending:
             logger.warning(
                 "more than %d grad-enabled forwards without a backward are pending; dropping the "
                 "oldest (run evaluation under torch.no_grad() to avoid recording it)",
-                self.max_pending_forwards,
+                self.options.max_pending_forwards,
             )
             self._warned_pending = True
         drop = {id(c) for c in waiting[:excess]}
@@ -362,7 +321,7 @@ class Recorder:
         self._stack.append(None)  # popped by _post_forward, which always runs
         assert self.writer is not None
         self.writer.check()
-        if nested or not torch.is_grad_enabled() or _in_backward():
+        if nested or not torch.is_grad_enabled() or in_backward():
             return None
         received = [c for c in self._pending if c.received]
         if received and self._grads.cleared():
@@ -393,7 +352,7 @@ class Recorder:
             buffers=self._forward_buffers(),
             user_ids=ids,
         )
-        self._stack[-1] = OutputCapture(captured, self._current_scale)
+        self._stack[-1] = OutputCapture(captured, lambda: current_grad_scale(self.scaler))
         return None
 
     def _forward_buffers(self) -> Mapping[str, torch.Tensor] | None:
@@ -451,7 +410,7 @@ class Recorder:
                 "the recorder has read them. Call backward() before step() instead."
             )
         self._stack.clear()
-        self._check_groups()
+        self._layout.check_groups(optimizer)
         for p in self._layout.frozen_in_opt:
             if p.grad is not None:
                 raise RecordingError(
@@ -478,17 +437,7 @@ class Recorder:
                 buffers=None,
             )
             return None
-        named_grads = []
-        for n, p in self._params.items():
-            g = p.grad
-            if g is None:
-                continue
-            if g.layout != torch.strided:
-                raise RecordingError(
-                    f"parameter {n!r} has a {g.layout} gradient; only dense gradients are supported"
-                )
-            named_grads.append((n, g))
-        grads = copy_named(named_grads)
+        grads = copy_named(dense_grads(self._params))
         groups, tkeys = [], []
         for group in optimizer.param_groups:
             hp, tk = capture_hyperparams(group)
@@ -521,15 +470,6 @@ class Recorder:
             self._bar.update(1)
         return None
 
-    def _check_groups(self) -> None:
-        groups = self.optimizer.param_groups
-        ids = [[id(p) for p in g["params"] if id(p) in self._names] for g in groups]
-        if ids != self._layout.group_ids:
-            raise RecordingError(
-                "the optimizer's param groups changed after recording started (add_param_group or "
-                "replaced params); a trace needs fixed groups. Create all groups before recording."
-            )
-
 
 @contextlib.contextmanager
 def record(
@@ -537,33 +477,18 @@ def record(
     optimizer: torch.optim.Optimizer,
     *,
     store: Store | str | os.PathLike[str] | None = None,
-    checkpoint_every: int = 100,
-    output: str | None = None,
     scaler: Any = None,
-    progress: bool = False,
-    grad_codec: str = "lossless",
-    compression_level: int = 1,
-    queue_size: int = 8,
-    max_pending_forwards: int = 256,
+    options: RecordOptions | None = None,
+    **keywords: Any,
 ) -> Iterator[Recorder]:
     """Record the training loop run inside the ``with`` block into a trace.
 
-    See ``Recorder`` for the options. On an exception the trace keeps every committed
-    step, records the error with ``finished=False``, and the exception propagates.
+    See ``Recorder`` for ``store`` and ``scaler``, and ``RecordOptions`` for the options
+    (keywords such as ``checkpoint_every=10``, or ``options=RecordOptions(...)``). On an
+    exception the trace keeps every committed step, records the error with
+    ``finished=False``, and the exception propagates.
     """
-    rec = Recorder(
-        model,
-        optimizer,
-        store=store,
-        checkpoint_every=checkpoint_every,
-        output=output,
-        scaler=scaler,
-        progress=progress,
-        grad_codec=grad_codec,
-        compression_level=compression_level,
-        queue_size=queue_size,
-        max_pending_forwards=max_pending_forwards,
-    )
+    rec = Recorder(model, optimizer, store=store, scaler=scaler, options=options, **keywords)
     rec.start()
     try:
         yield rec

@@ -1,15 +1,18 @@
-"""The typed records a trace reader hands out, and their decoding from stored maps."""
+"""The typed records of a trace: what the recorder hands the writer and the reader hands out.
+
+Plain dataclasses, no coding: each record kind is encoded and decoded in one module (see
+``schema.py`` for the map of keys to modules).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import codec
-from .errors import SchemaVersionError, TraceCorruptError
-from .schema import FORMAT, SCHEMA_VERSION
+from .options import RecordOptions
 
 __all__ = [
     "TensorInfo",
@@ -20,6 +23,8 @@ __all__ = [
     "StepRecord",
     "SkipRecord",
     "Checkpoint",
+    "CapturedForward",
+    "CapturedStep",
 ]
 
 
@@ -46,7 +51,7 @@ class OptimizerInfo:
 
 @dataclass(frozen=True)
 class TraceMeta:
-    """What the trace says about the run (the ``meta`` record)."""
+    """What the trace says about the run (the ``meta`` record, see ``header.py``)."""
 
     schema_version: int
     library_version: str
@@ -65,59 +70,25 @@ class TraceMeta:
     rank: int = 0  # DDP: the rank that wrote this store (0 for single-process traces)
     world_size: int = 1  # DDP: number of ranks; the trace is merged from as many stores
     cotangent_scale: float = 1.0  # recorded cotangents = local ones × this (1/world_size)
+    #: the options the run was recorded with (rebuilt from the header fields for traces
+    #: written before the header held them)
+    options: RecordOptions = field(default_factory=RecordOptions)
 
-    @staticmethod
-    def decode(raw: Any, where: str) -> TraceMeta:
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise TraceCorruptError(f"{where}: the meta record is not an ExPLAIND trace header")
-        version = raw.get("schema_version")
-        if not isinstance(version, int):
-            raise TraceCorruptError(f"{where}: the trace has no valid schema_version")
-        if version > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"{where} was written with trace schema version {version}, newer than the "
-                f"version {SCHEMA_VERSION} this explaind reads. Upgrade explaind to read it."
-            )
-        try:
-            opt = raw["optimizer"]
-            codec_opts = raw.get("codec", {})
-            ddp = raw.get("ddp") or {}
-            return TraceMeta(
-                schema_version=version,
-                library_version=str(raw.get("library_version", "")),
-                torch_version=str(raw.get("torch_version", "")),
-                created=str(raw.get("created", "")),
-                model_class=str(raw.get("model_class", "")),
-                params=tuple(
-                    TensorInfo(p["name"], tuple(p["shape"]), p["dtype"]) for p in raw["params"]
-                ),
-                buffers=tuple(
-                    TensorInfo(b["name"], tuple(b["shape"]), b["dtype"]) for b in raw["buffers"]
-                ),
-                optimizer=OptimizerInfo(
-                    class_name=opt["class"],
-                    rule=opt.get("rule", opt["class"]),
-                    groups=tuple(
-                        GroupInfo(
-                            tuple(g["params"]),
-                            dict(g["hyperparams"]),
-                            dict(g.get("tensor_hyperparams", {})),
-                        )
-                        for g in opt["groups"]
-                    ),
-                ),
-                output_module=raw.get("output_module"),
-                checkpoint_every=int(raw["checkpoint_every"]),
-                grad_codec=str(codec_opts.get("grad_codec", "lossless")),
-                lossy=bool(codec_opts.get("lossy", False)),
-                device=str(raw.get("device", "cpu")),
-                raw=raw,
-                rank=int(ddp.get("rank", 0)),
-                world_size=int(ddp.get("world_size", 1)),
-                cotangent_scale=float(ddp.get("cotangent_scale", 1.0)),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise TraceCorruptError(f"{where}: the meta record is malformed ({e!r})") from e
+
+@dataclass
+class Checkpoint:
+    """The state record: parameters, buffers and optimizer state (per parameter name).
+
+    Written for ``ckpt/{t}`` (before optimizer step ``step``) and ``final`` (when recording
+    ended, ``step`` = the number of steps). ``buffers`` are taken when that step ran, i.e.
+    after its forwards (the same as ``TraceReader.buffers_at(step)``); the buffers before
+    the very first forward are in ``step(0).forwards[0].buffers``.
+    """
+
+    step: int
+    params: dict[str, torch.Tensor]
+    buffers: Mapping[str, torch.Tensor]
+    optimizer_state: dict[str, dict[str, Any]]
 
 
 @dataclass
@@ -162,65 +133,37 @@ class SkipRecord:
     forwards: list[ForwardRecord]
 
 
+# -- the write side: what the hooks captured, tensors already copied to CPU ----------------
+
+
 @dataclass
-class Checkpoint:
-    """Parameters and optimizer state (per parameter name) before optimizer step ``step``.
+class CapturedForward:
+    """One forward pass as the hooks saw it (becomes a ``ForwardRecord`` when read)."""
 
-    ``buffers`` are taken when that step ran, i.e. after its forwards (the same as
-    ``TraceReader.buffers_at(step)``); the buffers before the very first forward are in
-    ``step(0).forwards[0].buffers``. For ``final()``: the state when recording ended.
-    """
-
-    step: int
-    params: dict[str, torch.Tensor]
-    buffers: dict[str, torch.Tensor]
-    optimizer_state: dict[str, dict[str, Any]]
-
-
-def decode_tensors(d: Any) -> dict[str, torch.Tensor]:
-    if not isinstance(d, dict):
-        raise TraceCorruptError("expected a map of tensors")
-    return {str(k): codec.decode_tensor(v) for k, v in d.items()}
-
-
-def decode_checkpoint(raw: Any) -> Checkpoint:
-    try:
-        state = {
-            name: {
-                k: codec.decode_tensor(v) if codec.is_tensor_map(v) else v for k, v in st.items()
-            }
-            for name, st in raw["optimizer_state"].items()
-        }
-        return Checkpoint(
-            step=int(raw["step"]),
-            params=decode_tensors(raw["params"]),
-            buffers=decode_tensors(raw["buffers"]),
-            optimizer_state=state,
-        )
-    except (KeyError, TypeError, AttributeError) as e:
-        raise TraceCorruptError(f"a checkpoint record is malformed ({e!r})") from e
+    batch_size: int
+    args: Any  # tree (see trees.py)
+    kwargs: Any
+    slots: list[torch.Tensor]  # batched inputs, dim 0 == batch_size
+    tensors: list[torch.Tensor]  # constant (non-batched) input tensors
+    rng_state: torch.Tensor
+    cuda_rng_state: torch.Tensor | None
+    training: bool
+    mode_overrides: dict[str, bool]
+    buffers: Mapping[str, torch.Tensor] | None
+    user_ids: list[str] | None
+    output: Any = None  # tree of the output's structure, leaves {"k": "t", "i": j}
+    cotangents: list[torch.Tensor | None] = field(default_factory=list)
+    grad_scale: float = 1.0
 
 
-def build_tree(node: Any, slots: list[torch.Tensor], tensors: list[Any]) -> Any:
-    """Rebuild a stored structure (see ``schema``); ``slots``/``tensors`` fill its leaves."""
-    if not isinstance(node, dict) or "k" not in node:
-        raise TraceCorruptError(f"malformed structure node {node!r:.80}")
-    kind = node["k"]
-    try:
-        if kind == "b":
-            return slots[node["i"]]
-        if kind == "t":
-            return tensors[node["i"]]
-        if kind == "v":
-            return node["v"]
-        if kind == "n":
-            return None
-        if kind == "tuple":
-            return tuple(build_tree(n, slots, tensors) for n in node["items"])
-        if kind == "list":
-            return [build_tree(n, slots, tensors) for n in node["items"]]
-        if kind == "dict":
-            return {k: build_tree(n, slots, tensors) for k, n in zip(node["keys"], node["items"])}
-    except (IndexError, KeyError, TypeError) as e:
-        raise TraceCorruptError(f"malformed structure node of kind {kind!r} ({e!r})") from e
-    raise TraceCorruptError(f"unknown structure node kind {kind!r}")
+@dataclass
+class CapturedStep:
+    """Everything recorded for optimizer step ``index`` (becomes a ``StepRecord``)."""
+
+    index: int
+    grads: Mapping[str, torch.Tensor]
+    groups: list[dict[str, Any]]
+    tensor_hyperparams: list[dict[str, str]]
+    forwards: list[CapturedForward]
+    buffers: Mapping[str, torch.Tensor] | None
+    checkpoint: Checkpoint | None = None

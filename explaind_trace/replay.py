@@ -13,19 +13,45 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .optimizers import export_state, load_state, optimizer_class_by_name, restore_hyperparams
-from .records import Checkpoint, StepRecord
+from .records import Checkpoint, StepRecord, TraceMeta
 
-if TYPE_CHECKING:
-    from .reader import TraceReader
-
-__all__ = ["ReplayStep", "DriftReport", "replay_steps"]
+__all__ = ["ReplayStep", "DriftReport", "ReplaySource", "replay_steps"]
 
 logger = logging.getLogger(__name__)
+
+
+class ReplaySource(Protocol):
+    """What replay reads of a trace (``TraceReader`` is one)."""
+
+    name: str
+    meta: TraceMeta
+    lossy: bool
+    num_steps: int
+    param_names: list[str]
+    checkpoint_steps: list[int]
+
+    def step(self, t: int) -> StepRecord:
+        """The full record of step ``t``."""
+        ...
+
+    def step_update(
+        self, t: int
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, str]]]:
+        """Only the gradients, group hyperparameters and tensor-typed keys of step ``t``."""
+        ...
+
+    def checkpoint(self, t: int) -> Checkpoint:
+        """The stored state before step ``t``."""
+        ...
+
+    def final(self) -> Checkpoint | None:
+        """The state when recording ended; None when the run has none."""
+        ...
 
 
 @dataclass
@@ -113,7 +139,7 @@ def _compare(
 
 
 class _Replayer:
-    def __init__(self, reader: TraceReader, ckpt: Checkpoint) -> None:
+    def __init__(self, reader: ReplaySource, ckpt: Checkpoint) -> None:
         meta = reader.meta
         cls = optimizer_class_by_name(meta.optimizer.class_name, meta.optimizer.rule)
         self.params = {n: ckpt.params[n].clone().requires_grad_(True) for n in reader.param_names}
@@ -156,7 +182,7 @@ class _Replayer:
 
 
 def replay_steps(
-    reader: TraceReader,
+    reader: ReplaySource,
     start: int,
     stop: int,
     *,
@@ -172,9 +198,7 @@ def replay_steps(
     if base is None:
         raise KeyError(f"{reader.name}: no checkpoint at or before step {start}")
     rep = _Replayer(reader, reader.checkpoint(base))
-    final = None
-    if stop == reader.num_steps and reader.progress.get("final"):
-        final = reader.final()
+    final = reader.final() if stop == reader.num_steps else None
     before = rep.snapshot()
     for t in range(base, stop):
         emit = t >= start

@@ -19,15 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import codec
+from .encoder import TensorEncoder
 from .errors import DiskFullError, ExplaindError, NotATraceError, TraceExistsError, TraceWriteError
-from .schema import (
-    META,
-    PROGRESS,
-    CapturedForward,
-    CapturedState,
-    CapturedStep,
-    Encoder,
-)
+from .records import CapturedForward, CapturedStep, Checkpoint
+from .schema import META, PROGRESS
+from .state import encode_final
+from .steps import encode_skip, encode_step
 from .stores import Store, open_store
 
 __all__ = ["TraceWriter", "open_new_trace"]
@@ -69,7 +66,7 @@ class _Skip:
 
 @dataclass
 class _Final:
-    state: CapturedState | None
+    state: Checkpoint | None
     error: str | None
 
 
@@ -83,7 +80,7 @@ class TraceWriter:
         self, store: Store, *, grad_codec: str = "lossless", level: int = 1, queue_size: int = 8
     ) -> None:
         self.store = store
-        self.encoder = Encoder(grad_codec=grad_codec, level=level)
+        self.encoder = TensorEncoder(grad_codec=grad_codec, level=level)
         self.progress: dict[str, Any] = {
             "steps": 0,
             "finished": False,
@@ -131,7 +128,7 @@ class TraceWriter:
     def write_skip(self, before_step: int, reason: str, forwards: list[CapturedForward]) -> None:
         self._submit(_Skip(before_step, reason, forwards))
 
-    def write_final(self, state: CapturedState | None, error: str | None) -> None:
+    def write_final(self, state: Checkpoint | None, error: str | None) -> None:
         self._submit(_Final(state, error))
 
     def flush(self) -> None:
@@ -189,13 +186,13 @@ class TraceWriter:
         if isinstance(job, _Meta):
             items = [(META, codec.pack(job.meta))]
         elif isinstance(job, CapturedStep):
-            items = enc.step(job)
+            items = encode_step(enc, job)
             progress["steps"] = job.index + 1
         elif isinstance(job, _Skip):
-            items = enc.skip(progress["skipped"], job.before_step, job.reason, job.forwards)
+            items = encode_skip(enc, progress["skipped"], job.before_step, job.reason, job.forwards)
             progress["skipped"] += 1
         elif isinstance(job, _Final):
-            items = enc.final(job.state) if job.state is not None else []
+            items = encode_final(enc, job.state) if job.state is not None else []
             progress["final"] = job.state is not None
             progress["finished"] = job.error is None
             progress["error"] = job.error

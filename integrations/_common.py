@@ -14,18 +14,14 @@ import explaind_trace
 
 logger = logging.getLogger(__name__)
 
-_GRAD_CODECS = ("lossless", "bf16")
-
 
 @dataclass(frozen=True)
-class RecordOptions:
-    """The recorder options a callback was built with (checked when the callback is made,
-    so a bad value fails before training starts)."""
+class TraceTarget:
+    """Where a callback records and with which ``explaind_trace.RecordOptions`` (checked when
+    the callback is made, so a bad value fails before training starts)."""
 
     store: Any
-    checkpoint_every: int = 100
-    output: str | None = None
-    grad_codec: str = "lossless"
+    options: explaind_trace.RecordOptions
 
     def __post_init__(self) -> None:
         if self.store is None:
@@ -38,15 +34,14 @@ class RecordOptions:
                 "store must be a path, a 'scheme://' URL or an explaind_trace.Store, got "
                 f"{type(self.store).__name__}"
             )
-        ce = self.checkpoint_every
-        if isinstance(ce, bool) or not isinstance(ce, int) or ce < 1:
-            raise ValueError(f"checkpoint_every must be a positive int, got {ce!r}")
-        if self.output is not None and (not isinstance(self.output, str) or not self.output):
-            raise ValueError(
-                f"output must be None or a submodule name from model.named_modules(), got {self.output!r}"
-            )
-        if self.grad_codec not in _GRAD_CODECS:
-            raise ValueError(f"grad_codec must be one of {_GRAD_CODECS}, got {self.grad_codec!r}")
+
+    @classmethod
+    def build(
+        cls, store: Any, options: explaind_trace.RecordOptions | None, keywords: dict[str, Any]
+    ) -> TraceTarget:
+        """The target of a callback given ``store=`` and its recording options (see
+        ``explaind_trace.RecordOptions.build``)."""
+        return cls(store, explaind_trace.RecordOptions.build(options, keywords))
 
     def describe_store(self) -> str:
         return (
@@ -58,13 +53,7 @@ class RecordOptions:
     ) -> explaind_trace.Recorder:
         """A (not yet started) recorder with these options."""
         return explaind_trace.Recorder(
-            model,
-            optimizer,
-            store=self.store,
-            checkpoint_every=self.checkpoint_every,
-            output=self.output,
-            scaler=scaler,
-            grad_codec=self.grad_codec,
+            model, optimizer, store=self.store, scaler=scaler, options=self.options
         )
 
 

@@ -54,7 +54,7 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides tr
 
 import explaind_trace
 
-from ._common import RecordingSession, RecordOptions, SessionOwner
+from ._common import RecordingSession, SessionOwner, TraceTarget
 from .errors import CallbackStateError, UnsupportedSetupError
 
 __all__ = ["ExplaindTrainerCallback", "check_training_args"]
@@ -161,8 +161,9 @@ class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
                       hold a trace already. One callback records one ``train()``.
     output:           submodule whose output is the per-sample model output (the logits),
                       needed when the model computes its loss inside forward.
-    checkpoint_every: a full checkpoint every K optimizer steps.
-    grad_codec:       ``"lossless"`` (default) or ``"bf16"`` (lossy, recorded in the trace).
+    options / keywords: the other recording options (``explaind_trace.RecordOptions``),
+                      e.g. ``checkpoint_every=10`` or ``grad_codec="bf16"``; or
+                      ``options=RecordOptions(...)`` (which then holds ``output`` too), not both.
 
     Use it as a context manager around ``trainer.train()`` so a run that raises still closes
     the trace and removes the hooks (the Trainer has no exception event for callbacks).
@@ -173,12 +174,13 @@ class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
         store: explaind_trace.Store | str | os.PathLike[str],
         *,
         output: str | None = None,
-        checkpoint_every: int = 100,
-        grad_codec: str = "lossless",
+        options: explaind_trace.RecordOptions | None = None,
+        **keywords: Any,
     ) -> None:
-        self.options = RecordOptions(
-            store=store, checkpoint_every=checkpoint_every, output=output, grad_codec=grad_codec
-        )
+        if output is not None:
+            keywords["output"] = output
+        self.target = TraceTarget.build(store, options, keywords)
+        self.options = self.target.options
         self.session: RecordingSession | None = None
         self._used = False
 
@@ -207,7 +209,7 @@ class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
         if self._used:
             raise CallbackStateError(
                 f"this ExplaindTrainerCallback already recorded a run into "
-                f"{self.options.describe_store()}; traces are never overwritten. Create a new "
+                f"{self.target.describe_store()}; traces are never overwritten. Create a new "
                 "callback with a new store for each train()."
             )
         check_training_args(args)
@@ -218,7 +220,7 @@ class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
                 "be registered with a transformers.Trainer (callbacks=[...]), which passes them."
             )
         opt, scaler = _unwrap_optimizer(optimizer)
-        recorder = self.options.recorder(model, opt, scaler=scaler)
+        recorder = self.target.recorder(model, opt, scaler=scaler)
 
         def own_hooks() -> list[Any]:
             # registered before the recorder's forward hook, so it can explain a loss output first
@@ -230,7 +232,7 @@ class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
             "recording %s with %s into %s",
             type(model).__name__,
             type(opt).__name__,
-            self.options.describe_store(),
+            self.target.describe_store(),
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -257,7 +259,7 @@ class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
             "computes the loss inside forward (the Trainer passes labels=...). The trace needs "
             "the per-sample model output, so pass output='<submodule>' naming the module that "
             f"produces the logits, e.g. ExplaindTrainerCallback(store, output={example!r}).{hint} "
-            f"The trace at {self.options.describe_store()} was closed without steps; delete it or "
+            f"The trace at {self.target.describe_store()} was closed without steps; delete it or "
             "record to a new store."
         )
         self.close(error=err)

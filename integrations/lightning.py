@@ -65,7 +65,7 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides li
 
 import explaind_trace
 
-from ._common import RecordingSession, RecordOptions, SessionOwner, normalize_ids
+from ._common import RecordingSession, SessionOwner, TraceTarget, normalize_ids
 from .errors import CallbackStateError, UnsupportedSetupError
 
 __all__ = ["ExplaindCallback", "check_trainer", "SUPPORTED_PRECISION"]
@@ -146,32 +146,31 @@ class ExplaindCallback(pl.Callback, SessionOwner):
 
     store:            where the trace is written (path, ``scheme://`` URL or Store); must not
                       hold a trace already. One callback records one fit.
-    checkpoint_every: a full checkpoint every K optimizer steps.
-    output:           submodule (of the recorded module) whose output is the model output,
-                      for modules whose forward returns a loss.
-    grad_codec:       ``"lossless"`` (default) or ``"bf16"`` (lossy, recorded in the trace).
     sample_ids:       optional ``f(batch, batch_idx) -> ids`` (one int/str per batch row, or
                       a 1-D integer tensor) naming the rows of the batch's first forward;
                       default ids are content hashes.
     module:           name of the submodule of the LightningModule to record (default: the
                       LightningModule itself); ``training_step`` must call its forward, and
                       the optimizer may hold only its parameters.
+    options / keywords: the recording options (``explaind_trace.RecordOptions``), e.g.
+                      ``checkpoint_every=10``, ``output="head"`` (the submodule of the
+                      recorded module whose output is the model output, for modules whose
+                      forward returns a loss) or ``grad_codec="bf16"``; or
+                      ``options=RecordOptions(...)``, not both.
     """
 
     def __init__(
         self,
         store: explaind_trace.Store | str | os.PathLike[str],
         *,
-        checkpoint_every: int = 100,
-        output: str | None = None,
-        grad_codec: str = "lossless",
         sample_ids: SampleIds | None = None,
         module: str | None = None,
+        options: explaind_trace.RecordOptions | None = None,
+        **keywords: Any,
     ) -> None:
         super().__init__()
-        self.options = RecordOptions(
-            store=store, checkpoint_every=checkpoint_every, output=output, grad_codec=grad_codec
-        )
+        self.target = TraceTarget.build(store, options, keywords)
+        self.options = self.target.options
         if sample_ids is not None and not callable(sample_ids):
             raise TypeError(
                 f"sample_ids must be a callable (batch, batch_idx) -> ids, got {type(sample_ids).__name__}"
@@ -195,7 +194,7 @@ class ExplaindCallback(pl.Callback, SessionOwner):
         """Check the setup, build the recorder on the module and the optimizer, attach the hooks."""
         if self._used:
             raise CallbackStateError(
-                f"this ExplaindCallback already recorded a fit into {self.options.describe_store()}; "
+                f"this ExplaindCallback already recorded a fit into {self.target.describe_store()}; "
                 "traces are never overwritten. Create a new ExplaindCallback with a new store "
                 "for each fit."
             )
@@ -209,7 +208,7 @@ class ExplaindCallback(pl.Callback, SessionOwner):
         module = self._module(pl_module)
         plugin = trainer.strategy.precision_plugin
         scaler = getattr(plugin, "scaler", None) if isinstance(plugin, MixedPrecision) else None
-        recorder = self.options.recorder(module, optimizer, scaler=scaler)
+        recorder = self.target.recorder(module, optimizer, scaler=scaler)
         self._forwards = 0
 
         def own_hooks() -> list[Any]:
@@ -224,7 +223,7 @@ class ExplaindCallback(pl.Callback, SessionOwner):
             "recording %s with %s into %s",
             type(module).__name__,
             type(optimizer).__name__,
-            self.options.describe_store(),
+            self.target.describe_store(),
         )
 
     def on_train_batch_start(

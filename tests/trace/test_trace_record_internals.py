@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from explaind_trace import codec, schema
+from explaind_trace import codec, encoder
+from explaind_trace.encoder import GilPacer
 from explaind_trace.modules import BufferTracker, ModuleIndex
 from explaind_trace.packing import PackedTensors, copy_named
 from explaind_trace.rowids import RowIds
-from explaind_trace.schema import GilPacer
 
 KEY = hashlib.blake2b(b"header", digest_size=32).digest()
 
@@ -171,7 +171,7 @@ def test_tensor_bytes_fast_path(t: torch.Tensor) -> None:
 
 def test_gil_pacer_hands_off_only_after_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    monkeypatch.setattr(schema, "yield_gil", lambda: calls.append(1))
+    monkeypatch.setattr(encoder, "yield_gil", lambda: calls.append(1))
     pacer = GilPacer(interval=3600.0)
     for _ in range(100):
         pacer()
