@@ -1,13 +1,18 @@
-"""Optimizers the recorder can replay: a registry keyed by class, resolved along the MRO.
+"""Optimizer support: one registry, keyed by class and resolved along the MRO, that covers
+recording, replay and the kernel's adjoint rule.
 
-Replay builds a fresh optimizer of the recorded class, so only classes registered here
-are ever instantiated; a class name read from a trace is looked up in the registry,
-never imported.
+Replay builds a fresh optimizer of the recorded class, so only classes registered here are
+ever instantiated; a class name read from a trace is looked up in the registry, never
+imported. Each entry also has a slot for the kernel's adjoint rule: ``explaind_kernel``'s
+``register_rule(cls)`` fills it (and registers ``cls`` here), so one registration makes an
+optimizer recordable, replayable and explainable. Imports go one way: the kernel calls in,
+this module never imports the kernel; the rule is held as an opaque object.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -15,8 +20,11 @@ import torch
 from .errors import UnsupportedOptimizerError
 
 __all__ = [
+    "OptimizerSupport",
     "register_optimizer",
     "resolve_optimizer",
+    "support_for",
+    "kernel_rule",
     "supported_optimizers",
     "optimizer_class_by_name",
     "qualified_name",
@@ -28,26 +36,49 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_REGISTRY: dict[type, None] = {}
 OptT = TypeVar("OptT", bound=type)
+
+
+@dataclass(frozen=True)
+class OptimizerSupport:
+    """What is registered for one optimizer class: recording and replay always; ``rule``,
+    the kernel's adjoint rule (an ``explaind_kernel.OptimizerRule``), once the kernel
+    registered one."""
+
+    cls: type
+    rule: Any = None
+
+    @property
+    def what(self) -> str:
+        return "record, replay, kernel" if self.rule is not None else "record, replay"
+
+
+_REGISTRY: dict[type, OptimizerSupport] = {}
 
 
 def qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_optimizer(cls: OptT) -> OptT:
-    """Register an optimizer class (usable as a decorator) as replayable.
+def register_optimizer(cls: OptT, *, rule: Any = None) -> OptT:
+    """Register an optimizer class (usable as a decorator) for recording and replay.
 
     A registered optimizer must be deterministic given its parameters, gradients, param
-    groups and ``state_dict``: replay rebuilds it from exactly those.
+    groups and ``state_dict``: replay rebuilds it from exactly those. ``rule`` is the
+    kernel's adjoint rule for it; ``explaind_kernel.register_rule`` passes it, so use that
+    to register an optimizer the kernel should explain. Registering a class again keeps
+    its rule unless a new one is given.
     """
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
         raise TypeError(f"register_optimizer needs a torch.optim.Optimizer subclass, got {cls!r}")
-    _REGISTRY[cls] = None
+    old = _REGISTRY.get(cls)
+    if rule is None and old is not None:
+        rule = old.rule
+    _REGISTRY[cls] = OptimizerSupport(cls, rule)
     return cls
 
 
+# the kernel fills in their rules when it is imported (explaind_kernel/rules)
 for _cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW):
     register_optimizer(_cls)
 
@@ -57,21 +88,46 @@ def supported_optimizers() -> list[str]:
     return sorted(qualified_name(c) for c in _REGISTRY)
 
 
-def _unsupported(what: str) -> UnsupportedOptimizerError:
-    return UnsupportedOptimizerError(
-        f"{what} is not supported: replaying it exactly needs registered support. Supported: "
-        f"{', '.join(supported_optimizers())}. If your optimizer is deterministic given its "
-        "parameters, gradients, param groups and state_dict, register it with "
-        "explaind_trace.register_optimizer(YourOptimizer) before recording."
+def unsupported(what: str, missing: str = "support") -> UnsupportedOptimizerError:
+    """The one error for an optimizer without (complete) registered support."""
+    registered = "; ".join(
+        f"{qualified_name(c)} ({s.what})"
+        for c, s in sorted(_REGISTRY.items(), key=lambda kv: qualified_name(kv[0]))
     )
+    return UnsupportedOptimizerError(
+        f"{what} is not supported: no {missing} is registered for it. ExPLAIND needs one registration per optimizer "
+        f"class, covering recording, replay and the kernel's adjoint rule. Registered: "
+        f"{registered}. To add one, write an explaind_kernel.OptimizerRule for it and register "
+        "it with @explaind_kernel.register_rule(YourOptimizer), which registers recording and "
+        "replay too; explaind_trace.register_optimizer(YourOptimizer) registers recording and "
+        "replay only (for an optimizer that is deterministic given its parameters, gradients, "
+        "param groups and state_dict)."
+    )
+
+
+def support_for(cls: type) -> OptimizerSupport:
+    """The registration ``cls`` uses: its own, or its nearest registered base class's."""
+    for base in cls.__mro__:
+        support = _REGISTRY.get(base)
+        if support is not None:
+            return support
+    raise unsupported(f"optimizer {qualified_name(cls)}")
 
 
 def resolve_optimizer(cls: type) -> type:
     """The registered class ``cls`` is replayed as (itself or its nearest registered base)."""
-    for base in cls.__mro__:
-        if base in _REGISTRY:
-            return base
-    raise _unsupported(f"optimizer {qualified_name(cls)}")
+    return support_for(cls).cls
+
+
+def kernel_rule(cls: type) -> Any:
+    """The kernel's adjoint rule for ``cls``: the rule of the class it is replayed as."""
+    support = support_for(cls)
+    if support.rule is None:
+        name = qualified_name(cls)
+        if support.cls is not cls:
+            name += f" (replayed as {qualified_name(support.cls)})"
+        raise unsupported(f"optimizer {name}", "kernel rule")
+    return support.rule
 
 
 def optimizer_class_by_name(name: str, rule: str | None = None) -> type:
@@ -87,13 +143,13 @@ def optimizer_class_by_name(name: str, rule: str | None = None) -> type:
     if rule is not None and rule in by_name:
         logger.warning(
             "optimizer class %s is not registered; replaying it as its registered base %s "
-            "(register %s with explaind_trace.register_optimizer if it changes the update)",
+            "(register %s with explaind_kernel.register_rule if it changes the update)",
             name,
             rule,
             name,
         )
         return by_name[rule]
-    raise _unsupported(f"the traced optimizer class {name!r}")
+    raise unsupported(f"the traced optimizer class {name!r}")
 
 
 def _plain(value: Any) -> tuple[Any, str | None]:

@@ -23,9 +23,10 @@ def _step_count(state: dict) -> float:
 
 @register_rule(torch.optim.Adam)
 class AdamRule(OptimizerRule):
-    """Adam and its subclass AdamW (which sets decoupled_weight_decay)."""
+    """Adam (decoupled weight decay when the group says ``decoupled_weight_decay``)."""
 
     state_key = "exp_avg"
+    decoupled = False  # AdamW: always decoupled
 
     def backward(self, p: ParamStep, carry: torch.Tensor | None) -> RuleOutput:
         rows = p.jbar.shape[0]
@@ -35,7 +36,7 @@ class AdamRule(OptimizerRule):
         hp = p.hp
         beta1, beta2 = (float(b) for b in hp["betas"])
         lr, eps, wd = float(hp["lr"]), float(hp["eps"]), float(hp["weight_decay"])
-        decoupled = bool(hp.get("decoupled_weight_decay", False))
+        decoupled = self.decoupled or bool(hp.get("decoupled_weight_decay", False))
         sign = -1.0 if hp.get("maximize", False) else 1.0
         k = _step_count(p.state_after)
         bc1 = 1.0 - beta1**k
@@ -59,3 +60,11 @@ class AdamRule(OptimizerRule):
             else:
                 decay = row_dot(z_s, wd * p.theta)
         return RuleOutput(sign * z_s, decay, recon, beta1 * lam)
+
+
+@register_rule(torch.optim.AdamW)
+class AdamWRule(AdamRule):
+    """AdamW, registered by itself: AdamW subclasses Adam (with ``decoupled_weight_decay``
+    set) only in recent torch; before that it is its own class without that key."""
+
+    decoupled = True

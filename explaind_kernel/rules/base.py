@@ -1,7 +1,7 @@
 """Optimizer rules: the backward recursion of the adjoint for one optimizer class.
 
 An optimizer is a linear map of its gradient "sources" once its nonlinear state (Adam's second
-moment, the step count) is taken as recorded (design.md §2). A rule turns the integrated
+moment, the step count) is taken as recorded (docs/design.md §2). A rule turns the integrated
 Jacobian J̄_t of one parameter tensor into
 
 * the adjoint with respect to the gradient recorded at step t (`z_grad`), so that a training
@@ -10,8 +10,11 @@ Jacobian J̄_t of one parameter tensor into
 * the reconstructed update Δθ̂_t (the residual Δθ_t − Δθ̂_t is reported, never hidden),
 * the adjoint carried to step t−1 through the optimizer's momentum state.
 
-Rules are registered per optimizer class with `@register_rule(cls)` and resolved along the
-class's MRO, so a subclass of a supported optimizer reuses its parent's rule.
+Rules are registered per optimizer class with `@register_rule(cls)`, which is the one
+registration of an optimizer: it also registers the class for recording and replay in
+`explaind_trace`'s optimizer registry, whose entry holds the rule. Resolution follows the
+class's MRO there, so a subclass of a supported optimizer reuses its parent's rule (and is
+replayed as its parent).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import UnsupportedOptimizerError
+from explaind_trace.optimizers import kernel_rule, register_optimizer
 
 
 @dataclass
@@ -79,14 +82,23 @@ class OptimizerRule(abc.ABC):
         return row_dot(carry, buf.to(carry.dtype))
 
 
-_RULES: dict[type, OptimizerRule] = {}
+_RULES: dict[type, OptimizerRule] = {}  # the rules this package registered (for listing)
 
 
 def register_rule(optimizer_cls: type) -> Callable[[type[OptimizerRule]], type[OptimizerRule]]:
-    """Class decorator: register an `OptimizerRule` subclass for `optimizer_cls` (and subclasses)."""
+    """Class decorator: the one registration of an optimizer class (and its subclasses).
+
+    Registers the `OptimizerRule` subclass as the kernel's adjoint rule for `optimizer_cls`
+    and, in the same entry of `explaind_trace`'s optimizer registry, the class for recording
+    and replay.
+    """
 
     def deco(rule_cls: type[OptimizerRule]) -> type[OptimizerRule]:
-        _RULES[optimizer_cls] = rule_cls()
+        if not (isinstance(rule_cls, type) and issubclass(rule_cls, OptimizerRule)):
+            raise TypeError(f"register_rule decorates an OptimizerRule subclass, got {rule_cls!r}")
+        rule = rule_cls()
+        register_optimizer(optimizer_cls, rule=rule)  # TypeError for a non-optimizer class
+        _RULES[optimizer_cls] = rule
         return rule_cls
 
     return deco
@@ -98,12 +110,6 @@ def registered_rules() -> list[str]:
 
 
 def rule_for(optimizer_cls: type) -> OptimizerRule:
-    """The rule registered for `optimizer_cls` or its nearest base class."""
-    for klass in optimizer_cls.__mro__:
-        if klass in _RULES:
-            return _RULES[klass]
-    raise UnsupportedOptimizerError(
-        f"no path-kernel rule is registered for {optimizer_cls.__module__}."
-        f"{optimizer_cls.__qualname__}; rules exist for {registered_rules()}. "
-        "Write an OptimizerRule and register it with @explaind_kernel.register_rule(YourOptimizer)."
-    )
+    """The rule of the registered class `optimizer_cls` is replayed as (itself or its nearest
+    registered base); `UnsupportedOptimizerError` listing what is registered otherwise."""
+    return kernel_rule(optimizer_cls)
