@@ -20,7 +20,7 @@ from integrations.lightning import ExplaindCallback, check_trainer  # noqa: E402
 from .support import assert_final_is_model, assert_released, hook_count  # noqa: E402
 
 N, D, C, BATCH = 32, 6, 3, 4
-# The kernel's completeness residual is rounding only (design.md §1: ~4e-7 relative in fp32 on
+# The kernel's completeness residual is rounding only (docs/design.md §1: ~4e-7 relative in fp32 on
 # small models); 1e-4 leaves room for the sum over steps while catching any missing term.
 COMPLETENESS_RTOL = 1e-4
 

@@ -189,7 +189,7 @@ def _reference(
     with torch.no_grad():
         f0 = f(model0, thetas[0], x).numpy()
         fT = f(model0, thetas[-1], x).numpy()
-    N, O = f0.shape  # noqa: E741 (N inputs × O outputs, as in design.md)
+    N, O = f0.shape  # noqa: E741 (N inputs × O outputs, as in docs/design.md)
     R = N * O
     s_nodes, w_nodes = np.polynomial.legendre.leggauss(nodes)
     s_nodes, w_nodes = (s_nodes + 1) / 2, w_nodes / 2

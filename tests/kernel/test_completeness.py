@@ -2,7 +2,7 @@
 
 fT is the model the training loop left (evaluated here, independently of the trace); the
 tolerance is fp32 rounding accumulated over ~200 steps of the sweep: 1e-4 of the output scale
-(design.md measured ~4e-7 per step floor in fp32).
+(docs/design.md measured ~4e-7 per step floor in fp32).
 """
 
 from __future__ import annotations
