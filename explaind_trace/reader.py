@@ -159,22 +159,18 @@ class TraceReader:
 
     def skips(self) -> list[SkipRecord]:
         """Iterations whose gradients were discarded without a step (e.g. AMP overflow)."""
-        out = [
-            decode_skip(
-                self._get(skip_key(n)),
-                n,
-                self.samples.rows,
-                rank=self.meta.rank,
-                where=self.name,
-            )
-            for n in range(int(self.progress.get("skipped", 0)))
-        ]
+        out = [self.skip(n) for n in range(int(self.progress.get("skipped", 0)))]
         # DDP: the ranks skip together (their gradients are the same all-reduced ones)
         for rr in self._ranks:
             for rs in rr.skips():
                 if rs.index < len(out) and rs.before_step == out[rs.index].before_step:
                     out[rs.index].forwards.extend(rs.forwards)
         return out
+
+    def skip(self, n: int) -> SkipRecord:
+        """The ``n``-th skip record of this store (``skips()`` merges a DDP trace's ranks)."""
+        raw = self._get(skip_key(n))
+        return decode_skip(raw, n, self.samples.rows, rank=self.meta.rank, where=self.name)
 
     def sample(self, sample_id: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The stored input row(s) of one sample: a tensor, or a tuple with one per batched input.
