@@ -17,14 +17,12 @@ The defaults take about a minute on two CPU cores; ``quick=True`` takes seconds.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 from torch import Tensor
 
 from explaind_kernel import KernelResult, compute_kernel
+from explaind_kernel.runtime import torch_runtime
 from explaind_trace import open_trace, record
 
 from ...errors import UsageError
@@ -136,20 +135,6 @@ class DemoSummary:
         for k in ("out_dir", "trace", "result", "report", "figure"):
             d[k] = str(d[k])
         return d
-
-
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count for the duration (tiny models run fastest on one)."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _prepare(out: Path) -> None:
@@ -272,7 +257,7 @@ def run_demo(
     trace, result_path = out / "trace.lmdb", out / "result.explaind"
     seconds: dict[str, float] = {}
     begin = time.perf_counter()
-    with _threads(cfg.threads):
+    with torch_runtime("cpu", cpu_threads=cfg.threads):
         train_x, train_y, test_x, test_y = make_dataset(cfg.p, cfg.train_fraction, cfg.seed)
         log.info(
             "recording %d steps of a p=%d modular-addition Transformer into %s",
