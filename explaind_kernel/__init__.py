@@ -6,8 +6,8 @@
 """
 
 from .compare import QuadratureErrors, compare_quadrature
-from .config import KernelConfig
-from .engine import compute_kernel, trace_fingerprint
+from .config import KeepOptions, KernelConfig
+from .engine import compute_kernel
 from .errors import (
     EmptyTraceError,
     ExplaindError,
@@ -18,9 +18,11 @@ from .errors import (
     UnsupportedOptimizerError,
 )
 from .kinks import register_kink_op
+from .problem import KernelProblem, RunPlan, State, trace_fingerprint
 from .quadrature import Quadrature, register_quadrature
-from .result import KeepOptions, KernelResult
+from .result import KernelResult
 from .rules import OptimizerRule, ParamStep, RuleOutput, register_rule
+from .runtime import torch_runtime
 from .targets import Target, register_target, registered_targets
 
 __all__ = [
@@ -35,6 +37,10 @@ __all__ = [
     "register_target",
     "registered_targets",
     "KeepOptions",
+    "KernelProblem",
+    "RunPlan",
+    "State",
+    "torch_runtime",
     "Quadrature",
     "register_quadrature",
     "register_kink_op",

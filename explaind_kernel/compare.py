@@ -14,7 +14,6 @@ replay.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -26,11 +25,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import KernelConfig
-from .engine import _np, _open, _Sweep, _tf32, _threads
+from .config import KernelConfig, resolve_config
 from .errors import InputError
-from .jacobian import TestSide
+from .functional import to_numpy64
 from .prefetch import SegmentPrefetcher
+from .problem import KernelProblem, open_reader
 from .quadrature import Quadrature
 
 log = logging.getLogger(__name__)
@@ -139,56 +138,51 @@ def compare_quadrature(
     dtype, device, kink_probes and cpu_threads apply; its quadrature and kink_splits are
     replaced by each rule's.
     """
-    if config is None:
-        config = KernelConfig(**options)
-    elif options:
-        raise InputError("pass either config= or keyword options, not both")
+    config = resolve_config(config, options, "compare_quadrature")
     specs = [RuleSpec.parse(r) for r in rules]
     if not specs:
         raise InputError("compare_quadrature needs at least one rule, e.g. ['gauss:2']")
-    reader, owned = _open(trace)
-    try:
-        sweep = _Sweep(reader, model, inputs, outputs, labels, output_names, None, config)
-        cuda = sweep.device.type == "cuda"
-        with (
-            _tf32(config.allow_tf32) if cuda else contextlib.nullcontext(),
-            _threads(None if cuda else config.cpu_threads),
-            torch.no_grad(),
-        ):
-            try:
-                return _measure(sweep, specs, config)
-            finally:
-                sweep.fm.close()
-    finally:
-        if owned:
-            reader.close()
+    with open_reader(trace) as reader:
+        with KernelProblem.prepare(
+            reader,
+            model,
+            inputs,
+            config=config,
+            outputs=outputs,
+            labels=labels,
+            output_names=output_names,
+        ) as problem:
+            with problem.runtime(), torch.no_grad():
+                return _measure(problem, specs, config)
 
 
-def _measure(sweep: _Sweep, specs: list[RuleSpec], config: KernelConfig) -> list[QuadratureErrors]:
-    reader = sweep.reader
-    sweep.load_final()
-    index = sweep._index()
-    sweep.fm.set_modes(False)
-    test = TestSide(sweep.fm, sweep.selector, sweep.inputs, index, keys=sweep.input_keys)
-    fT = _np(test.values(sweep.theta_T, sweep.buf_T))
+def _measure(
+    problem: KernelProblem, specs: list[RuleSpec], config: KernelConfig
+) -> list[QuadratureErrors]:
+    final = problem.final_state()
+    index, _ = problem.output_index(final)
+    problem.model.set_modes(False)
+    n, steps, names = problem.num_inputs, problem.num_steps, problem.param_names
+    test = problem.test_side(0, n, index)
+    fT = to_numpy64(test.values(final.params, final.buffers))
     rows = fT.size
     errors = [np.zeros(rows) for _ in specs]
-    step_max = [np.zeros(sweep.T) for _ in specs]
+    step_max = [np.zeros(steps) for _ in specs]
     evals = [0.0 for _ in specs]
     seconds = [0.0 for _ in specs]
     points = [s.quadrature.points() for s in specs]
-    bar = tqdm(total=sweep.T, desc="quadrature errors", unit="step", disable=not config.progress)
-    bundles = SegmentPrefetcher(reader, enabled=config.prefetch)
+    bar = tqdm(total=steps, desc="quadrature errors", unit="step", disable=not config.progress)
+    bundles = SegmentPrefetcher(problem.reader, enabled=config.prefetch)
     try:
         for bundle in bundles:
             for sb in bundle:
                 t = sb.step.index
-                theta = sweep._cd(sb.step.params)
-                nxt = sweep._cd(sb.step.next_params)
-                buf = sweep._cd(sb.buffers)
-                delta = {n: nxt[n] - theta[n] for n in sweep.names}
-                theta = {n: theta[n] for n in sweep.names}
-                path = _np(test.values(nxt, buf)) - _np(test.values(theta, buf))
+                theta = problem.to_compute_all(sb.step.params)
+                nxt = problem.to_compute_all(sb.step.next_params)
+                buf = problem.to_compute_all(sb.buffers)
+                delta = {k: nxt[k] - theta[k] for k in names}
+                theta = {k: theta[k] for k in names}
+                path = to_numpy64(test.values(nxt, buf)) - to_numpy64(test.values(theta, buf))
                 for j, spec in enumerate(specs):
                     t0 = time.perf_counter()
                     nodes, weights = points[j]
@@ -201,7 +195,7 @@ def _measure(sweep: _Sweep, specs: list[RuleSpec], config: KernelConfig) -> list
                         kink_splits=spec.kink_splits,
                         kink_probes=config.kink_probes,
                     )
-                    err = path - _np(lin)
+                    err = path - to_numpy64(lin)
                     errors[j] += err
                     step_max[j][t] = float(np.max(np.abs(err)))
                     evals[j] += spent
@@ -210,14 +204,14 @@ def _measure(sweep: _Sweep, specs: list[RuleSpec], config: KernelConfig) -> list
     finally:
         bundles.close()
         bar.close()
-    shape = (sweep.N, rows // sweep.N)
+    shape = (n, rows // n)
     out = []
     for j, spec in enumerate(specs):
         res = QuadratureErrors(
             rule=str(spec),
             kink_splits=spec.kink_splits,
             kink_probes=config.kink_probes,
-            evaluations_per_step=evals[j] / sweep.T,
+            evaluations_per_step=evals[j] / steps,
             probe_passes_per_step=(config.kink_probes + 1) if spec.kink_splits else 0,
             error=errors[j].reshape(shape),
             step_max_abs=step_max[j],

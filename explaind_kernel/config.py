@@ -2,16 +2,38 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
 from .errors import InputError
 from .quadrature import Quadrature
-from .result import KeepOptions
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class KeepOptions:
+    """Which finer-grained joint slices the engine keeps (memory is chosen up front).
+
+    sample_component: data contributions per (training sample, parameter tensor) [N,O,S,C].
+    sample_window:    data contributions per (training sample, step window)      [N,O,S,W].
+    component_window: path contributions per (component, step window)            [N,O,C,W].
+    param_scores:     per-parameter-element influence scores (sum over rows of |J̄ ⊙ Δθ|).
+    """
+
+    sample_component: bool = False
+    sample_window: bool = False
+    component_window: bool = True
+    param_scores: bool = False
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if not isinstance(getattr(self, f.name), bool):
+                raise InputError(
+                    f"KeepOptions.{f.name} must be True or False, got {getattr(self, f.name)!r}"
+                )
 
 
 @dataclass(frozen=True)
@@ -112,3 +134,32 @@ class KernelConfig:
         if isinstance(d["step_windows"], tuple):
             d["step_windows"] = list(d["step_windows"])
         return d
+
+
+def resolve_config(
+    config: KernelConfig | None, options: dict[str, Any], caller: str
+) -> KernelConfig:
+    """The KernelConfig a call runs with: `config`, or one built from keyword `options`.
+
+    Both together are refused (an option next to `config=` would otherwise be ignored
+    silently); so are option names that are not KernelConfig fields."""
+    if config is not None:
+        if options:
+            raise InputError(
+                f"{caller}: pass either config= or keyword options, not both; got config= and "
+                f"{sorted(options)}. Put them in the config: "
+                f"dataclasses.replace(config, {', '.join(f'{k}=...' for k in sorted(options))})."
+            )
+        if not isinstance(config, KernelConfig):
+            raise InputError(
+                f"{caller}: config= must be an explaind_kernel.KernelConfig, "
+                f"got {type(config).__name__}"
+            )
+        return config
+    known = {f.name for f in fields(KernelConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise InputError(
+            f"{caller}: unknown option(s) {unknown}; KernelConfig fields are {sorted(known)}."
+        )
+    return KernelConfig(**options)

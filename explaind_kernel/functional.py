@@ -12,6 +12,7 @@ import copy
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -27,6 +28,11 @@ def to_compute(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     if t.is_floating_point():
         return t.to(device=device, dtype=dtype)
     return t.to(device=device)
+
+
+def to_numpy64(t: Tensor) -> np.ndarray:
+    """A tensor as a float64 numpy array on the host (the kernel's accumulators' type)."""
+    return t.detach().to("cpu", torch.float64).numpy()
 
 
 def tree_to(value: Pytree, device: torch.device, dtype: torch.dtype) -> Pytree:

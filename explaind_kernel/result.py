@@ -19,8 +19,19 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from .config import KeepOptions
 from .errors import ResultFileError
 from .result_file import decode_fields
+
+__all__ = [
+    "KernelResult",
+    "KeepOptions",
+    "TERM_FIELDS",
+    "STEP_FIELDS",
+    "JOINT_FIELDS",
+    "COMPONENT_FIELDS",
+    "SAMPLE_FIELDS",
+]
 
 RESULT_FORMAT = "explaind.kernel_result"
 RESULT_VERSION = 1
@@ -46,22 +57,10 @@ STEP_FIELDS = (
 )
 #: Optional joint slices, chosen up front with `KeepOptions`.
 JOINT_FIELDS = ("sample_component", "sample_window", "component_window")
-
-
-@dataclass(frozen=True)
-class KeepOptions:
-    """Which finer-grained joint slices the engine keeps (memory is chosen up front).
-
-    sample_component: data contributions per (training sample, parameter tensor) [N,O,S,C].
-    sample_window:    data contributions per (training sample, step window)      [N,O,S,W].
-    component_window: path contributions per (component, step window)            [N,O,C,W].
-    param_scores:     per-parameter-element influence scores (sum over rows of |J̄ ⊙ Δθ|).
-    """
-
-    sample_component: bool = False
-    sample_window: bool = False
-    component_window: bool = True
-    param_scores: bool = False
+#: [N, O, C] per component (and its data part).
+COMPONENT_FIELDS = ("components", "component_data")
+#: Fields with a training-sample axis (axis 2), in `sample_ids` order.
+SAMPLE_FIELDS = ("data", "sample_component", "sample_window")
 
 
 @dataclass
