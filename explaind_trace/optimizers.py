@@ -94,14 +94,17 @@ def unsupported(what: str, missing: str = "support") -> UnsupportedOptimizerErro
         f"{qualified_name(c)} ({s.what})"
         for c, s in sorted(_REGISTRY.items(), key=lambda kv: qualified_name(kv[0]))
     )
+    if not any(s.rule is not None for s in _REGISTRY.values()):
+        registered += " (kernel rules are added when explaind_kernel is imported)"
     return UnsupportedOptimizerError(
-        f"{what} is not supported: no {missing} is registered for it. ExPLAIND needs one registration per optimizer "
-        f"class, covering recording, replay and the kernel's adjoint rule. Registered: "
-        f"{registered}. To add one, write an explaind_kernel.OptimizerRule for it and register "
-        "it with @explaind_kernel.register_rule(YourOptimizer), which registers recording and "
-        "replay too; explaind_trace.register_optimizer(YourOptimizer) registers recording and "
-        "replay only (for an optimizer that is deterministic given its parameters, gradients, "
-        "param groups and state_dict)."
+        f"{what} is not supported: no {missing} is registered for it. ExPLAIND needs one "
+        "registration per optimizer class, covering recording, replay and the kernel's "
+        f"adjoint rule. Registered: {registered}. To add one, write an "
+        "explaind_kernel.OptimizerRule for it and register it with "
+        "@explaind_kernel.register_rule(YourOptimizer), which registers recording and replay "
+        "too; explaind_trace.register_optimizer(YourOptimizer) registers recording and replay "
+        "only (for an optimizer that is deterministic given its parameters, gradients, param "
+        "groups and state_dict)."
     )
 
 

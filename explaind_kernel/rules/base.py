@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from explaind_trace.optimizers import kernel_rule, register_optimizer
+from explaind_trace.optimizers import kernel_rule, optimizer_class_by_name, register_optimizer
 
 
 @dataclass
@@ -113,3 +113,10 @@ def rule_for(optimizer_cls: type) -> OptimizerRule:
     """The rule of the registered class `optimizer_cls` is replayed as (itself or its nearest
     registered base); `UnsupportedOptimizerError` listing what is registered otherwise."""
     return kernel_rule(optimizer_cls)
+
+
+def rule_for_trace(class_name: str, rule: str | None = None) -> OptimizerRule:
+    """The rule of the optimizer a trace names (``TraceMeta.optimizer.class_name`` and
+    ``.rule``): the class replay uses, and its rule; one `UnsupportedOptimizerError` if
+    either is not registered."""
+    return kernel_rule(optimizer_class_by_name(class_name, rule))

@@ -133,3 +133,28 @@ def test_adamw_is_registered_by_itself_and_always_decoupled() -> None:
     ):
         assert torch.equal(a, b)
     assert not torch.equal(old_torch.recon, coupled.recon)  # the flag matters
+
+
+def test_rule_for_trace_uses_the_class_replay_uses() -> None:
+    assert isinstance(base.rule_for_trace("torch.optim.adamw.AdamW"), adam.AdamWRule)
+    # an unregistered subclass is replayed (and explained) as the registered class it resolved to
+    assert base.rule_for_trace("my.pkg.MyAdam", "torch.optim.adam.Adam") is base.rule_for(
+        torch.optim.Adam
+    )
+    with pytest.raises(UnsupportedOptimizerError, match=r"'my\.pkg\.Lion' is not supported"):
+        base.rule_for_trace("my.pkg.Lion", "my.pkg.Lion")
+
+
+def test_without_the_kernel_the_listing_says_where_rules_come_from() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, explaind_trace, explaind_trace.optimizers as o\n"
+        "try:\n    o.support_for(torch.optim.RMSprop)\n"
+        "except explaind_trace.UnsupportedOptimizerError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "SGD (record, replay) (kernel rules are added when explaind_kernel is imported)" in (
+        out.stdout
+    )
