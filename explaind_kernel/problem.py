@@ -28,12 +28,12 @@ from torch import Tensor, nn
 from explaind_trace.errors import TraceMismatchError
 
 from .config import KernelConfig
-from .errors import EmptyTraceError, InputError, ModelMismatchError, UnsupportedOptimizerError
+from .errors import EmptyTraceError, InputError, ModelMismatchError
 from .functional import FunctionalModel, OutputSelector, primary_output, to_compute, to_numpy64
 from .inputs import collect_inputs, inputs_digest
 from .jacobian import TestSide
 from .quadrature import Quadrature
-from .rules import OptimizerRule, rule_for
+from .rules import OptimizerRule, rule_for_trace
 from .runtime import torch_runtime
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class KernelProblem:
             reader.check_model(model)
         except TraceMismatchError as e:  # its message names what differs
             raise ModelMismatchError(str(e)) from e
-        rule = rule_for(_optimizer_class(reader))
+        rule = rule_for_trace(reader.meta.optimizer.class_name, reader.meta.optimizer.rule)
         device, dtype = config.resolved_device(), config.torch_dtype
         names = tuple(reader.param_names)
         shapes = {p.name: tuple(p.shape) for p in reader.meta.params}
@@ -397,17 +397,3 @@ def _positional_inputs(reader: Any) -> int | None:
 def optimizer_name(reader: Any) -> str:
     """The optimizer class the trace was recorded with."""
     return str(reader.meta.optimizer.class_name)
-
-
-def _optimizer_class(reader: Any) -> type:
-    from explaind_trace.optimizers import optimizer_class_by_name
-
-    name = optimizer_name(reader)
-    try:
-        return optimizer_class_by_name(name, reader.meta.optimizer.rule)
-    except UnsupportedOptimizerError as e:
-        raise UnsupportedOptimizerError(
-            f"the trace was recorded with optimizer {name!r}, which is not registered here ({e}); "
-            "register it with explaind_trace.register_optimizer and "
-            "explaind_kernel.register_rule."
-        ) from e

@@ -159,3 +159,16 @@ def test_relative_imports_are_resolved() -> None:
 def test_no_import_cycles() -> None:
     cycles = _cycles(_import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+MAX_LINES = 500  # one job per module: split a file that grows past this
+
+
+def test_no_library_module_is_over_500_lines() -> None:
+    long = [
+        f"{path.relative_to(ROOT)}: {n} lines"
+        for package in ORDER
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > MAX_LINES
+    ]
+    assert not long, f"modules over {MAX_LINES} lines (split them by job):\n" + "\n".join(long)
