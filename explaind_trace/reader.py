@@ -63,8 +63,9 @@ class TraceReader:
         self.samples = SampleRows(store, self._raw_forwards, name=self.name)
         self._drift: DriftReport | None = None
         self._ranks: list[TraceReader] = []  # DDP: readers of ranks 1..world_size-1
-        # buffers_at: the buffers of each step of the last segment asked for, by step
-        self._buffer_segment: tuple[int, list[dict[str, torch.Tensor]]] | None = None
+        # buffers_at: the buffers of each step of two segments, the last one asked for and its
+        # nearest (the kernel asks for a segment's steps and for the step before it)
+        self._buffer_segments: dict[int, list[dict[str, torch.Tensor]]] = {}
         if self.lossy:
             logger.warning(
                 "%s stores gradients lossily (%s): replay is approximate, drift is expected",
@@ -238,17 +239,19 @@ class TraceReader:
         The buffers of a step are those of the last step at or before it that stored them,
         or of the checkpoint that opens its segment. The buffers of every step of one
         segment are read in one pass (each step record and the checkpoint's buffers decoded
-        once) and kept until another segment is asked for.
+        once) and kept for the segment asked for last and its nearest neighbour.
         """
         if t == self.num_steps and self.progress.get("final"):
             return dict(self.final().buffers)  # type: ignore[union-attr]  # freshly decoded
         self._check_index(t)
         start = max((c for c in self.checkpoint_steps if c <= t), default=0)
-        seg = self._buffer_segment
-        if seg is None or seg[0] != start or len(seg[1]) <= t - start:
-            seg = (start, self._segment_buffers(start, t))
-            self._buffer_segment = seg
-        return {k: v.clone() for k, v in seg[1][t - start].items()}
+        segments = self._buffer_segments
+        seg = segments.get(start)
+        if seg is None or len(seg) <= t - start:
+            seg = segments[start] = self._segment_buffers(start, t)
+            while len(segments) > 2:  # keep the neighbour: drop the farthest segment
+                del segments[max(segments, key=lambda s: abs(s - start))]
+        return {k: v.clone() for k, v in seg[t - start].items()}
 
     def _segment_buffers(self, start: int, upto: int) -> list[dict[str, torch.Tensor]]:
         """The buffers at steps ``start..end`` of the segment that opens at ``start``."""

@@ -154,11 +154,31 @@ def test_buffers_at_reads_each_segment_once() -> None:
     assert store.reads.get("step", 0) <= steps
     assert store.reads.get("ckpt", 0) <= steps // every
     assert store.reads.get("final", 0) == 1
-    # asking again within the segment read last (the first) reads nothing
+    # asking again within the segment read last and its neighbour reads nothing
     store.reads.clear()
-    for t in range(every):
+    for t in range(2 * every):
         reader.buffers_at(t)
     assert store.reads == {}
     # the returned buffers are the caller's own: changing them changes no later answer
     reader.buffers_at(9)["bn.running_mean"].add_(1.0)
     assert torch.equal(reader.buffers_at(9)["bn.running_mean"], live[9]["bn.running_mean"])
+
+
+def test_buffers_at_in_the_kernels_order_reads_each_step_once() -> None:
+    """The kernel's prefetcher asks, per segment last-first, for the step before the segment
+    and then for every step of it."""
+    inner = MemoryStore(th.unique("format"))
+    steps, every = 12, 4
+    live = _run(inner, steps=steps, train_every=6, checkpoint_every=every)
+    store = _CountingStore(inner)
+    reader = et.TraceReader(store)
+    store.reads.clear()
+    for a, b in reversed(reader.segments()):
+        if a > 0:
+            before = reader.buffers_at(a - 1)
+            assert all(torch.equal(before[n], live[a - 1][n]) for n in live[a - 1])
+        for t in range(a, b):
+            got = reader.buffers_at(t)
+            assert all(torch.equal(got[n], live[t][n]) for n in live[t])
+    assert store.reads.get("step", 0) == steps
+    assert store.reads.get("ckpt", 0) <= steps // every  # only its buffers, once per segment
