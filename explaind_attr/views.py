@@ -8,7 +8,7 @@ component) together with the labels of both axes; its marginals are sums over on
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +40,20 @@ def tidy_frame(
     }
     for ax, mapping in enumerate(axes):
         for name, labels in mapping.items():
-            arr = np.asarray(list(labels))
-            if arr.dtype.kind in "USO":
-                arr = arr.astype(object)
-            cols[name] = arr[idx[2 + ax]]
+            cols[name] = _column(labels)[idx[2 + ax]]
     cols["value"] = values.reshape(-1).astype(np.float64, copy=False)
     return pd.DataFrame(cols)
+
+
+def _column(labels: Sequence[object]) -> np.ndarray:
+    """Labels as a column that keeps each label's type: numbers stay numeric arrays; text or
+    a mix (int sample ids next to term names) becomes an object array of the labels as given."""
+    items = list(labels)
+    arr = np.asarray(items)
+    if arr.dtype.kind in "USO":
+        arr = np.empty(len(items), dtype=object)
+        arr[:] = items
+    return arr
 
 
 @dataclass(frozen=True)
@@ -61,7 +69,7 @@ class Attribution:
     """
 
     axis: str
-    labels: tuple[str, ...]
+    labels: tuple[Hashable, ...]
     kinds: tuple[str, ...]
     values: np.ndarray
     total: np.ndarray | None
@@ -125,8 +133,8 @@ class JointView:
 
     row_axis: str
     col_axis: str
-    row_labels: tuple[str, ...]
-    col_labels: tuple[str, ...]
+    row_labels: tuple[Hashable, ...]
+    col_labels: tuple[Hashable, ...]
     values: np.ndarray
     output_names: tuple[str, ...]
     edges: tuple[int, ...] | None = None
@@ -152,7 +160,7 @@ class JointView:
         """[N, O, C]: the sum over rows."""
         return self.values.sum(axis=-2)
 
-    def _axis_columns(self, axis: str, labels: tuple[str, ...]) -> dict[str, Sequence[object]]:
+    def _axis_columns(self, axis: str, labels: tuple[Hashable, ...]) -> dict[str, Sequence[object]]:
         if axis == "window":
             edges = self.edges or ()  # set whenever an axis is "window" (__post_init__)
             return {"window_start": edges[:-1], "window_stop": edges[1:]}

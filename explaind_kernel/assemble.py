@@ -17,6 +17,7 @@ import numpy as np
 from torch import Tensor
 
 from .config import KeepOptions
+from .errors import InputError
 from .functional import to_numpy64
 from .problem import KernelProblem, RunPlan, optimizer_name, trace_fingerprint
 from .result import SAMPLE_FIELDS, TERM_FIELDS, KernelResult
@@ -30,19 +31,29 @@ class SampleIndex:
     """Column of each training sample id on the sample axis, in order of first appearance."""
 
     def __init__(self) -> None:
-        self._col: dict[str, int] = {}
+        self._col: dict[int | str, int] = {}
 
-    def column(self, sid: str) -> int:
-        """The column of `sid` (a new one the first time it is seen)."""
+    def column(self, sid: int | str) -> int:
+        """The column of `sid` (a new one the first time it is seen). Ids keep their type
+        (user ints stay ints); a trace mixing int and str ids is refused."""
         j = self._col.get(sid)
         if j is None:
+            if self._col:
+                first = next(iter(self._col))
+                if type(sid) is not type(first):
+                    raise InputError(
+                        f"the trace mixes sample ids of types {type(first).__name__} and "
+                        f"{type(sid).__name__} ({first!r} and {sid!r}): some forwards had ids "
+                        "from set_sample_ids() and others the default content hashes; give "
+                        "every recorded forward its ids (or none)"
+                    )
             j = self._col[sid] = len(self._col)
         return j
 
     def __len__(self) -> int:
         return len(self._col)
 
-    def ids(self) -> list[str]:
+    def ids(self) -> list[int | str]:
         """Sample ids in column order."""
         return list(self._col)
 

@@ -7,7 +7,7 @@ return ``None``, RNG states are read, not set.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,7 +21,6 @@ from .trees import capture_inputs, output_tree
 __all__ = [
     "find_batch_size",
     "capture_inputs",
-    "check_sample_ids",
     "in_backward",
     "current_grad_scale",
     "dense_grads",
@@ -50,22 +49,6 @@ def find_batch_size(args: tuple, kwargs: dict[str, Any]) -> tuple[int, torch.dev
         "the model was called without a tensor input that has a batch dimension, so its "
         "samples cannot be recorded. Pass the batch as a tensor argument (dim 0 = batch)."
     )
-
-
-_MAX_ID_LEN = 200
-
-
-def check_sample_ids(ids: Iterable[int | str]) -> list[str]:
-    """User sample ids (ints or strings, at most 200 characters) as strings."""
-    out = []
-    for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int | str):
-            raise TypeError(f"sample ids must be ints or strings, got {type(i).__name__}")
-        s = str(i)
-        if len(s) > _MAX_ID_LEN:
-            raise ValueError(f"sample id {s[:30]!r}... is longer than {_MAX_ID_LEN} characters")
-        out.append(s)
-    return out
 
 
 def in_backward() -> bool:

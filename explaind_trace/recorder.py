@@ -35,7 +35,6 @@ from .header import encode_header
 from .hooks import (
     GradTracker,
     OutputCapture,
-    check_sample_ids,
     current_grad_scale,
     dense_grads,
     find_batch_size,
@@ -47,6 +46,7 @@ from .optimizers import capture_hyperparams, export_state
 from .options import RecordOptions
 from .packing import copy_named, cpu_copy
 from .records import CapturedForward, CapturedStep, Checkpoint
+from .sampleids import check_sample_ids
 from .stores import Store
 from .trees import capture_inputs
 from .writer import TraceWriter, open_new_trace
@@ -95,7 +95,8 @@ class Recorder:
         self._stack: list[OutputCapture | None] = []
         self._pending: list[OutputCapture] = []
         self._in_flight: CapturedStep | None = None
-        self._next_ids: list[str] | None = None
+        self._next_ids: list[int | str] | None = None
+        self._id_type: type | None = None  # int or str once ids were given
         self._step = 0
         self._skipped = 0
         self._warned_pending = False
@@ -250,8 +251,10 @@ class Recorder:
     # -- helpers --------------------------------------------------------------------------
 
     def set_sample_ids(self, ids: Iterable[int | str]) -> None:
-        """Sample ids (ints or strings) for the rows of the next recorded forward."""
-        self._next_ids = check_sample_ids(ids)
+        """Sample ids for the rows of the next recorded forward: ints (e.g. dataset indices)
+        or strings, one type per trace; they keep their type in the trace and in every
+        result (see explaind_trace.sampleids). Without them a row's id is its content hash."""
+        self._next_ids, self._id_type = check_sample_ids(ids, self._id_type)
 
     def _state(self, step: int) -> Checkpoint:
         return Checkpoint(
@@ -487,6 +490,12 @@ def record(
     (keywords such as ``checkpoint_every=10``, or ``options=RecordOptions(...)``). On an
     exception the trace keeps every committed step, records the error with
     ``finished=False``, and the exception propagates.
+
+    Sample ids: by default each training row is identified by the content hash of its
+    bytes (32 hex characters), so repeated epochs map to the same sample. Call
+    ``rec.set_sample_ids(ids)`` before a forward to use your own ids for its rows instead,
+    e.g. the dataset indices of the batch; ints stay ints (and strings strings) in the
+    trace, the kernel result and every view and report.
     """
     rec = Recorder(model, optimizer, store=store, scaler=scaler, options=options, **keywords)
     rec.start()

@@ -98,7 +98,7 @@ class ForwardRecord:
     args: tuple
     kwargs: dict[str, Any]
     cotangent: Any  # dL/d(output), same structure as the output (None leaves allowed)
-    ids: list[str]  # sample id per batch row (user ids, or content ids by default)
+    ids: list[int | str]  # sample id per batch row (user ids as given, or content ids)
     rng_state: torch.Tensor
     cuda_rng_state: torch.Tensor | None
     training: bool
@@ -150,7 +150,7 @@ class CapturedForward:
     training: bool
     mode_overrides: dict[str, bool]
     buffers: Mapping[str, torch.Tensor] | None
-    user_ids: list[str] | None
+    user_ids: list[int | str] | None
     output: Any = None  # tree of the output's structure, leaves {"k": "t", "i": j}
     cotangents: list[torch.Tensor | None] = field(default_factory=list)
     grad_scale: float = 1.0

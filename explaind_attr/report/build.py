@@ -197,7 +197,7 @@ class _Builder:
     def data(self, groups: GroupSpec | None, default_group: Hashable | None) -> np.ndarray:
         r = self.result
         self.doc.add(Heading("Training data"))
-        self.csv["data_samples"] = data_attribution(r).to_frame()
+        self.csv["data_samples"] = data_attribution(r).of_kind("sample").to_frame()
         if groups is not None:
             view = data_attribution(r, groups=groups, default_group=default_group)
             self.csv["data_groups"] = view.to_frame()
@@ -256,7 +256,7 @@ class _Builder:
                 arr = sample_array(samples[sid])
                 img = image_of(arr) if arr is not None else None
                 if img is not None:
-                    images.append((f"#{rank} {sid[:10]}\n{signed[s]:+.3g}", img))
+                    images.append((f"#{rank} {str(sid)[:10]}\n{signed[s]:+.3g}", img))
                     previews.append("(image, see figure)")
                 else:
                     previews.append(text_of(samples[sid]))

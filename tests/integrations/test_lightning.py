@@ -139,7 +139,7 @@ def test_fit_writes_one_trace_step_per_optimizer_step(accumulated_run) -> None:
         assert trace.finished and trace.error is None
         # two recorded forwards per step, in order, named by the ids the callback handed over
         ids = [f.ids for t in range(trace.num_steps) for f in trace.step(t).forwards]
-        assert ids == [[str(i) for i in range(b * BATCH, (b + 1) * BATCH)] for b in range(8)]
+        assert ids == [list(range(b * BATCH, (b + 1) * BATCH)) for b in range(8)]  # int ids
         # the StepLR schedule, read from the param groups at each step
         assert [trace.step(t).groups[0]["lr"] for t in range(4)] == [1e-2, 1e-2, 5e-3, 5e-3]
         assert_final_is_model(trace, model)

@@ -155,13 +155,15 @@ def test_user_sample_ids() -> None:
             opt.zero_grad()
             loss.backward()
             opt.step()
-        rec.set_sample_ids(["a", "b"])
+        rec.set_sample_ids([100, 101])
         with pytest.raises(et.RecordingError, match="2 ids but the next forward has batch size 8"):
             model(x[:8])
+        with pytest.raises(et.RecordingError, match="sample ids of mixed types: 'a' is a str"):
+            rec.set_sample_ids(["a", "b"])
     with et.open_trace(store) as trace:
         fwd = trace.step(1).forwards[0]
-        assert fwd.ids == [str(i) for i in range(8, 16)]
-        assert torch.equal(trace.sample("9"), x[9]) and torch.equal(
+        assert fwd.ids == list(range(8, 16))  # ints stay ints
+        assert torch.equal(trace.sample(9), x[9]) and torch.equal(
             trace.sample(fwd.content_ids[1]), x[9]
         )
         with pytest.raises(KeyError):
