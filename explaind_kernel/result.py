@@ -71,7 +71,7 @@ class KernelResult:
     trace_id: str
     config: dict[str, Any]
     output_names: list[str]
-    sample_ids: list[str]
+    sample_ids: list[int | str]  # the user's ids as given (ints stay ints), or content ids
     component_names: list[str]  # parameter tensors first, then user slices ("slice:NAME")
     component_kinds: list[str]  # "param" | "slice"
     window_edges: list[int]  # W+1 step boundaries, first 0, last T

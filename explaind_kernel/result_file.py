@@ -21,7 +21,7 @@ __all__ = ["decode_fields"]
 
 _MAX_DEPTH = 32
 _DTYPES = {"<f8", "<f4", "<f2", "<i8", "<i4", "<i2", "|i1", "|u1", "|b1", "<u8", "<u4"}
-_STR_LISTS = ("output_names", "sample_ids", "component_names", "component_kinds")
+_STR_LISTS = ("output_names", "component_names", "component_kinds")  # sample_ids: int or str
 _FINE = ("f0", "fT", "weight_decay", "nondata", "initial_state", "residual")
 _FINE += ("quadrature_error", "buffer_drift")
 
@@ -97,6 +97,16 @@ def _check(kw: dict[str, Any], path: Path, cls: type) -> None:
             isinstance(v, list) and all(isinstance(s, str) for s in v),
             "is not a list of strings",
         )
+    ids = kw["sample_ids"]
+    need(
+        "sample_ids",
+        isinstance(ids, list)
+        and (
+            all(isinstance(s, str) for s in ids)
+            or all(isinstance(s, int) and not isinstance(s, bool) for s in ids)
+        ),
+        "is not a list of ids of one type (all ints or all strings)",
+    )
     T = kw["num_steps"]
     need(
         "num_steps",

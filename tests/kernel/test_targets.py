@@ -130,7 +130,8 @@ def test_margin_by_name_equals_margin_by_callable_bitwise(small) -> None:
         others = out.masked_fill(classes == labels.long().unsqueeze(-1), -float("inf"))
         return picked - torch.logsumexp(others, dim=-1)
 
-    kw = dict(labels=y, dtype="float64", progress=False)
+    # one fixed training route: "auto" picks a route by timing, and routes agree to rounding
+    kw = dict(labels=y, dtype="float64", progress=False, training_mode="per_sample")
     named = compute_kernel(store, TinyMLP().double(), x, outputs="margin", **kw)
     mine = compute_kernel(store, TinyMLP().double(), x, outputs=my_margin, **kw)
     _equal(named, mine)
@@ -139,7 +140,7 @@ def test_margin_by_name_equals_margin_by_callable_bitwise(small) -> None:
 
 def test_labels_come_with_the_inputs(small) -> None:
     store, x, y = small
-    kw = dict(outputs="loss", dtype="float64", progress=False)
+    kw = dict(outputs="loss", dtype="float64", progress=False, training_mode="per_sample")
     base = compute_kernel(store, TinyMLP().double(), x, labels=y, **kw)
     ds = torch.utils.data.TensorDataset(x, y)
     for inputs in (
