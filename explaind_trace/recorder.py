@@ -104,14 +104,6 @@ class Recorder:
         self.writer: TraceWriter | None = None
         self.store: Store | None = None
 
-    @property
-    def checkpoint_every(self) -> int:
-        return self.options.checkpoint_every
-
-    @property
-    def output(self) -> str | None:
-        return self.options.output
-
     # -- lifecycle ------------------------------------------------------------------------
 
     @property
@@ -134,7 +126,7 @@ class Recorder:
                     f"this {what} is already being recorded; one recorder per model and "
                     "optimizer. Close the first recording before starting another."
                 )
-        self._layout = inspect_run(self.model, self.optimizer, self.output)
+        self._layout = inspect_run(self.model, self.optimizer, self.options.output)
         self._params, self._names = self._layout.params, self._layout.names
         spec = store_location(self.store_spec, self.ddp)
         meta = encode_header(
@@ -392,11 +384,11 @@ class Recorder:
         cap = self._stack[-1]
         if cap.output_seen:
             raise RecordingError(
-                f"the output module {self.output!r} ran twice in one forward of the model; "
+                f"the output module {self.options.output!r} ran twice in one forward of the model; "
                 "name a submodule that runs once per forward as output=."
             )
         cap.output_seen = True
-        cap.attach(output, where=f"output module {self.output!r}")
+        cap.attach(output, where=f"output module {self.options.output!r}")
         return None
 
     def _pre_step(
@@ -447,7 +439,7 @@ class Recorder:
             groups.append(hp)
             tkeys.append(tk)
         buffers = self._buffers.snapshot_if_changed("step")
-        ckpt = self._state(t) if t % self.checkpoint_every == 0 else None
+        ckpt = self._state(t) if t % self.options.checkpoint_every == 0 else None
         self._in_flight = CapturedStep(
             index=t,
             grads=grads,
