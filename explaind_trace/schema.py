@@ -1,7 +1,8 @@
 """The trace format at a glance: the keys of a trace, its version, and where each record is coded.
 
 A trace is a key/value store of msgpack maps (tensors inside them as ``codec`` tensor maps;
-nothing is pickled). Each record kind is encoded and decoded side by side, in one module:
+nothing is pickled), each stored value sealed with a checksum by ``codec.pack``. Each record
+kind is encoded and decoded side by side, in one module:
 
 ============================  ===============================  ==============================
 key                           what it holds                    encode + decode
