@@ -55,8 +55,8 @@ def rule_jacobian(
     if shift is not None:
         sh = Shift(shift[0].repeat_interleave(width, 0), shift[1])
     pick = (torch.arange(rows, device=ref.device) % width).unsqueeze(1)
-    with cap.capture(rows, ref.dtype, ref.device, sh):
-        y = side.selector(side._call(params, buffers, rep), idx)
+    with cap.capture(rows, params, sh) as run:
+        y = side.selector(side._call(run, buffers, rep), idx)
         cap.backward(y.gather(1, pick).sum())
     grads, failed = cap.gradients()
     rest = [n for n in names if n in failed or n not in cap.covered]

@@ -77,8 +77,8 @@ def rule_grads(
     kwargs = tree_to(dict(forward.kwargs), fm.device, fm.dtype)
     cots = tree_leaves(tree_to(forward.cotangent, fm.device, fm.dtype))
     bufs = {k: v.clone() for k, v in buffers.items()}
-    with ReplayContext(fm, forward), cap.capture(batch, fm.dtype, fm.device):
-        outs = tree_leaves(fm(dict(params), bufs, args, kwargs))
+    with ReplayContext(fm, forward), cap.capture(batch, params) as run:
+        outs = tree_leaves(fm(run, bufs, args, kwargs))
         if len(outs) != len(cots):
             return None
         total = _inner(outs, cots)

@@ -15,12 +15,13 @@ removed by `close()`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .direct import DirectReads
 from .local import batch_dim, local_rule
 from .registry import Call, layer_rule_for, layer_shift_for, replace_leaves, tensor_leaves
 
@@ -74,6 +75,9 @@ class RowCapture:
         self._rows = 0
         self._shift: Shift | None = None
         self.shiftable = True  # every hooked module has a shift (per-row points possible)
+        self.direct: dict[str, str] = {}  # the root's own parameters, {local: canonical}
+        self._reads: DirectReads | None = None
+        self._shift_used = False
         for path, m in module.named_modules():
             own = {
                 local: canonical[id(p)]
@@ -82,7 +86,9 @@ class RowCapture:
             }
             if not own and m is not module:  # the root is always hooked (orphans go there)
                 continue
-            if own and layer_shift_for(m) is None:
+            if m is module:  # the root's own parameters are read directly (direct.py)
+                self.direct = dict(own)
+            elif layer_shift_for(m) is None:
                 self.shiftable = False
             self._owners[id(m)] = _Owner(path, own, [])
             self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
@@ -96,24 +102,51 @@ class RowCapture:
         self._handles.clear()
 
     @contextlib.contextmanager
-    def capture(self, rows: int, dtype: torch.dtype, device, shift: Shift | None = None):
-        """Record module calls of one forward over `rows` rows (at per-row points if `shift`)."""
+    def capture(
+        self,
+        rows: int,
+        params: Mapping[str, Tensor],
+        shift: Shift | None = None,
+    ) -> Iterator[dict[str, Tensor]]:
+        """Record module calls of one forward over `rows` rows (at per-row points if `shift`);
+        yields the parameters to run that forward with (the root's own ones as followed
+        leaves)."""
         for o in self._owners.values():
             o.calls.clear()
             o.untapped = False
-        self._anchor = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+        ref = next(iter(params.values()))
+        self._anchor = torch.zeros((), dtype=ref.dtype, device=ref.device, requires_grad=True)
         self._rows, self._shift, self._active = rows, shift, True
+        self._shift_used = shift is not None
+        run = dict(params)
+        reads = contextlib.nullcontext()
+        self._reads = None
+        if self.direct:
+            names = [c for c in self.direct.values() if c in params]
+            leaves = {c: params[c].detach().requires_grad_(True) for c in names}
+            run.update(leaves)
+            deltas = None
+            if shift is not None:
+                deltas = {c: shift.delta[c] for c in names if c in shift.delta}
+            self._reads = DirectReads(
+                leaves, rows, self._tap, deltas, None if shift is None else shift.s
+            )
+            reads = self._reads
         try:
-            with torch.enable_grad():
-                yield self
+            with torch.enable_grad(), reads:
+                yield run
         finally:
             self._active = False
             self._shift = None
 
+    def _tap(self, t: Tensor, slot: list) -> Tensor:
+        return _Tap.apply(t, self._anchor, slot)
+
     def backward(self, total: Tensor) -> None:
         """Backpropagate the explained sum `total` to every tapped module output."""
         assert self._anchor is not None, "backward() runs inside capture()"
-        torch.autograd.grad(total, [self._anchor], allow_unused=True)
+        keep = self._reads is not None  # direct reads differentiate their view chains after
+        torch.autograd.grad(total, [self._anchor], allow_unused=True, retain_graph=keep)
 
     def _hook(self, module: nn.Module, args, kwargs, output):
         if not self._active:
@@ -156,8 +189,11 @@ class RowCapture:
     def _shifted(self, module, owner: _Owner, call: Call, leaves: list[Tensor]) -> list[Tensor]:
         shift = self._shift
         assert shift is not None
+        fn = layer_shift_for(module)
+        if fn is None:  # the root: its own parameters are shifted where they are read
+            return leaves
         delta = {loc: shift.delta[c] for loc, c in owner.own.items() if c in shift.delta}
-        d = layer_shift_for(module)(module, call, delta) if delta else None  # type: ignore[misc]
+        d = fn(module, call, delta) if delta else None
         if d is None:
             return leaves
         s = shift.s.reshape(-1, *([1] * (d.dim() - 1))).to(d.dtype)
@@ -169,6 +205,14 @@ class RowCapture:
         out: dict[str, Tensor] = {}
         failed: set[str] = set()
         orphans = self._orphans(failed)
+        done: set[str] = set()  # the root's own parameters the direct reads treated
+        if self._reads is not None:
+            reads, self._reads = self._reads, None
+            out.update(reads.gradients())
+            done = set(reads.leaves) - reads.failed
+            if self._shift_used:  # no local rule at per-row points
+                failed.update(reads.failed)
+                done = set(reads.leaves)
         for key, owner in self._owners.items():
             module = self._modules[key]
             rule = layer_rule_for(module)
@@ -182,7 +226,8 @@ class RowCapture:
                 call.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
                 if all(g is None for g in call.grads):
                     continue  # this call never reached the explained values: zero gradient
-                for names, got in self._call_grads(module, rule, owner, call, orphans.get(key)):
+                parts = self._call_grads(module, rule, owner, call, orphans.get(key), done)
+                for names, got in parts:
                     if got is None:
                         failed.update(names.values())
                         continue
@@ -215,16 +260,17 @@ class RowCapture:
                 failed.update(owner.own.values())
         return extra
 
-    def _call_grads(self, module, rule, owner: _Owner, call: Call, orphans):
+    def _call_grads(self, module, rule, owner: _Owner, call: Call, orphans, done=frozenset()):
         """[(names, {local: [R, *shape]} or None)] for one call: the module's own parameters
         (closed-form rule, else the local rule) and any orphans (local rule)."""
         rows = self._rows
         parts = []
-        if owner.own:
+        own = {k: c for k, c in owner.own.items() if c not in done}
+        if own:
             got = rule(module, call, rows) if rule is not None else None
             if got is None:
-                got = _local(module, call, rows, list(owner.own))
-            parts.append((owner.own, got))
+                got = _local(module, call, rows, list(own))
+            parts.append((own, got))
         if orphans:
             parts.append((orphans, _local(module, call, rows, list(orphans))))
         return parts

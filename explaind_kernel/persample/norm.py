@@ -8,20 +8,18 @@ train mode (then rows interact through the statistics: training_side.py adds the
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import Call, register_layer_rule, rows_first
 
 
 def _layer_xhat(module: nn.Module, call: Call, dtype: torch.dtype) -> Tensor | None:
+    """x̂ of a LayerNorm call (the module's own kernel without the affine part)."""
     x = call.args[0] if call.args else None
     if not isinstance(x, Tensor):
         return None
-    dims = tuple(range(x.dim() - len(module.normalized_shape), x.dim()))
-    x = x.to(dtype)
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + module.eps)
+    return F.layer_norm(x.to(dtype), tuple(module.normalized_shape), eps=module.eps)
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,16 +34,15 @@ def uses_batch_stats(call: Call) -> bool:
 
 
 def _batch_xhat(module: nn.Module, call: Call, dtype: torch.dtype) -> Tensor | None:
+    """x̂ of a batch-norm call, from the batch statistics or the running ones as it used."""
     x = call.args[0] if call.args else None
     if not isinstance(x, Tensor) or x.dim() < 2:
         return None
     x = x.to(dtype)
     if uses_batch_stats(call):
-        mean, var = batch_stats(x)
-    else:
-        mean, var = call.state["running_mean"].to(dtype), call.state["running_var"].to(dtype)
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + module.eps)
+        return F.batch_norm(x, None, None, training=True, eps=module.eps)
+    mean, var = call.state["running_mean"].to(dtype), call.state["running_var"].to(dtype)
+    return F.batch_norm(x, mean, var, training=False, eps=module.eps)
 
 
 def _affine_grads(call: Call, xhat: Tensor, g: Tensor, keep: tuple[int, ...]):

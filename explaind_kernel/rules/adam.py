@@ -46,20 +46,21 @@ class AdamRule(OptimizerRule):
         d = 1.0 / (v.sqrt() / bc2_sqrt + eps)
         step_size = lr / bc1
 
-        lam = p.jbar * (-step_size * d)
-        if carry is not None:
-            lam = lam + carry
-        z_s = (1.0 - beta1) * lam
+        # four passes over the [R, P] rows: λ = carry − step·D⊙J̄ (one fused op), z_s, λ·β1
+        # in place as the carry, and the decoupled-decay row product
+        scale = d.mul_(-step_size)
+        lam = torch.addcmul(carry, p.jbar, scale) if carry is not None else p.jbar * scale
+        z_s = lam * (sign * (1.0 - beta1))
         m = p.state_after["exp_avg"].to(p.jbar.dtype)
-        recon = -step_size * d * m
+        recon = scale * m
         decay = zero
         if wd != 0.0:
             if decoupled:
                 decay = row_dot(p.jbar, -lr * wd * p.theta)
                 recon = recon - lr * wd * p.theta
             else:
-                decay = row_dot(z_s, wd * p.theta)
-        return RuleOutput(sign * z_s, decay, recon, beta1 * lam)
+                decay = row_dot(z_s, sign * wd * p.theta)
+        return RuleOutput(z_s, decay, recon, lam.mul_(beta1))
 
 
 @register_rule(torch.optim.AdamW)

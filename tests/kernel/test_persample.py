@@ -109,6 +109,21 @@ class Mixed(nn.Module):
         return self.fc2(self.mid(self.fc1(x)) + self.bias)
 
 
+class RootTable(nn.Module):
+    """Parameters of the root read directly: a sliced positional table and a learned scale."""
+
+    def __init__(self, vocab: int = 9, d: int = 6, t: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(t, d) * 0.3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, d))
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.emb(x) + self.pos[: x.shape[1]])
+        return self.head((h * self.scale.view(1, 1, -1)).mean(1))
+
+
 def _tokens(n: int, t: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(1))
 
@@ -119,6 +134,7 @@ CASES = {
     "mha_seq_first": (lambda: MHAModel(False), lambda: _tokens(3, 5, 9)),
     "conv1d_conv2d_batchnorm_eval": (ConvModel, lambda: torch.randn(3, 2, 8, 8)),
     "mixed_covered_uncovered": (Mixed, lambda: torch.randn(3, 4)),
+    "root_parameters_read_directly": (RootTable, lambda: _tokens(3, 4, 9)),
 }
 
 
@@ -154,12 +170,11 @@ def _assert_rows_equal(got, ref) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_test_side_rules_equal_autograd_per_row(name, monkeypatch) -> None:
     fm, params, bufs, x = _setup(name)
-    if name != "mixed_covered_uncovered":  # every parameter by a rule: torch.func never runs
 
-        def no_fallback(*a, **k):
-            raise AssertionError("torch.func fallback used")
+    def no_fallback(*a, **k):
+        raise AssertionError("torch.func fallback used")
 
-        monkeypatch.setattr(rowjac, "func_jacobian", no_fallback)
+    monkeypatch.setattr(rowjac, "func_jacobian", no_fallback)  # every parameter by a rule
     side = _side(fm, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
@@ -170,7 +185,12 @@ def test_test_side_rules_equal_autograd_per_row(name, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["linear_3d_embedding_layernorm_sdpa", "conv1d_conv2d_batchnorm_eval"]
+    "name",
+    [
+        "linear_3d_embedding_layernorm_sdpa",
+        "conv1d_conv2d_batchnorm_eval",
+        "root_parameters_read_directly",
+    ],
 )
 def test_rules_at_per_row_points_equal_torch_func(name) -> None:
     """Kink pieces put every test input at its own point θ + s_j·Δθ (the layers' shifts)."""
