@@ -17,7 +17,7 @@ import torch
 from . import codec
 from .ddp import DDPInfo, rank_store_spec
 from .errors import RecordingError, TraceCorruptError
-from .optimizers import resolve_optimizer
+from .optimizers import kernel_rules_loaded, qualified_name, support_for
 
 __all__ = ["RunLayout", "check_arguments", "inspect_run", "store_location"]
 
@@ -72,7 +72,14 @@ def inspect_run(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, output: str | None
 ) -> RunLayout:
     """Validate the setup and name the parameters; raises ``RecordingError`` subclasses."""
-    resolve_optimizer(type(optimizer))  # raises UnsupportedOptimizerError
+    support = support_for(type(optimizer))  # raises UnsupportedOptimizerError
+    if support.rule is None and kernel_rules_loaded():
+        logger.warning(
+            "optimizer %s is registered for recording and replay but has no kernel rule: the "
+            "trace will replay, but the kernel cannot explain it until a rule is registered "
+            "with explaind_kernel.register_rule",
+            qualified_name(type(optimizer)),
+        )
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise RecordingError(

@@ -25,6 +25,7 @@ __all__ = [
     "resolve_optimizer",
     "support_for",
     "kernel_rule",
+    "kernel_rules_loaded",
     "supported_optimizers",
     "optimizer_class_by_name",
     "qualified_name",
@@ -94,7 +95,7 @@ def unsupported(what: str, missing: str = "support") -> UnsupportedOptimizerErro
         f"{qualified_name(c)} ({s.what})"
         for c, s in sorted(_REGISTRY.items(), key=lambda kv: qualified_name(kv[0]))
     )
-    if not any(s.rule is not None for s in _REGISTRY.values()):
+    if not kernel_rules_loaded():
         registered += " (kernel rules are added when explaind_kernel is imported)"
     return UnsupportedOptimizerError(
         f"{what} is not supported: no {missing} is registered for it. ExPLAIND needs one "
@@ -106,6 +107,11 @@ def unsupported(what: str, missing: str = "support") -> UnsupportedOptimizerErro
         "only (for an optimizer that is deterministic given its parameters, gradients, param "
         "groups and state_dict)."
     )
+
+
+def kernel_rules_loaded() -> bool:
+    """Whether the kernel has registered its rules (explaind_kernel is imported)."""
+    return any(s.rule is not None for s in _REGISTRY.values())
 
 
 def support_for(cls: type) -> OptimizerSupport:

@@ -158,3 +158,20 @@ def test_without_the_kernel_the_listing_says_where_rules_come_from() -> None:
     assert "SGD (record, replay) (kernel rules are added when explaind_kernel is imported)" in (
         out.stdout
     )
+
+
+def test_recording_an_optimizer_without_a_kernel_rule_warns(registry, caplog) -> None:
+    explaind_trace.register_optimizer(torch.optim.RMSprop)
+    model = MLP()
+    opt = torch.optim.RMSprop(model.parameters())
+    with caplog.at_level("WARNING", logger="explaind_trace.layout"):
+        with explaind_trace.record(model, opt, store="memory://registry-rms-warn"):
+            pass
+    assert "RMSprop is registered for recording and replay but has no kernel rule" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="explaind_trace.layout"):
+        model = MLP()
+        opt = torch.optim.AdamW(model.parameters())
+        with explaind_trace.record(model, opt, store="memory://registry-adamw-quiet"):
+            pass
+    assert "kernel rule" not in caplog.text
