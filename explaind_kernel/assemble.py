@@ -216,6 +216,8 @@ def assemble(
             "device": str(problem.device),
             **problem.selector.describe(plan.predicted),
             "inputs_digest": problem.inputs_digest,
+            "cpu_threads": problem.cpu_threads(),
+            "training_routes": dict(getattr(problem.model, "training_routes", None) or {}),
             **(extra or {}),
         },
         **arrays,

@@ -65,8 +65,11 @@ class KernelConfig:
     allow_tf32:    permit TF32 matmuls on CUDA (off by default: fp32 means fp32).
     progress:      show a tqdm progress bar.
     prefetch:      read and replay the trace in a background thread while computing.
-    cpu_threads:   torch intra-op threads while computing on CPU (None: leave as is); small
-                   models on few cores run much faster with 1. Restored afterwards.
+    cpu_threads:   torch intra-op threads while computing on CPU: "auto" (default) calibrates
+                   once per shape — one thread unless all threads are clearly faster on the
+                   run's [rows, parameters] work (runtime.auto_cpu_threads; small models on
+                   few cores run much faster on one) —, an int, or None to leave torch's
+                   setting as is. Restored afterwards; the count used is in result.extra.
     """
 
     quadrature: str = "gauss:2"
@@ -84,7 +87,7 @@ class KernelConfig:
     allow_tf32: bool = False
     progress: bool = True
     prefetch: bool = True
-    cpu_threads: int | None = None
+    cpu_threads: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         Quadrature.parse(self.quadrature)
@@ -115,8 +118,13 @@ class KernelConfig:
             raise InputError(f"block_rows must be ≥ 1, got {self.block_rows!r}")
         if isinstance(self.step_windows, int) and self.step_windows < 1:
             raise InputError(f"step_windows must be ≥ 1, got {self.step_windows!r}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise InputError(f"cpu_threads must be ≥ 1, got {self.cpu_threads!r}")
+        ct = self.cpu_threads
+        if (
+            ct is not None
+            and ct != "auto"
+            and (isinstance(ct, bool) or not isinstance(ct, int) or ct < 1)
+        ):
+            raise InputError(f"cpu_threads must be 'auto', None or an integer ≥ 1, got {ct!r}")
         if not isinstance(self.keep, KeepOptions):
             raise InputError("keep must be an explaind_kernel.KeepOptions instance")
 

@@ -34,7 +34,7 @@ from .inputs import collect_inputs, inputs_digest
 from .jacobian import TestSide
 from .quadrature import Quadrature
 from .rules import OptimizerRule, rule_for_trace
-from .runtime import torch_runtime
+from .runtime import resolve_cpu_threads, torch_runtime
 
 log = logging.getLogger(__name__)
 
@@ -277,10 +277,19 @@ class KernelProblem:
         per_input = max(1, width * nparams * itemsize * copies)
         return max(1, min(self.num_inputs, self.config.memory_budget // per_input))
 
+    def cpu_threads(self) -> int | None:
+        """The intra-op thread count this run uses on CPU (the config's, "auto" resolved by a
+        calibration on this run's [rows, parameters] size; None: torch's as is or not CPU)."""
+        if self.device.type != "cpu":
+            return None
+        nparams = sum(int(np.prod(s)) for s in self.param_shapes.values())
+        rows = min(self.num_inputs, 64) * 8  # explained rows of a chunk, before plan() knows O
+        return resolve_cpu_threads(self.config.cpu_threads, rows, nparams)
+
     def runtime(self) -> contextlib.AbstractContextManager[None]:
         """The config's threads and TF32 setting, for the duration of a `with` block."""
         cfg = self.config
-        return torch_runtime(self.device, cpu_threads=cfg.cpu_threads, allow_tf32=cfg.allow_tf32)
+        return torch_runtime(self.device, cpu_threads=self.cpu_threads(), allow_tf32=cfg.allow_tf32)
 
     # -------------------------------------------------------------- lifetime
     def close(self) -> None:

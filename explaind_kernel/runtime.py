@@ -7,14 +7,27 @@ path, `compare_quadrature` and the demo all enter `torch_runtime`, so they run a
 
 >>> with torch_runtime("cpu", cpu_threads=1):
 ...     result = compute(...)
+
+`auto_cpu_threads` picks the count for `cpu_threads="auto"` (the kernel's default): a short
+calibration (about 0.1 s, once per shape and process) times the kernel's typical operations —
+an elementwise pass and a matrix product over [rows, parameters] — on one thread and on all
+the threads torch would use, and keeps one thread unless all are clearly (20%) faster: small
+per-op work does not pay for the threads' synchronisation, and on a busy machine waiting for
+the slowest thread costs more than it gains.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import time
 from collections.abc import Iterator
 
 import torch
+
+log = logging.getLogger(__name__)
+
+_CHOSEN: dict[tuple[int, int, int], int] = {}
 
 
 @contextlib.contextmanager
@@ -47,4 +60,50 @@ def torch_runtime(
             torch.set_num_threads(old_threads)
 
 
-__all__ = ["torch_runtime"]
+def _time_ops(threads: int, rows: int, params: int, repeats: int = 3) -> float:
+    """Best-of-`repeats` time of the calibration ops on `threads` threads."""
+    old = torch.get_num_threads()
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(rows, params, generator=g)
+    b = torch.randn(params, generator=g)
+    w = torch.randn(params, 64, generator=g)
+    best = float("inf")
+    try:
+        torch.set_num_threads(threads)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            c = torch.addcmul(a, a, b)
+            c.mul_(0.5)
+            c @ w
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(old)
+    return best
+
+
+def auto_cpu_threads(rows: int, params: int) -> int:
+    """The intra-op thread count for CPU work on [rows, params] tensors (see module docs)."""
+    most = torch.get_num_threads()
+    if most <= 1:
+        return 1
+    rows = max(1, min(int(rows), 512))
+    params = max(1, min(int(params), 16384))
+    key = (rows, params, most)
+    if key not in _CHOSEN:
+        one, many = _time_ops(1, rows, params), _time_ops(most, rows, params)
+        _CHOSEN[key] = most if many < 0.8 * one else 1
+        log.info(
+            "cpu_threads=auto: %d (calibration on [%d, %d]: 1 thread %.2f ms, %d threads %.2f ms)",
+            _CHOSEN[key], rows, params, 1e3 * one, most, 1e3 * many,
+        )  # fmt: skip
+    return _CHOSEN[key]
+
+
+def resolve_cpu_threads(setting: int | str | None, rows: int, params: int) -> int | None:
+    """An int for `cpu_threads` ("auto" calibrated by `auto_cpu_threads`; None: as is)."""
+    if setting == "auto":
+        return auto_cpu_threads(rows, params)
+    return None if setting is None else int(setting)
+
+
+__all__ = ["auto_cpu_threads", "resolve_cpu_threads", "torch_runtime"]

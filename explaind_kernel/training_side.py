@@ -104,13 +104,24 @@ class TrainingSide:
         if mode == "auto" and self.route is not None:
             mode = self.route
         if mode == "auto":
-            return self._calibrate(params, buffers, forward, z_grad, per_param)
+            got = self._calibrate(params, buffers, forward, z_grad, per_param)
+            self._count(self.route or "auto")
+            return got
         if mode == "rules":
             got = self._rule_products(params, buffers, forward, z_grad, per_param)
             if got is not None:
+                self._count("rules")
                 return got
             mode = self._batched_route(forward, z_grad, per_param)
+        self._count(mode)
         return self._batched(params, buffers, forward, z_grad, per_param=per_param, mode=mode)
+
+    def _count(self, route: str) -> None:
+        """Count the forwards each route answered (shared by the run's chunks: result.extra)."""
+        counts = getattr(self.fm, "training_routes", None)
+        if counts is None:
+            counts = self.fm.training_routes = {}  # type: ignore[attr-defined]
+        counts[route] = counts.get(route, 0) + 1
 
     def _batched_route(self, forward, z_grad, per_param: bool) -> str:
         rows = next(iter(z_grad.values())).shape[0] if z_grad else 0

@@ -87,8 +87,11 @@ def _kernel_kwargs(args: argparse.Namespace, labels: Any) -> dict[str, Any]:
         raise UsageError(f"--nodes must be ≥ 1, got {args.nodes}")
     if args.kink_splits < 0:
         raise UsageError(f"--kink-splits must be ≥ 0, got {args.kink_splits}")
-    if args.cpu_threads is not None and args.cpu_threads < 1:
-        raise UsageError(f"--cpu-threads must be ≥ 1, got {args.cpu_threads}")
+    threads = args.cpu_threads
+    if threads != "auto":
+        if not str(threads).isdigit() or int(threads) < 1:
+            raise UsageError(f"--cpu-threads must be ≥ 1 or auto, got {threads}")
+        threads = int(threads)
     kw: dict[str, Any] = {
         "outputs": args.outputs,
         "labels": labels,
@@ -97,7 +100,7 @@ def _kernel_kwargs(args: argparse.Namespace, labels: Any) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "keep": keep_options(args.keep),
-        "cpu_threads": args.cpu_threads,
+        "cpu_threads": threads,
     }
     if args.no_progress:
         kw["progress"] = False
@@ -320,10 +323,10 @@ def _model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     )
     p.add_argument(
         "--cpu-threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="torch intra-op threads while computing on CPU (default: leave as is)",
+        default="auto",
+        metavar="N|auto",
+        help="torch intra-op threads while computing on CPU (default: auto, a short "
+        "calibration that keeps 1 thread unless all are clearly faster)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -161,7 +161,7 @@ def test_kernel_command_saves_and_prints_one_line(user_dir, capsys):
     (trace, model, inputs, kw) = calls[0]
     assert trace == "run.lmdb" and tuple(inputs.shape) == (4, 2)
     assert kw["quadrature"] == "gauss:3" and kw["outputs"] == "label" and kw["device"] is None
-    assert kw["kink_splits"] == 16 and kw["cpu_threads"] is None and kw["dtype"] == "float32"
+    assert kw["kink_splits"] == 16 and kw["cpu_threads"] == "auto" and kw["dtype"] == "float32"
     assert kw["keep"] == explaind_kernel.KeepOptions()
     assert kw["labels"].tolist() == [0, 1, 2, 0]
     saved = KernelResult.load(tmp_path / "run.lmdb.result.explaind")

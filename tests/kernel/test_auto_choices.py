@@ -1,0 +1,49 @@
+"""Automatic choices (cpu_threads="auto", training_mode="auto") pick a configuration and give
+bitwise what the explicit choice of that configuration gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from explaind_kernel import KernelConfig, compute_kernel
+from explaind_kernel.errors import InputError
+from explaind_kernel.runtime import auto_cpu_threads, resolve_cpu_threads
+
+from .models import SETUPS, KernelSetup, train
+
+FIELDS = ("data", "components", "component_data", "step_data", "step_nondata", "nondata", "f0")
+
+
+def test_auto_threads_is_one_or_all() -> None:
+    most = torch.get_num_threads()
+    assert auto_cpu_threads(64, 1000) in (1, most)
+    assert resolve_cpu_threads(None, 64, 1000) is None
+    assert resolve_cpu_threads(3, 64, 1000) == 3
+
+
+def test_cpu_threads_is_validated() -> None:
+    with pytest.raises(InputError, match="cpu_threads must be 'auto', None or an integer ≥ 1"):
+        KernelConfig(cpu_threads=0)
+    with pytest.raises(InputError, match="cpu_threads must be 'auto'"):
+        KernelConfig(cpu_threads="many")
+    assert KernelConfig().cpu_threads == "auto"
+
+
+@pytest.mark.parametrize("setup", SETUPS[1:], ids=lambda s: s.name)
+def test_auto_equals_the_explicit_choice_bitwise(setup) -> None:
+    short = KernelSetup(setup.name, setup.make_model, setup.make_data, setup.make_opt, steps=5)
+    store = f"memory://auto-{setup.name}"
+    fresh, test_x, _ = train(short, store)
+    auto = compute_kernel(store, fresh, test_x[:2], progress=False)
+    threads, routes = auto.extra["cpu_threads"], auto.extra["training_routes"]
+    assert threads in (1, torch.get_num_threads())
+    assert len(routes) == 1 and sum(routes.values()) == 5  # one forward per step
+    (route,) = routes
+    explicit = compute_kernel(
+        store, fresh, test_x[:2], progress=False, cpu_threads=threads, training_mode=route
+    )
+    assert explicit.extra["training_routes"] == routes
+    for f in FIELDS:
+        assert np.array_equal(getattr(auto, f), getattr(explicit, f)), f
