@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["collect_inputs"]
+__all__ = ["collect_inputs", "inputs_digest", "positional_inputs", "problem_digest"]
 
 
 def _tensor(value: Any, what: str) -> Tensor:
@@ -80,6 +80,14 @@ def _from_iterable(source: Any) -> tuple[Tensor, Tensor | None]:
     x = _stack(xs, "test inputs", batched=batched)
     y = _stack(ys, "test labels", batched=batched) if all(have) else None
     return x, y
+
+
+def positional_inputs(reader: Any) -> int | None:
+    """Positional tensor inputs of the trace's first recorded forward (None: none recorded)."""
+    fwds = reader.step(0).forwards
+    if not fwds:
+        return None
+    return sum(isinstance(a, Tensor) for a in fwds[0].args)
 
 
 def collect_inputs(
@@ -150,3 +158,18 @@ def inputs_digest(
         _feed(h, part)
         h.update(b"|")
     return h.hexdigest()
+
+
+def problem_digest(
+    reader: Any,
+    inputs: Any,
+    *,
+    outputs: Any = "all",
+    labels: Any = None,
+    output_names: Any = None,
+    slices: Any = None,
+) -> str:
+    """The `inputs_digest` a kernel result of these test inputs and targets on the trace of
+    `reader` records (``result.extra["inputs_digest"]``), without computing anything."""
+    inputs, labels = collect_inputs(inputs, labels, positional=positional_inputs(reader))
+    return inputs_digest(inputs, labels, outputs, output_names=output_names, slices=slices)

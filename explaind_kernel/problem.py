@@ -30,7 +30,7 @@ from explaind_trace.errors import TraceMismatchError
 from .config import KernelConfig
 from .errors import EmptyTraceError, InputError, ModelMismatchError
 from .functional import FunctionalModel, OutputSelector, primary_output, to_compute, to_numpy64
-from .inputs import collect_inputs, inputs_digest
+from .inputs import collect_inputs, inputs_digest, positional_inputs
 from .jacobian import TestSide
 from .quadrature import Quadrature
 from .rules import OptimizerRule, rule_for_trace
@@ -142,7 +142,7 @@ class KernelProblem:
         device, dtype = config.resolved_device(), config.torch_dtype
         names = tuple(reader.param_names)
         shapes = {p.name: tuple(p.shape) for p in reader.meta.params}
-        inputs, labels = collect_inputs(inputs, labels, positional=_positional_inputs(reader))
+        inputs, labels = collect_inputs(inputs, labels, positional=positional_inputs(reader))
         digest = inputs_digest(inputs, labels, outputs, output_names=output_names, slices=slices)
         keys, xs = _split_inputs(inputs)
         _check_against_trace(reader, keys, xs)
@@ -393,14 +393,6 @@ def _windows(step_windows: int | Sequence[int], steps: int) -> tuple[int, ...]:
     else:
         edges = {0, steps, *[int(e) for e in step_windows if 0 < int(e) < steps]}
     return tuple(sorted(edges))
-
-
-def _positional_inputs(reader: Any) -> int | None:
-    """Positional tensor inputs of the first recorded forward (None: no forward recorded)."""
-    fwds = reader.step(0).forwards
-    if not fwds:
-        return None
-    return sum(isinstance(a, Tensor) for a in fwds[0].args)
 
 
 def optimizer_name(reader: Any) -> str:

@@ -243,9 +243,8 @@ class Recorder:
     # -- helpers --------------------------------------------------------------------------
 
     def set_sample_ids(self, ids: Iterable[int | str]) -> None:
-        """Sample ids for the rows of the next recorded forward: ints (e.g. dataset indices)
-        or strings, one type per trace; they keep their type in the trace and in every
-        result (see explaind_trace.sampleids). Without them a row's id is its content hash."""
+        """Ids (ints or strings, one type per trace, kept as given) for the rows of the next
+        recorded forward (see explaind_trace.sampleids)."""
         self._next_ids, self._id_type = check_sample_ids(ids, self._id_type)
 
     def _state(self, step: int) -> Checkpoint:
@@ -482,12 +481,8 @@ def record(
     (keywords such as ``checkpoint_every=10``, or ``options=RecordOptions(...)``). On an
     exception the trace keeps every committed step, records the error with
     ``finished=False``, and the exception propagates.
-
-    Sample ids: by default each training row is identified by the content hash of its
-    bytes (32 hex characters), so repeated epochs map to the same sample. Call
-    ``rec.set_sample_ids(ids)`` before a forward to use your own ids for its rows instead,
-    e.g. the dataset indices of the batch; ints stay ints (and strings strings) in the
-    trace, the kernel result and every view and report.
+    Sample ids are the content hash of each row's bytes by default (32 hex characters);
+    ``rec.set_sample_ids(ids)`` gives your own, e.g. dataset indices (ints stay ints).
     """
     rec = Recorder(model, optimizer, store=store, scaler=scaler, options=options, **keywords)
     rec.start()

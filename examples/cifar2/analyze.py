@@ -99,22 +99,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. the kernel, keeping per-weight scores for pruning
     start = time.perf_counter()
+    question = dict(
+        outputs="label",
+        labels=explain_y,
+        output_names=["correct"],
+        step_windows=args.step_windows,
+        keep=explaind_kernel.KeepOptions(param_scores=True),
+    )
     result = (
-        explaind_attr.saved_result_for(out / "result.explaind", trace, n_explain)
+        explaind_attr.saved_result_for(out / "result.explaind", trace, explain_x, **question)
         if args.reuse
         else None
     )
-    if result is None or result.param_scores is None:
+    if result is None:
         result = explaind_kernel.compute_kernel(
-            trace,
-            make_model(),
-            explain_x,
-            outputs="label",
-            labels=explain_y,
-            output_names=["correct"],
-            step_windows=args.step_windows,
-            keep=explaind_kernel.KeepOptions(param_scores=True),
-            progress=not args.no_progress,
+            trace, make_model(), explain_x, progress=not args.no_progress, **question
         )
     kernel_s = time.perf_counter() - start
     result.save(out / "result.explaind")

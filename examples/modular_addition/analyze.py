@@ -175,23 +175,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 1. the kernel: f_T = f_0 + Σ_(sample, step) K + every other term, exactly
     start = time.perf_counter()
+    question = dict(
+        outputs="label",
+        labels=test_y[pick],
+        output_names=["correct"],
+        slices=head_slices(model),
+        step_windows=args.step_windows,
+        quadrature=f"gauss:{args.nodes}",
+    )
     result = (
-        explaind_attr.saved_result_for(out / "result.explaind", trace, len(pick))
+        explaind_attr.saved_result_for(out / "result.explaind", trace, test_x[pick], **question)
         if args.reuse
         else None
     )
     if result is None:
         result = explaind_kernel.compute_kernel(
-            trace,
-            model,
-            test_x[pick],
-            outputs="label",
-            labels=test_y[pick],
-            output_names=["correct"],
-            slices=head_slices(model),
-            step_windows=args.step_windows,
-            quadrature=f"gauss:{args.nodes}",
-            progress=not args.no_progress,
+            trace, model, test_x[pick], progress=not args.no_progress, **question
         )
     kernel_s = time.perf_counter() - start
     result.save(out / "result.explaind")

@@ -224,20 +224,36 @@ def _cmd_quadrature(args: argparse.Namespace) -> int:
     return 0
 
 
+def _problem_digest(trace: str, inputs: Any, labels: Any, outputs: str) -> str:
+    from explaind_kernel.inputs import problem_digest
+    from explaind_trace import open_trace
+
+    with open_trace(trace) as reader:
+        return problem_digest(reader, inputs, outputs=outputs, labels=labels)
+
+
 def _saved_result(args: argparse.Namespace, path: Path) -> Any:
-    """The result saved at `path` when it fits TRACE, else None (saying why on stderr)."""
+    """The result saved at `path` when it answers this command's question, else None (saying
+    why on stderr). With --model/--inputs: the same trace, kernel configuration, test inputs
+    and targets; without them: the same trace (there is nothing else to compare)."""
+    from explaind_kernel import KernelConfig
     from explaind_kernel.result import KernelResult
 
-    from ..errors import ResultMismatchError
-    from ..results import check_result_matches
+    from ..results import reuse_mismatch
 
     if not path.is_file():
         return None
     loaded = KernelResult.load(path)
-    try:
-        check_result_matches(loaded, _trace_id(args.trace))
-    except ResultMismatchError as e:
-        print(f"explaind: note: not using {path}: {e}; computing a new one", file=sys.stderr)
+    trace_id = _trace_id(args.trace)
+    why = reuse_mismatch(loaded, trace_id=trace_id)
+    if why is None and args.model and args.inputs:
+        _, inputs, labels = _load(args)
+        kw = _kernel_kwargs(args, labels)
+        kw.pop("outputs"), kw.pop("labels")
+        digest = _problem_digest(args.trace, inputs, labels, args.outputs)
+        why = reuse_mismatch(loaded, trace_id=trace_id, config=KernelConfig(**kw), digest=digest)
+    if why is not None:
+        print(f"explaind: note: not using {path}: {why}; computing a new one", file=sys.stderr)
         return None
     return loaded
 

@@ -258,6 +258,7 @@ def test_kernel_flags_reach_the_engine(user_dir, capsys):
 def test_report_finds_the_result_kernel_wrote(user_dir, capsys, monkeypatch):
     tmp_path, calls = user_dir
     monkeypatch.setattr(cli, "_trace_id", lambda trace: "trace-A")
+    monkeypatch.setattr(cli, "_problem_digest", lambda *a: "digest-of-x")
     monkeypatch.setattr(cli, "_samples_from_trace", lambda trace, ids: None)
     args = ["--model", "usermod_attr_cli:make_model", "--inputs", "x.npy"]
     assert cli.main(["kernel", "run.lmdb", *args]) == 0
@@ -266,6 +267,17 @@ def test_report_finds_the_result_kernel_wrote(user_dir, capsys, monkeypatch):
     assert cli.main(["report", "run.lmdb", "--out", "rep"]) == 0  # no --model: the saved one
     assert len(calls) == 1
     assert capsys.readouterr().out.splitlines()[0] == "result: run.lmdb.result.explaind (saved)"
+    # the same question is answered by the saved result; another one is recomputed
+    saved = KernelResult.load(tmp_path / "run.lmdb.result.explaind")
+    saved.config = explaind_kernel.KernelConfig(progress=False).to_dict()
+    saved.extra["inputs_digest"] = "digest-of-x"
+    saved.save(tmp_path / "run.lmdb.result.explaind")
+    assert cli.main(["report", "run.lmdb", "--out", "rep", "--no-progress", *args]) == 0
+    assert len(calls) == 1
+    assert cli.main(["report", "run.lmdb", "--out", "rep", "--nodes", "3", *args]) == 0
+    assert len(calls) == 2
+    err = capsys.readouterr().err
+    assert "not using run.lmdb.result.explaind: its kernel configuration differs" in err
     assert cli.main(["report", "other.lmdb"]) == 2
     assert "no kernel result for other.lmdb at other.lmdb.result.explaind" in (
         capsys.readouterr().err
