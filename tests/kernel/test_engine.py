@@ -219,15 +219,20 @@ def test_unregistered_optimizer_rule() -> None:
 
     model = MLP()
     opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    from explaind_trace import optimizers
+
     explaind_trace.register_optimizer(torch.optim.Adagrad)
-    with explaind_trace.record(model, opt, store="memory://engine-adagrad"):
-        for _ in range(2):
-            opt.zero_grad()
-            model(torch.randn(4, 4)).sum().backward()
-            opt.step()
-    with pytest.raises(UnsupportedOptimizerError, match=r"Adagrad.*register_rule"):
-        compute_kernel("memory://engine-adagrad", MLP(), torch.zeros(1, 4), progress=False)
-    assert torch.optim.Adagrad not in base._RULES
+    try:
+        with explaind_trace.record(model, opt, store="memory://engine-adagrad"):
+            for _ in range(2):
+                opt.zero_grad()
+                model(torch.randn(4, 4)).sum().backward()
+                opt.step()
+        with pytest.raises(UnsupportedOptimizerError, match=r"Adagrad.*register_rule"):
+            compute_kernel("memory://engine-adagrad", MLP(), torch.zeros(1, 4), progress=False)
+        assert torch.optim.Adagrad not in base._RULES
+    finally:  # later tests see the registry as it was
+        optimizers._REGISTRY.pop(torch.optim.Adagrad, None)
 
 
 def test_interrupted_run_is_explained_up_to_its_last_step(caplog) -> None:
