@@ -27,6 +27,7 @@ from .errors import (
 
 _LAZY = {
     "data": ("data_attribution", "top_samples"),
+    "explain": ("Explanation", "explain"),
     "groups": ("Grouping", "resolve_groups", "sum_groups"),
     "joint": ("component_window_view", "group_component_view", "group_window_view"),
     "model": (
@@ -40,7 +41,14 @@ _LAZY = {
     ),
     "pruning": ("PruneCurve", "prune_copy", "prune_curve", "prune_curves", "ranking_scores"),
     "report": ("ReportPaths", "build_report", "samples_from_trace"),
-    "results": ("check_result_matches", "load_result", "saved_result_for", "trace_id_of"),
+    "results": (
+        "check_result_matches",
+        "load_result",
+        "reuse_mismatch",
+        "saved_result_for",
+        "trace_id_of",
+    ),
+    "self_influence": ("self_influence", "self_influence_of"),
     "training": (
         "StepAttribution",
         "cumulative_curve",
@@ -63,6 +71,7 @@ __all__ = [
     "UsageError",
     "ViewError",
     "Attribution",
+    "Explanation",
     "Grouping",
     "JointView",
     "PruneCurve",
@@ -75,10 +84,14 @@ __all__ = [
     "component_window_view",
     "cumulative_curve",
     "data_attribution",
+    "explain",
     "group_component_view",
     "group_window_view",
     "load_result",
     "saved_result_for",
+    "reuse_mismatch",
+    "self_influence",
+    "self_influence_of",
     "module_attribution",
     "module_of",
     "param_score_table",
@@ -114,6 +127,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .data import data_attribution, top_samples
+    from .explain import Explanation, explain
     from .groups import Grouping, resolve_groups, sum_groups
     from .joint import component_window_view, group_component_view, group_window_view
     from .model import (
@@ -127,7 +141,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from .pruning import PruneCurve, prune_copy, prune_curve, prune_curves, ranking_scores
     from .report import ReportPaths, build_report, samples_from_trace
-    from .results import check_result_matches, load_result, saved_result_for, trace_id_of
+    from .results import (
+        check_result_matches,
+        load_result,
+        reuse_mismatch,
+        saved_result_for,
+        trace_id_of,
+    )
+    from .self_influence import self_influence, self_influence_of
     from .training import (
         StepAttribution,
         cumulative_curve,

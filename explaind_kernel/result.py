@@ -65,7 +65,24 @@ SAMPLE_FIELDS = ("data", "sample_component", "sample_window")
 
 @dataclass
 class KernelResult:
-    """Exact decomposition of f(x; θ_T) over training samples, components and steps."""
+    """Exact decomposition of f(x; θ_T) over training samples, components and steps.
+
+    Shapes (N test inputs, O explained outputs per input, S training samples, C components,
+    T steps, W step windows; P_n the shape of parameter n):
+
+    f0, fT, weight_decay, nondata, initial_state, residual, quadrature_error, buffer_drift:
+        [N, O]
+    data:                                   [N, O, S]  (samples in `sample_ids` order)
+    step_data, step_<term>:                 [N, O, T]
+    components, component_data:             [N, O, C]  (components in `component_names` order)
+    sample_component: [N, O, S, C_params]; sample_window: [N, O, S, W];
+    component_window: [N, O, C, W]; param_scores: {name: P_n}; step_nodes: [T].
+
+    `extra` holds the target's name ("target"), the labels ([N], when given), the final
+    model's predicted class per input ("predicted", [N], when the output holds classes) and
+    the digest of the test inputs and targets ("inputs_digest"); `to_frame()` is the tidy
+    per-(input, output) table.
+    """
 
     # identity
     trace_id: str
@@ -109,6 +126,29 @@ class KernelResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- derived
+    def to_frame(self) -> Any:
+        """A tidy pandas DataFrame, one row per (test input, explained output): test, output,
+        label, predicted, f0, data, every term, completeness_residual and fT (f0 + data + the
+        terms + completeness_residual = fT)."""
+        import pandas as pd
+
+        n, o = self.f0.shape
+        cols: dict[str, Any] = {
+            "test": np.repeat(np.arange(n), o),
+            "output": np.tile(np.asarray(self.output_names, dtype=object), n),
+        }
+        for key in ("labels", "predicted"):
+            v = self.extra.get(key)
+            if isinstance(v, np.ndarray) and v.ndim == 1 and v.shape[0] == n:
+                cols["label" if key == "labels" else key] = np.repeat(v, o)
+        cols["f0"] = self.f0.reshape(-1)
+        cols["data"] = self.data_total.reshape(-1)
+        for name in TERM_FIELDS:
+            cols[name] = getattr(self, name).reshape(-1)
+        cols["completeness_residual"] = self.completeness_residual.reshape(-1)
+        cols["fT"] = self.fT.reshape(-1)
+        return pd.DataFrame(cols)
+
     @property
     def num_inputs(self) -> int:
         return int(self.f0.shape[0])

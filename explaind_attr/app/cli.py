@@ -184,7 +184,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_self_influence(args: argparse.Namespace) -> int:
+    """explaind kernel TRACE --self-influence: every training sample's contribution to its
+    own target, ranked; the table goes to TRACE.self_influence.csv (or --out)."""
+    from ..self_influence import self_influence
+    from . import loading
+
+    if not args.model:
+        raise UsageError("--self-influence needs --model MODULE:FACTORY")
+    model = loading.load_model(args.model)
+    labels = loading.load_array(args.labels, "--labels") if args.labels else None
+    kw = _kernel_kwargs(args, labels)
+    kw.pop("outputs"), kw.pop("labels")
+    outputs = None if args.outputs == "all" else args.outputs  # None: loss, or predicted
+    table, result = self_influence(args.trace, model, outputs=outputs, labels=labels, **kw)
+    out = Path(args.out) if args.out else _default_path(args.trace, ".self_influence.csv")
+    table.to_csv(out, index=False)
+    print(f"self-influence: {out}")
+    print(result.completeness_line())
+    print(table.head(args.top).to_string(index=False))
+    return 0
+
+
 def _cmd_kernel(args: argparse.Namespace) -> int:
+    if args.self_influence:
+        return _cmd_self_influence(args)
+    if not args.inputs:
+        raise UsageError("explaind kernel needs --inputs (or --self-influence)")
     result = _compute(args)
     if result is None:  # a torchrun rank other than 0
         return 0
@@ -411,8 +437,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute and save a kernel result (sharded under torchrun)",
     )
     p.add_argument("trace", metavar="TRACE")
-    _kernel_options(p, required=True)
-    p.add_argument("--out", metavar="RESULT", help="result file (default: TRACE.result.explaind)")
+    _kernel_options(p, required=False)
+    p.add_argument(
+        "--self-influence",
+        action="store_true",
+        help="score every training sample's contribution to its own target (the kernel on "
+        "the training inputs, read on the diagonal), ranked; --labels FILE.npy indexed by "
+        "int sample ids; target: loss with labels, else predicted (or --outputs)",
+    )
+    p.add_argument("--top", type=int, default=20, help="rows of the ranking to print (20)")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="result file (default: TRACE.result.explaind; with --self-influence: "
+        "TRACE.self_influence.csv)",
+    )
     p.set_defaults(func=_cmd_kernel)
 
     p = sub.add_parser(

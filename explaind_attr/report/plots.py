@@ -19,6 +19,7 @@ __all__ = [
     "completeness_figure",
     "figure_png",
     "heatmap_figure",
+    "image_figure",
     "sample_images_figure",
     "steps_figure",
 ]
@@ -106,6 +107,17 @@ def heatmap_figure(
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.8)
+    return fig
+
+
+def image_figure(img: np.ndarray, *, size: float = 1.6) -> Figure:
+    """One (H, W) or (H, W, 3) image in [0, 1], without axes."""
+    fig = _figure(size, size)
+    ax = fig.add_subplot()
+    ax.imshow(
+        img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0, interpolation="nearest"
+    )
+    ax.set_axis_off()
     return fig
 
 

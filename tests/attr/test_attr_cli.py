@@ -315,3 +315,41 @@ def test_python_m_explaind_kernel_is_the_kernel_verb():
     )
     assert proc.returncode == 0, proc.stderr
     assert "--model" in proc.stdout and "--keep" in proc.stdout and "--cpu-threads" in proc.stdout
+
+
+def test_self_influence_option_ranks_and_writes_csv(tmp_path, monkeypatch, capsys):
+    import torch
+    from torch import nn
+
+    import explaind_trace
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    store = str(tmp_path / "run.lmdb")
+    with explaind_trace.record(model, opt, store=store) as rec:
+        for t in range(3):
+            idx = torch.arange(2 * t, 2 * t + 2)
+            rec.set_sample_ids(idx)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    (tmp_path / "usermod_selfinf.py").write_text(
+        "import torch\n\ndef make_model():\n    return torch.nn.Linear(3, 2)\n"
+    )
+    np.save(tmp_path / "y.npy", y.numpy())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    args = ["kernel", store, "--model", "usermod_selfinf:make_model", "--self-influence"]
+    assert cli.main([*args, "--labels", "y.npy", "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"self-influence: {tmp_path / 'run.lmdb.self_influence.csv'}"
+    assert out[1].startswith("completeness:") and "self_influence" in out[2]
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "run.lmdb.self_influence.csv")
+    assert sorted(table["sample"]) == list(range(6)) and table["rank"].tolist() == list(range(1, 7))
+    assert set(table["output"]) == {"loss (cross-entropy)"}
+    assert cli.main(["kernel", store, "--model", "usermod_selfinf:make_model"]) == 2
+    assert "needs --inputs (or --self-influence)" in capsys.readouterr().err
