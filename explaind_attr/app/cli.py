@@ -30,11 +30,11 @@ from typing import Any
 from explaind_trace.errors import ExplaindError
 
 from ..errors import UsageError
+from .options import add_kernel_options, add_model_options, kernel_kwargs
 
 log = logging.getLogger(__name__)
 
 EXIT_LIBRARY_ERROR = 2
-_KEEP_FIELDS = ("sample_component", "sample_window", "component_window", "param_scores")
 
 
 # ----------------------------------------------------------------- argument resolution
@@ -62,51 +62,6 @@ def _needs_labels(outputs: str) -> bool:
     return resolve_target(outputs).needs_labels
 
 
-def keep_options(spec: str | None) -> Any:
-    """KeepOptions from --keep: comma-separated field names, "all" or "none"."""
-    from explaind_kernel import KeepOptions
-
-    if spec is None:
-        return KeepOptions()
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    if names == ["all"]:
-        return KeepOptions(**{f: True for f in _KEEP_FIELDS})
-    if names == ["none"]:
-        return KeepOptions(**{f: False for f in _KEEP_FIELDS})
-    unknown = [n for n in names if n not in _KEEP_FIELDS]
-    if unknown:
-        raise UsageError(
-            f"--keep {spec!r}: unknown slice(s) {unknown}; use a comma-separated list of "
-            f"{', '.join(_KEEP_FIELDS)}, or all, or none"
-        )
-    return KeepOptions(**{f: f in names for f in _KEEP_FIELDS})
-
-
-def _kernel_kwargs(args: argparse.Namespace, labels: Any) -> dict[str, Any]:
-    if args.nodes < 1:
-        raise UsageError(f"--nodes must be ≥ 1, got {args.nodes}")
-    if args.kink_splits < 0:
-        raise UsageError(f"--kink-splits must be ≥ 0, got {args.kink_splits}")
-    threads = args.cpu_threads
-    if threads != "auto":
-        if not str(threads).isdigit() or int(threads) < 1:
-            raise UsageError(f"--cpu-threads must be ≥ 1 or auto, got {threads}")
-        threads = int(threads)
-    kw: dict[str, Any] = {
-        "outputs": args.outputs,
-        "labels": labels,
-        "quadrature": f"gauss:{args.nodes}",
-        "kink_splits": args.kink_splits,
-        "device": args.device,
-        "dtype": args.dtype,
-        "keep": keep_options(args.keep),
-        "cpu_threads": threads,
-    }
-    if args.no_progress:
-        kw["progress"] = False
-    return kw
-
-
 def _under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -114,7 +69,7 @@ def _under_torchrun() -> bool:
 def _compute(args: argparse.Namespace) -> Any:
     """The kernel result for the parsed arguments (sharded under torchrun)."""
     model, inputs, labels = _load(args)
-    kw = _kernel_kwargs(args, labels)
+    kw = kernel_kwargs(args, labels)
     if _under_torchrun():
         return _compute_sharded(args.trace, model, inputs, kw)
     import explaind_kernel
@@ -194,7 +149,7 @@ def _cmd_self_influence(args: argparse.Namespace) -> int:
         raise UsageError("--self-influence needs --model MODULE:FACTORY")
     model = loading.load_model(args.model)
     labels = loading.load_array(args.labels, "--labels") if args.labels else None
-    kw = _kernel_kwargs(args, labels)
+    kw = kernel_kwargs(args, labels)
     kw.pop("outputs"), kw.pop("labels")
     outputs = None if args.outputs == "all" else args.outputs  # None: loss, or predicted
     table, result = self_influence(args.trace, model, outputs=outputs, labels=labels, **kw)
@@ -274,7 +229,7 @@ def _saved_result(args: argparse.Namespace, path: Path) -> Any:
     why = reuse_mismatch(loaded, trace_id=trace_id)
     if why is None and args.model and args.inputs:
         _, inputs, labels = _load(args)
-        kw = _kernel_kwargs(args, labels)
+        kw = kernel_kwargs(args, labels)
         kw.pop("outputs"), kw.pop("labels")
         digest = _problem_digest(args.trace, inputs, labels, args.outputs)
         why = reuse_mismatch(loaded, trace_id=trace_id, config=KernelConfig(**kw), digest=digest)
@@ -334,71 +289,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def _model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    p.add_argument(
-        "--model",
-        required=required,
-        metavar="MODULE:FACTORY",
-        help="FACTORY() builds a model of the traced architecture",
-    )
-    p.add_argument(
-        "--inputs",
-        required=required,
-        metavar="FILE.npy|FILE.npz|MODULE:FUNCTION",
-        help="test inputs: a .npy array, an .npz with x (and y: labels), or FUNCTION() "
-        "returning a tensor, an (inputs, labels) tuple or a Dataset yielding (x, y)",
-    )
-    p.add_argument(
-        "--outputs",
-        default="all",
-        metavar="TARGET",
-        help="what to explain: loss | margin | label | predicted | all, or any name "
-        "registered with explaind_kernel.register_target (default: all)",
-    )
-    p.add_argument("--labels", metavar="FILE.npy", help="labels of the test inputs (one per row)")
-    p.add_argument("--device", default=None, help="torch device (default: CUDA when present)")
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "float64"),
-        help="compute dtype (float64 to verify; default: float32)",
-    )
-    p.add_argument(
-        "--cpu-threads",
-        default="auto",
-        metavar="N|auto",
-        help="torch intra-op threads while computing on CPU (default: auto, a short "
-        "calibration that keeps 1 thread unless all are clearly faster)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def _kernel_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    _model_options(p, required=required)
-    p.add_argument(
-        "--nodes",
-        type=int,
-        default=2,
-        metavar="N",
-        help="Gauss-Legendre nodes per step (default: 2)",
-    )
-    p.add_argument(
-        "--kink-splits",
-        type=int,
-        default=0,
-        metavar="K",
-        help="cut each step at up to K ReLU-type kinks per test input, so Gauss keeps its "
-        "order on piecewise-smooth models (default: 0, off)",
-    )
-    p.add_argument(
-        "--keep",
-        default=None,
-        metavar="SLICES",
-        help="joint slices to keep: comma-separated sample_component, sample_window, "
-        "component_window, param_scores, or all / none (default: component_window)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the `explaind` command."""
     common = argparse.ArgumentParser(add_help=False)
@@ -437,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute and save a kernel result (sharded under torchrun)",
     )
     p.add_argument("trace", metavar="TRACE")
-    _kernel_options(p, required=False)
+    add_kernel_options(p, required=False)
     p.add_argument(
         "--self-influence",
         action="store_true",
@@ -460,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure quadrature rules' errors on a trace (cheap: forward-mode JVPs)",
     )
     p.add_argument("trace", metavar="TRACE")
-    _model_options(p, required=True)
+    add_model_options(p, required=True)
     p.add_argument(
         "--rules",
         default="gauss:1,gauss:2,gauss:3,gauss:1+kinks,gauss:2+kinks",
@@ -475,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", parents=[common], help="write an HTML/markdown report")
     p.add_argument("trace", metavar="TRACE")
-    _kernel_options(p, required=False)
+    add_kernel_options(p, required=False)
     p.add_argument(
         "--result",
         metavar="R",
