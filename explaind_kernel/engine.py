@@ -14,6 +14,7 @@ The sharded path (distributed.py) and `compare_quadrature` (compare.py) use the 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from .config import KernelConfig, resolve_config
 from .problem import KernelProblem, SliceSpec, open_reader, trace_fingerprint
 from .result import KernelResult
 from .sweep import ChunkSweep
+from .workmodel import clock_of, forward_flops, work_model
 
 
 def compute_kernel(
@@ -69,6 +71,7 @@ def compute_kernel(
             output_names=output_names,
             slices=slices,
         ) as problem:
+            started = time.perf_counter()
             with problem.runtime(), torch.no_grad():
                 plan = problem.plan()
                 samples = SampleIndex()
@@ -83,7 +86,26 @@ def compute_kernel(
                         piece = ChunkSweep(problem, plan, samples, start, stop).run(bar=bar)
                         piece.reduce_scores()  # Σ_rows |·| now: dense scores are chunk-sized
                         pieces.append(piece)
-            return assemble(problem, plan, pieces, samples)
+                work = run_work(problem, plan, pieces, time.perf_counter() - started)
+            return assemble(problem, plan, pieces, samples, extra={"work": work})
+
+
+def run_work(problem: KernelProblem, plan, pieces: list[ChunkPiece], wall: float) -> dict:
+    """The run's work model (workmodel.py): FLOPs per phase from shapes, seconds measured."""
+    first = problem.test_side(0, 1, plan.index)
+    flops = forward_flops(lambda: first.values(plan.final.params, plan.final.buffers))
+    cfg = problem.config
+    return work_model(
+        flops_per_input=flops,
+        num_inputs=problem.num_inputs,
+        width=plan.width,
+        num_params=sum(int(np.prod(s)) for s in problem.param_shapes.values()),
+        num_steps=problem.num_steps,
+        evaluations=float(sum(p.evaluations.sum() for p in pieces)),
+        kink_probes=cfg.kink_probes if cfg.kink_splits > 0 else None,
+        clock=clock_of(problem.model),
+        wall=wall,
+    )
 
 
 __all__ = ["compute_kernel", "trace_fingerprint"]

@@ -28,6 +28,7 @@ from .rowjac import (
     rule_jacobian,
 )
 from .rules.base import row_dot
+from .workmodel import clock_of
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,8 @@ class TestSide:
             )
 
         grid = np.linspace(0.0, 1.0, probes + 1).tolist()
-        return breakpoints(grid, [at(s) for s in grid], self.n, limit)
+        with clock_of(self.fm).phase("kinks"):
+            return breakpoints(grid, [at(s) for s in grid], self.n, limit)
 
     def _jacobian_at(self, theta, delta, buffers, rows, s, w) -> dict[str, Tensor]:
         """Σ_j w_j ∂f/∂θ(θ + s_j·Δθ) at test input rows[j], summed per input: {name: [R, *shape]}.

@@ -29,6 +29,7 @@ from .quadrature import integrate
 from .rules import ParamStep
 from .rules.base import row_dot
 from .training_side import TrainingSide
+from .workmodel import PhaseClock, clock_of
 
 SweepMode = Literal["full", "correct", "propagate"]
 _MODES = ("full", "correct", "propagate")
@@ -83,6 +84,7 @@ class ChunkSweep:
             dense_scores(problem, self.rows) if cfg.keep.param_scores and mode == "full" else None
         )
         self.evaluations = np.zeros(problem.num_steps)
+        self.clock = clock_of(problem.model)
         self.carry: dict[str, Tensor | None] = {n: None for n in self.names}
         self.carry.update(dict(carry_in or {}))
 
@@ -97,8 +99,9 @@ class ChunkSweep:
         bundles = SegmentPrefetcher(
             problem.reader, enabled=problem.config.prefetch, segments=segments
         )
+        clock = self.clock
         try:
-            for bundle in bundles:
+            for bundle in _waited(bundles, clock):
                 for sb in reversed(bundle):
                     f_next = self._step(sb, after, f_next)
                     after = State(
@@ -132,29 +135,33 @@ class ChunkSweep:
             if self.mode == "correct":
                 self._record_sources(sb, theta, z_grad, terms)
             return None
-        f_a = self.test.values(theta, buf)
-        f_b = self.test.values(after.params, buf)
+        clock = self.clock
+        with clock.phase("values"):
+            f_a = self.test.values(theta, buf)
+            f_b = self.test.values(after.params, buf)
         path = to_numpy64(f_b) - to_numpy64(f_a)
         drift = to_numpy64(f_next) - to_numpy64(f_b)
         cfg = problem.config
-        got = integrate(
-            self.test,
-            theta,
-            delta,
-            buf,
-            f_a,
-            f_b,
-            quadrature=problem.quadrature,
-            subset=self._subset,
-            kink_splits=cfg.kink_splits,
-            kink_probes=cfg.kink_probes,
-            adaptive_tol=cfg.adaptive_tol,
-            max_nodes=cfg.max_nodes,
-        )
+        with clock.phase("test_jacobian"):
+            got = integrate(
+                self.test,
+                theta,
+                delta,
+                buf,
+                f_a,
+                f_b,
+                quadrature=problem.quadrature,
+                subset=self._subset,
+                kink_splits=cfg.kink_splits,
+                kink_probes=cfg.kink_probes,
+                adaptive_tol=cfg.adaptive_tol,
+                max_nodes=cfg.max_nodes,
+            )
         jbar, lin = got.jbar, got.lin
         self.evaluations[t] = got.evaluations
         comp = {n: row_dot(jbar[n], delta[n]) for n in self.names}
-        z_grad, terms = self._rule_terms(sb, theta, delta, jbar)
+        with clock.phase("rule"):
+            z_grad, terms = self._rule_terms(sb, theta, delta, jbar)
 
         w = problem.window_of(t)
         values = [to_numpy64(comp[n]) for n in self.names]
@@ -222,7 +229,8 @@ class ChunkSweep:
     def _record_sources(self, sb: StepBundle, theta, z_grad, terms: SourceTerms) -> None:
         """Replay step t's training forwards and write its source-step terms."""
         t, sums = sb.step.index, self.sums
-        data_t = self._training(sb, theta, z_grad)
+        with self.clock.phase("training"):
+            data_t = self._training(sb, theta, z_grad)
         sums.step_data[:, t] = data_t
         sums.step_weight_decay[:, t] = terms.weight_decay
         sums.step_nondata[:, t] = terms.total_g - data_t
@@ -247,6 +255,8 @@ class ChunkSweep:
                 per_param=sums.sample_component is not None,
             )
             k = to_numpy64(prods.k)  # [B, R]
+            self.clock.count("batch_rows", k.shape[0])
+            self.clock.count("train_rows", k.shape[0] * k.shape[1])
             cols = [self.samples.column(sid) for sid in fwd.ids]
             sums.grow(len(self.samples))
             np.add.at(sums.data.T, cols, k)
@@ -267,3 +277,14 @@ class ChunkSweep:
                     v = row_dot(z_grad[pname] * mask, prods.grad_sum[pname])
                     sums.component_data[:, len(names) + j] += to_numpy64(v)
         return data_t
+
+
+def _waited(bundles, clock: PhaseClock):
+    """The prefetcher's bundles, the wait for each charged to "trace_wait"."""
+    it = iter(bundles)
+    while True:
+        with clock.phase("trace_wait"):
+            bundle = next(it, None)
+        if bundle is None:
+            return
+        yield bundle
