@@ -54,6 +54,7 @@ __all__ = [
     "unpack",
     "is_sealed",
     "CHECKSUM",
+    "CHECKSUMS",
     "MAX_DEPTH",
 ]
 
@@ -81,6 +82,7 @@ _XXH3, _BLAKE2B = 1, 2
 _ALGORITHMS = {_XXH3: "xxh3-64", _BLAKE2B: "blake2b-64"}
 #: the checksum new records are sealed with (the trace header names it)
 CHECKSUM = "xxh3-64" if xxhash is not None else "blake2b-64"
+CHECKSUMS = tuple(_ALGORITHMS.values())
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -55,9 +55,12 @@ class GilPacer:
 class TensorEncoder:
     """Tensors into stored maps; remembers which samples are stored (see module docstring)."""
 
-    def __init__(self, *, grad_codec: str = "lossless", level: int = 1) -> None:
+    def __init__(
+        self, *, grad_codec: str = "lossless", level: int = 1, checksums: bool = True
+    ) -> None:
         self.lossy = "bf16" if grad_codec == "bf16" else None
         self.level = level
+        self.checksums = checksums
         self.known_samples: set[str] = set()
         self.raw_bytes = 0
         self.stored_bytes = 0
@@ -108,7 +111,7 @@ class TensorEncoder:
         """msgpack each ``(key, map)``; counts the stored bytes."""
         out = []
         for key, value in items:
-            out.append((key, codec.pack(value)))
+            out.append((key, codec.pack(value, checksum=self.checksums)))
             self.stored_bytes += len(out[-1][1])
             self.pace()
         return out

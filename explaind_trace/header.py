@@ -11,6 +11,8 @@
  "codec": {"grad_codec", "level", "lossy"},
  "device", "grad_scaler": bool,
  "options": RecordOptions as a map,               # absent in traces written before it
+ "checksum": "xxh3-64" | None,                    # every record sealed (codec.pack); absent
+                                                  # in traces written before checksums
  "ddp": {"rank", "world_size", "cotangent_scale"}}  # DDP runs only
 """
 
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from . import codec
 from .errors import SchemaVersionError, TraceCorruptError
 from .optimizers import capture_hyperparams, qualified_name, resolve_optimizer
 from .options import RecordOptions
@@ -74,6 +77,7 @@ def encode_header(
         "device": str(first.device),
         "grad_scaler": grad_scaler,
         "options": options.to_record(),
+        "checksum": codec.CHECKSUM if options.checksums else None,
     }
     if ddp is not None:
         meta["ddp"] = ddp
@@ -104,6 +108,12 @@ def decode_header(raw: Any, where: str) -> TraceMeta:
         raise SchemaVersionError(
             f"{where} was written with trace schema version {version}, newer than the "
             f"version {SCHEMA_VERSION} this explaind reads. Upgrade explaind to read it."
+        )
+    checksum = raw.get("checksum")
+    if checksum is not None and checksum not in codec.CHECKSUMS:
+        raise TraceCorruptError(
+            f"{where}: the header names checksum {checksum!r:.40}, which this explaind does "
+            f"not know ({', '.join(codec.CHECKSUMS)}); the header is damaged or newer."
         )
     try:
         opt = raw["optimizer"]
@@ -143,6 +153,7 @@ def decode_header(raw: Any, where: str) -> TraceMeta:
             world_size=int(ddp.get("world_size", 1)),
             cotangent_scale=float(ddp.get("cotangent_scale", 1.0)),
             options=_options(raw, codec_opts),
+            checksum=checksum,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise TraceCorruptError(f"{where}: the meta record is malformed ({e!r})") from e

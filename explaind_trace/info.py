@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,9 +21,10 @@ def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) 
 
     ``compression_ratio`` is the raw size of what the trace records per step (gradients
     as fp32 plus the input batches as given) over the bytes it stored. ``check_drift``
-    replays the whole trace (can take a while on long runs).
+    replays the whole trace (can take a while on long runs). A ``Store`` instance is left
+    open (it is the caller's).
     """
-    with open_trace(spec) as trace:
+    with _opened(spec) as trace:
         meta = trace.meta
         prog = trace.progress
         stored = int(prog.get("stored_bytes", 0))
@@ -62,6 +65,17 @@ def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) 
                 "checked": sorted(report.checkpoints),
             }
     return info
+
+
+@contextlib.contextmanager
+def _opened(spec: Store | str | os.PathLike[str]) -> Iterator[TraceReader]:
+    """``open_trace(spec)``, closed afterwards unless ``spec`` is the caller's own store."""
+    trace = open_trace(spec)
+    try:
+        yield trace
+    finally:
+        if not isinstance(spec, Store):
+            trace.close()
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -163,7 +177,7 @@ def verify_trace(spec: Store | str | os.PathLike[str]) -> VerifyReport:
     the trace cannot be opened at all (its header or progress record is unreadable).
     """
     t0 = time.perf_counter()
-    with open_trace(spec) as trace:
+    with _opened(spec) as trace:
         report = VerifyReport(trace=trace.name, steps=trace.num_steps, intact_steps=0)
         _verify_records(trace, report)
     report.seconds = time.perf_counter() - t0

@@ -31,6 +31,9 @@ class RecordOptions:
     - ``compression_level``: zstandard level 1..22 of the stored tensors.
     - ``queue_size``: steps the writer thread may hold before training waits for it.
     - ``max_pending_forwards``: grad-enabled forwards without a backward kept at most.
+    - ``checksums``: seal every record with an xxh3-64 checksum of its bytes, verified on
+      every read (the header says so). Costs about 1% of the recording (bench/bench_checksum.py);
+      off only to measure that.
 
     Saved in the trace header (``TraceMeta.options``). Every field is checked here, once;
     a bad value raises ``ValueError``/``TypeError`` naming the field.
@@ -43,6 +46,7 @@ class RecordOptions:
     compression_level: int = 1
     queue_size: int = 8
     max_pending_forwards: int = 256
+    checksums: bool = True
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint_every", self.checkpoint_every)
@@ -58,6 +62,8 @@ class RecordOptions:
         _positive_int("compression_level", self.compression_level, high=22)
         _positive_int("queue_size", self.queue_size)
         _positive_int("max_pending_forwards", self.max_pending_forwards)
+        if not isinstance(self.checksums, bool):
+            raise TypeError(f"checksums must be True or False, got {self.checksums!r}")
 
     @property
     def lossy(self) -> bool:

@@ -17,14 +17,16 @@ import msgpack
 import torch
 
 from . import codec
+from .bounds import HeaderBounds
 from .ddp import check_ranks, open_rank_stores
 from .errors import NotATraceError, TraceCorruptError, TraceMismatchError
 from .header import decode_header
+from .optimizers import qualified_name
 from .records import Checkpoint, ForwardRecord, SkipRecord, StepRecord
 from .replay import DriftReport, ReplayStep, replay_steps
 from .samples import SampleRows
 from .schema import FINAL, META, PROGRESS, ckpt_key, key_index, skip_key, step_key
-from .state import decode_state, decode_tensors
+from .state import decode_state
 from .steps import check_step, decode_forwards, decode_skip, decode_step, decode_update
 from .stores import Store, open_store
 
@@ -42,14 +44,21 @@ class TraceReader:
         raw = store.get(META)
         if raw is None:
             raise NotATraceError(f"{self.name} holds no trace (no meta record).")
-        self.meta = decode_header(codec.unpack(raw), self.name)
+        self.meta = decode_header(codec.unpack(raw, where=f"{self.name}: record 'meta'"), self.name)
+        #: whether every record carries a checksum (the header says so; older traces: no)
+        self.sealed = self.meta.checksum is not None
+        self.bounds = HeaderBounds(self.meta)
         prog = store.get(PROGRESS)
         if prog is None and next(iter(store.keys("step/")), None) is not None:
             raise TraceCorruptError(
                 f"{self.name}: record 'progress' is missing but step records are present, so "
                 "which steps were committed is unknown. Restore the trace from a copy."
             )
-        self.progress: dict[str, Any] = codec.unpack(prog) if prog is not None else {"steps": 0}
+        self.progress = (
+            _check_progress(self._unpack(PROGRESS, prog), self.name)
+            if prog is not None
+            else {"steps": 0}
+        )
         self.num_steps = int(self.progress.get("steps", 0))
         self.finished = bool(self.progress.get("finished", False))
         self.error: str | None = self.progress.get("error")
@@ -60,7 +69,14 @@ class TraceReader:
         self.checkpoint_steps = sorted(
             t for t in (key_index(k) for k in store.keys("ckpt/")) if t < self.num_steps
         )
-        self.samples = SampleRows(store, self._raw_forwards, name=self.name)
+        if self.num_steps and self.meta.rank == 0 and 0 not in self.checkpoint_steps:
+            raise TraceCorruptError(
+                f"{self.name}: record 'ckpt/00000000' (the state every replay starts from) is "
+                "missing. Restore the trace from a copy."
+            )
+        self.samples = SampleRows(
+            store, self._raw_forwards, name=self.name, sealed=self.sealed, bounds=self.bounds
+        )
         self._drift: DriftReport | None = None
         self._ranks: list[TraceReader] = []  # DDP: readers of ranks 1..world_size-1
         # buffers_at: the buffers of each step of two segments, the last one asked for and its
@@ -82,11 +98,20 @@ class TraceReader:
 
     # -- plumbing -------------------------------------------------------------------------
 
+    def _where(self, key: str) -> str:
+        return f"{self.name}: record {key!r}"
+
+    def _unpack(self, key: str, raw: bytes) -> Any:
+        return codec.unpack(raw, where=self._where(key), sealed=self.sealed)
+
     def _get(self, key: str) -> Any:
         raw = self.store.get(key)
         if raw is None:
-            raise TraceCorruptError(f"{self.name}: record {key!r} is missing")
-        return codec.unpack(raw)
+            raise TraceCorruptError(
+                f"{self._where(key)} is missing; restore the trace from a copy "
+                "(`explaind info --verify` lists what is intact)."
+            )
+        return self._unpack(key, raw)
 
     def close(self) -> None:
         """Close the underlying store (and the other ranks' stores of a DDP trace)."""
@@ -126,20 +151,23 @@ class TraceReader:
 
     def _raw_step(self, t: int) -> dict[str, Any]:
         self._check_index(t)
-        return check_step(self._get(step_key(t)), t, self.name)
+        return check_step(self._get(step_key(t)), t, self._where(step_key(t)))
 
     def _raw_forwards(self) -> Iterator[dict[str, Any]]:
         for t in range(self.num_steps):
             yield from self._raw_step(t)["forwards"]
 
     def _forwards(self, raw: dict[str, Any]) -> list[ForwardRecord]:
-        return decode_forwards(raw, self.samples.rows, rank=self.meta.rank, where=self.name)
+        where = self._where(step_key(raw.get("index", -1)))
+        return decode_forwards(
+            raw, self.samples.rows, rank=self.meta.rank, where=where, bounds=self.bounds
+        )
 
     def step_update(
         self, t: int
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, str]]]:
         """Only what the optimizer needs for step ``t``: grads, groups, tensor-typed keys."""
-        return decode_update(self._raw_step(t))
+        return decode_update(self._raw_step(t), self.bounds, self._where(step_key(t)))
 
     def step(self, t: int) -> StepRecord:
         """The full record of optimizer step ``t`` (a DDP trace: every rank's forwards)."""
@@ -147,7 +175,7 @@ class TraceReader:
         forwards = self._forwards(raw)
         for rr in self._ranks:
             forwards += rr._forwards(rr._raw_step(t))
-        return decode_step(raw, self.group_of, forwards, self.name)
+        return decode_step(raw, self.group_of, forwards, self._where(step_key(t)), self.bounds)
 
     def steps(
         self, start: int = 0, stop: int | None = None, reverse: bool = False
@@ -171,7 +199,10 @@ class TraceReader:
     def skip(self, n: int) -> SkipRecord:
         """The ``n``-th skip record of this store (``skips()`` merges a DDP trace's ranks)."""
         raw = self._get(skip_key(n))
-        return decode_skip(raw, n, self.samples.rows, rank=self.meta.rank, where=self.name)
+        where = self._where(skip_key(n))
+        return decode_skip(
+            raw, n, self.samples.rows, rank=self.meta.rank, where=where, bounds=self.bounds
+        )
 
     def sample(self, sample_id: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The stored input row(s) of one sample: a tensor, or a tuple with one per batched input.
@@ -195,13 +226,14 @@ class TraceReader:
                 return final
         if t not in self.checkpoint_steps:
             raise KeyError(f"no checkpoint at step {t}; checkpoints: {self.checkpoint_steps}")
-        return decode_state(self._get(ckpt_key(t)))
+        key = ckpt_key(t)
+        return decode_state(self._get(key), self._where(key), self.bounds)
 
     def final(self) -> Checkpoint | None:
         """θ_T, buffers and optimizer state at the end; None for an interrupted run."""
         if not self.progress.get("final", False):
             return None
-        return decode_state(self._get(FINAL))
+        return decode_state(self._get(FINAL), self._where(FINAL), self.bounds)
 
     def segments(self) -> list[tuple[int, int]]:
         """``[start, stop)`` ranges between consecutive checkpoints, covering ``0..T``."""
@@ -262,15 +294,17 @@ class TraceReader:
         for s in range(start, stop):
             raw = self._raw_step(s)
             if raw.get("buffers") is not None:
-                current = decode_tensors(raw["buffers"])
+                current = self.bounds.buffer_map(raw["buffers"], self._where(step_key(s)))
             elif current is None:
-                current = (
-                    decode_tensors(self._get(ckpt_key(s))["buffers"])
-                    if s in self.checkpoint_steps
-                    else {}
-                )
+                current = self._checkpoint_buffers(s) if s in self.checkpoint_steps else {}
             out.append(current)
         return out
+
+    def _checkpoint_buffers(self, t: int) -> dict[str, torch.Tensor]:
+        raw = self._get(ckpt_key(t))
+        if not isinstance(raw, dict):
+            raise TraceCorruptError(f"{self._where(ckpt_key(t))} is malformed (not a map)")
+        return self.bounds.buffer_map(raw.get("buffers"), self._where(ckpt_key(t)))
 
     def check_drift(self) -> DriftReport:
         """Replay the whole trace and compare with every stored checkpoint and the end."""
@@ -281,9 +315,25 @@ class TraceReader:
             self._drift = report
         return self._drift
 
-    def check_model(self, model: torch.nn.Module) -> None:
-        """Raise ``TraceMismatchError`` naming every parameter/buffer that differs from the trace."""
+    def check_model(self, model: torch.nn.Module, *, model_class: bool = True) -> None:
+        """Raise ``TraceMismatchError`` naming every parameter/buffer that differs from the trace.
+
+        ``model`` must be an ``nn.Module`` of the recorded class or a subclass of it, by
+        name (the module may differ: a training script's ``__main__.Net`` is the analysis
+        script's ``models.Net``); ``model_class=False`` skips the class check.
+        """
+        if not isinstance(model, torch.nn.Module):
+            raise TraceMismatchError(
+                f"the model given for the trace {self.name} is a {type(model).__name__}, not a "
+                f"torch.nn.Module; pass a model of the recorded class ({self.meta.model_class})."
+            )
         problems: list[str] = []
+        recorded = self.meta.model_class.rsplit(".", 1)[-1]
+        if model_class and recorded and recorded not in {c.__name__ for c in type(model).__mro__}:
+            problems.append(
+                f"the model is a {qualified_name(type(model))}, the trace was recorded from a "
+                f"{self.meta.model_class} (pass model_class=False to compare shapes only)"
+            )
         live = {n: p for n, p in model.named_parameters() if p.requires_grad}
         _compare("parameter", {p.name: p for p in self.meta.params}, live, problems)
         bufs = {n: b for n, b in model.named_buffers() if b is not None}
@@ -294,6 +344,22 @@ class TraceReader:
                 + "\n  - ".join(problems)
                 + "\nUse the same architecture (and the same frozen/trainable split) as in training."
             )
+
+
+def _check_progress(raw: Any, where: str) -> dict[str, Any]:
+    """The progress record, if its fields have their types."""
+    ok = isinstance(raw, dict)
+    if ok:
+        for key in ("steps", "skipped"):
+            v = raw.get(key, 0)
+            ok = ok and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40
+        ok = ok and isinstance(raw.get("error"), str | type(None))
+    if not ok:
+        raise TraceCorruptError(
+            f"{where}: record 'progress' is malformed (its step counts are not counts); "
+            "restore the trace from a copy."
+        )
+    return raw
 
 
 def _compare(

@@ -147,6 +147,7 @@ class Recorder:
                 grad_codec=opts.grad_codec,
                 level=opts.compression_level,
                 queue_size=opts.queue_size,
+                checksums=opts.checksums,
             )
             self.writer.write_meta(meta)
             self._attach()

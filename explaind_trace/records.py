@@ -73,6 +73,8 @@ class TraceMeta:
     #: the options the run was recorded with (rebuilt from the header fields for traces
     #: written before the header held them)
     options: RecordOptions = field(default_factory=RecordOptions)
+    #: the checksum every record carries ("xxh3-64"); None for traces written without
+    checksum: str | None = None
 
 
 @dataclass

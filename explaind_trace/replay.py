@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .errors import TraceCorruptError
 from .optimizers import export_state, load_state, optimizer_class_by_name, restore_hyperparams
 from .records import Checkpoint, StepRecord, TraceMeta
 
@@ -181,6 +182,19 @@ class _Replayer:
         return export_state(self.opt, self.names)
 
 
+def _replaying(reader: ReplaySource, t: int, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``; an optimizer that cannot take the recorded values (a damaged record the
+    decoders let through) raises ``TraceCorruptError`` naming the step, not a raw error."""
+    try:
+        return fn(*args)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise TraceCorruptError(
+            f"{reader.name}: step {t} cannot be replayed from the recorded state and "
+            f"hyperparameters ({type(e).__name__}: {e}); the trace is damaged. Restore it from "
+            "a copy; `explaind info --verify` lists what is intact."
+        ) from e
+
+
 def replay_steps(
     reader: ReplaySource,
     start: int,
@@ -197,7 +211,7 @@ def replay_steps(
     base = max((c for c in ckpts if c <= start), default=None)
     if base is None:
         raise KeyError(f"{reader.name}: no checkpoint at or before step {start}")
-    rep = _Replayer(reader, reader.checkpoint(base))
+    rep = _replaying(reader, base, lambda: _Replayer(reader, reader.checkpoint(base)))
     final = reader.final() if stop == reader.num_steps else None
     before = rep.snapshot()
     for t in range(base, stop):
@@ -208,7 +222,7 @@ def replay_steps(
             state_before = rep.state() if with_state else {}
         else:
             grads, groups, tkeys = reader.step_update(t)
-        rep.step(grads, groups, tkeys)
+        _replaying(reader, t, rep.step, grads, groups, tkeys)
         stored = None
         if t + 1 in ckpts:
             stored = reader.checkpoint(t + 1)

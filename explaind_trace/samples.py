@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,6 +18,9 @@ from .errors import TraceCorruptError
 from .schema import sample_key
 from .steps import decode_sample
 from .stores import Store
+
+if TYPE_CHECKING:
+    from .bounds import HeaderBounds
 
 __all__ = ["SampleCache", "SampleRows"]
 
@@ -65,8 +68,12 @@ class SampleRows:
         forwards: Callable[[], Iterable[dict[str, Any]]],
         *,
         name: str,
+        sealed: bool = False,
+        bounds: HeaderBounds | None = None,
     ) -> None:
         self._store = store
+        self._sealed = sealed
+        self._bounds = bounds
         self._forwards = forwards
         self.name = name
         self.cache = SampleCache()
@@ -76,10 +83,17 @@ class SampleRows:
         """The decoded rows of the sample with content id ``cid`` (cached; do not modify)."""
         rows = self.cache.get(cid)
         if rows is None:
-            raw = self._store.get(sample_key(cid))
+            key = sample_key(cid)
+            raw = self._store.get(key)
+            where = f"{self.name}: record {key!r}"
             if raw is None:
-                raise TraceCorruptError(f"{self.name}: record {sample_key(cid)!r} is missing")
-            rows = decode_sample(codec.unpack(raw), self.name)
+                raise TraceCorruptError(
+                    f"{where} is missing; restore the trace from a copy, or use the steps "
+                    "before the first forward that needs it."
+                )
+            rows = decode_sample(
+                codec.unpack(raw, where=where, sealed=self._sealed), where, self._bounds
+            )
             self.cache.put(cid, rows)
         return rows
 

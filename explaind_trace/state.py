@@ -11,7 +11,7 @@ reader returns.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from .encoder import TensorEncoder
 from .errors import TraceCorruptError
 from .records import Checkpoint
 from .schema import FINAL, ckpt_key
+
+if TYPE_CHECKING:
+    from .bounds import HeaderBounds
 
 __all__ = [
     "encode_state",
@@ -50,21 +53,30 @@ def decode_tensors(d: Any) -> dict[str, torch.Tensor]:
     return {str(k): codec.decode_tensor(v) for k, v in d.items()}
 
 
-def decode_state(raw: Any, where: str = "a checkpoint record") -> Checkpoint:
-    """A state record back from its stored map."""
+def decode_state(
+    raw: Any, where: str = "a checkpoint record", bounds: HeaderBounds | None = None
+) -> Checkpoint:
+    """A state record back from its stored map (checked against the trace header when
+    ``bounds`` is given)."""
     try:
+        if bounds is None:
+            tensor = lambda name, k, v: codec.decode_tensor(v, where=where)  # noqa: E731
+            params, buffers = decode_tensors(raw["params"]), decode_tensors(raw["buffers"])
+        else:
+            tensor = lambda name, k, v: bounds.state_tensor(name, k, v, where)  # noqa: E731
+            params = bounds.params_map(raw["params"], f"{where}, params")
+            buffers = bounds.buffer_map(raw["buffers"], f"{where}, buffers")
+            missing = sorted(bounds.params.keys() - params.keys())
+            if missing:
+                raise TraceCorruptError(f"{where}: parameter {missing[0]!r} is missing")
         state = {
-            name: {
-                k: codec.decode_tensor(v) if codec.is_tensor_map(v) else v for k, v in st.items()
-            }
+            name: {k: tensor(name, k, v) if codec.is_tensor_map(v) else v for k, v in st.items()}
             for name, st in raw["optimizer_state"].items()
         }
-        return Checkpoint(
-            step=int(raw["step"]),
-            params=decode_tensors(raw["params"]),
-            buffers=decode_tensors(raw["buffers"]),
-            optimizer_state=state,
-        )
+        step = raw["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TraceCorruptError(f"{where}: its step {step!r:.40} is not a step index")
+        return Checkpoint(step=step, params=params, buffers=buffers, optimizer_state=state)
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise TraceCorruptError(f"{where} is malformed ({e!r})") from e
 

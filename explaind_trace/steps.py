@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -41,6 +41,9 @@ from .records import CapturedForward, CapturedStep, ForwardRecord, SkipRecord, S
 from .schema import sample_key, skip_key, step_key
 from .state import decode_tensors, encode_checkpoint
 from .trees import build_tree
+
+if TYPE_CHECKING:
+    from .bounds import HeaderBounds
 
 __all__ = [
     "encode_step",
@@ -163,10 +166,18 @@ def check_step(raw: Any, t: int, where: str) -> dict[str, Any]:
 
 
 def decode_update(
-    raw: dict[str, Any],
+    raw: dict[str, Any], bounds: HeaderBounds | None = None, where: str = "a step record"
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], list[dict[str, str]]]:
-    """Only what the optimizer needs from a step record: grads, groups, tensor-typed keys."""
-    return decode_tensors(raw["grads"]), raw["groups"], raw.get("tensor_hyperparams") or []
+    """Only what the optimizer needs from a step record: grads, groups, tensor-typed keys
+    (checked against the trace header when ``bounds`` is given)."""
+    try:
+        if bounds is None:
+            return decode_tensors(raw["grads"]), raw["groups"], raw.get("tensor_hyperparams") or []
+        grads = bounds.grads(raw["grads"], f"{where}, grads")
+        groups, tkeys = bounds.groups_of(raw["groups"], raw.get("tensor_hyperparams"), where)
+        return grads, groups, tkeys
+    except (KeyError, TypeError, AttributeError) as e:
+        raise TraceCorruptError(f"{where} is malformed ({e!r:.200})") from e
 
 
 def decode_step(
@@ -174,32 +185,65 @@ def decode_step(
     group_of: dict[str, int],
     forwards: list[ForwardRecord],
     where: str,
+    bounds: HeaderBounds | None = None,
 ) -> StepRecord:
     """A step record, given its forwards (decoded with ``decode_forward``)."""
     t = raw["index"]
     try:
+        grads, groups, tkeys = decode_update(raw, bounds, where)
+        buffers = raw.get("buffers")
+        if buffers is not None:
+            at = f"{where}, buffers"
+            buffers = bounds.buffer_map(buffers, at) if bounds else decode_tensors(buffers)
         return StepRecord(
             index=t,
-            grads=decode_tensors(raw["grads"]),
-            groups=raw["groups"],
+            grads=grads,
+            groups=groups,
             group_of=dict(group_of),
             forwards=forwards,
-            buffers=None if raw.get("buffers") is None else decode_tensors(raw["buffers"]),
-            tensor_hyperparams=raw.get("tensor_hyperparams") or [],
+            buffers=buffers,
+            tensor_hyperparams=tkeys,
         )
-    except (KeyError, TypeError) as e:
-        raise TraceCorruptError(f"{where}: step record {t} is malformed ({e!r})") from e
+    except (KeyError, TypeError, AttributeError) as e:
+        raise TraceCorruptError(f"{where}: step record {t} is malformed ({e!r:.200})") from e
 
 
-def decode_forward(f: dict[str, Any], rows_of: Rows, *, rank: int, where: str) -> ForwardRecord:
+def _check_slots(specs: Any, where: str) -> list[dict[str, Any]]:
+    """The input slot specs of a forward: a known dtype and a row shape each."""
+    if not isinstance(specs, list) or not all(
+        isinstance(s, dict)
+        and s.get("dtype") in codec.DTYPES
+        and isinstance(s.get("shape"), list)
+        and all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in s["shape"]
+        )
+        for s in specs
+    ):
+        raise TraceCorruptError(f"{where}: a forward's input slots are malformed")
+    return specs
+
+
+def decode_forward(
+    f: dict[str, Any],
+    rows_of: Rows,
+    *,
+    rank: int,
+    where: str,
+    bounds: HeaderBounds | None = None,
+) -> ForwardRecord:
     """A forward, its batched inputs rebuilt from the stored sample rows."""
-    b = int(f["batch_size"])
-    cids = list(f["rows"])
-    if len(cids) != b:
+    b = f["batch_size"]
+    cids = f["rows"]
+    if not isinstance(b, int) or isinstance(b, bool) or not isinstance(cids, list):
+        raise TraceCorruptError(f"{where}: a forward's batch size or rows are malformed")
+    if len(cids) != b or not all(isinstance(c, str) for c in cids):
         raise TraceCorruptError(f"{where}: a forward lists {len(cids)} rows for batch size {b}")
+    specs = _check_slots(f["slots"], where)
     samples = [rows_of(c) for c in cids]
+    if any(len(s) != len(specs) for s in samples):
+        raise TraceCorruptError(f"{where}: a stored sample does not have one row per input slot")
     slots = []
-    for k, spec in enumerate(f["slots"]):
+    for k, spec in enumerate(specs):
         rows = [s[k] for s in samples]
         if any(
             list(r.shape) != spec["shape"] or codec.dtype_name(r.dtype) != spec["dtype"]
@@ -213,22 +257,37 @@ def decode_forward(f: dict[str, Any], rows_of: Rows, *, rank: int, where: str) -
             slots.append(torch.empty((0, *spec["shape"]), dtype=dtype))
             continue
         slots.append(torch.stack(rows))
-    consts = [codec.decode_tensor(t) for t in f["tensors"]]
-    cots = [None if c is None else codec.decode_tensor(c) for c in f["cotangents"]]
+    if bounds is None:
+        free = rng = lambda obj, at: codec.decode_tensor(obj, where=at)  # noqa: E731
+        buffer_map = lambda d, at: decode_tensors(d)  # noqa: E731
+    else:
+        free, rng, buffer_map = bounds.free, bounds.rng, bounds.buffer_map
+    consts = [free(t, f"{where}, input tensor {i}") for i, t in enumerate(f["tensors"])]
+    cots = [
+        None if c is None else free(c, f"{where}, cotangent {i}")
+        for i, c in enumerate(f["cotangents"])
+    ]
     args = build_tree(f["args"], slots, consts)
     kwargs = build_tree(f["kwargs"], slots, consts)
+    ids = f.get("ids")
+    if ids is not None and (
+        not isinstance(ids, list)
+        or len(ids) != b
+        or not all(isinstance(i, str | int) and not isinstance(i, bool) for i in ids)
+    ):
+        raise TraceCorruptError(f"{where}: a forward lists sample ids that do not fit its batch")
     return ForwardRecord(
         args=tuple(args),
         kwargs=dict(kwargs),
         cotangent=build_tree(f["output"], [], cots),
-        ids=list(f["ids"]) if f.get("ids") is not None else cids,
-        rng_state=codec.decode_tensor(f["rng_state"]),
+        ids=list(ids) if ids is not None else list(cids),
+        rng_state=rng(f["rng_state"], f"{where}, rng_state"),
         cuda_rng_state=None
         if f.get("cuda_rng_state") is None
-        else codec.decode_tensor(f["cuda_rng_state"]),
+        else rng(f["cuda_rng_state"], f"{where}, cuda_rng_state"),
         training=bool(f["training"]),
         mode_overrides=dict(f.get("mode_overrides") or {}),
-        buffers=None if f.get("buffers") is None else decode_tensors(f["buffers"]),
+        buffers=None if f.get("buffers") is None else buffer_map(f["buffers"], f"{where}, buffers"),
         grad_scale=float(f.get("grad_scale", 1.0)),
         batch_size=b,
         content_ids=cids,
@@ -236,31 +295,54 @@ def decode_forward(f: dict[str, Any], rows_of: Rows, *, rank: int, where: str) -
     )
 
 
-def decode_forwards(raw: dict[str, Any], rows_of: Rows, *, rank: int, where: str):
+def decode_forwards(
+    raw: dict[str, Any],
+    rows_of: Rows,
+    *,
+    rank: int,
+    where: str,
+    bounds: HeaderBounds | None = None,
+):
     """The forwards of a step or skip record."""
     t = raw.get("index")
     try:
-        return [decode_forward(f, rows_of, rank=rank, where=where) for f in raw["forwards"]]
-    except (KeyError, TypeError) as e:
-        raise TraceCorruptError(f"{where}: step record {t} is malformed ({e!r})") from e
+        return [
+            decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds)
+            for f in raw["forwards"]
+        ]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise TraceCorruptError(f"{where}: step record {t} is malformed ({e!r:.200})") from e
 
 
-def decode_skip(raw: Any, n: int, rows_of: Rows, *, rank: int, where: str) -> SkipRecord:
+def decode_skip(
+    raw: Any,
+    n: int,
+    rows_of: Rows,
+    *,
+    rank: int,
+    where: str,
+    bounds: HeaderBounds | None = None,
+) -> SkipRecord:
     """The ``n``-th skip record."""
     try:
         return SkipRecord(
             index=n,
             before_step=int(raw["before_step"]),
             reason=str(raw.get("reason", "")),
-            forwards=[decode_forward(f, rows_of, rank=rank, where=where) for f in raw["forwards"]],
+            forwards=[
+                decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds)
+                for f in raw["forwards"]
+            ],
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise TraceCorruptError(f"{where}: skip record {n} is malformed ({e!r})") from e
 
 
-def decode_sample(raw: Any, where: str) -> list[torch.Tensor]:
+def decode_sample(raw: Any, where: str, bounds: HeaderBounds | None = None) -> list[torch.Tensor]:
     """The stored rows of one sample (one per batched input slot)."""
     try:
-        return [codec.decode_tensor(r) for r in raw["rows"]]
+        if bounds is None:
+            return [codec.decode_tensor(r, where=where) for r in raw["rows"]]
+        return [bounds.free(r, f"{where}, row {i}") for i, r in enumerate(raw["rows"])]
     except (KeyError, TypeError) as e:
         raise TraceCorruptError(f"{where}: a sample record is malformed ({e!r})") from e

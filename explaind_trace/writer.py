@@ -77,10 +77,16 @@ class TraceWriter:
     """One thread, one store, one commit per submitted job."""
 
     def __init__(
-        self, store: Store, *, grad_codec: str = "lossless", level: int = 1, queue_size: int = 8
+        self,
+        store: Store,
+        *,
+        grad_codec: str = "lossless",
+        level: int = 1,
+        queue_size: int = 8,
+        checksums: bool = True,
     ) -> None:
         self.store = store
-        self.encoder = TensorEncoder(grad_codec=grad_codec, level=level)
+        self.encoder = TensorEncoder(grad_codec=grad_codec, level=level, checksums=checksums)
         self.progress: dict[str, Any] = {
             "steps": 0,
             "finished": False,
@@ -173,7 +179,7 @@ class TraceWriter:
         progress still describes only what was committed before."""
         progress = {**self.progress, "finished": False, "error": " ".join(_reason(e).split())}
         try:
-            self.store.put(PROGRESS, codec.pack(progress))
+            self.store.put(PROGRESS, codec.pack(progress, checksum=self.encoder.checksums))
             self.store.commit()
         except BaseException as again:  # no space even for that: the exception says it all
             logger.warning("the failure could not be written into the trace: %s", again)
@@ -184,7 +190,7 @@ class TraceWriter:
         enc = self.encoder
         progress = dict(self.progress)
         if isinstance(job, _Meta):
-            items = [(META, codec.pack(job.meta))]
+            items = [(META, codec.pack(job.meta, checksum=self.encoder.checksums))]
         elif isinstance(job, CapturedStep):
             items = encode_step(enc, job)
             progress["steps"] = job.index + 1
@@ -203,7 +209,7 @@ class TraceWriter:
         for key, value in items:
             self.store.put(key, value)
             enc.pace()
-        self.store.put(PROGRESS, codec.pack(progress))
+        self.store.put(PROGRESS, codec.pack(progress, checksum=self.encoder.checksums))
         self.store.commit()
         self.progress = progress
 
