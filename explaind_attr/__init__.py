@@ -27,7 +27,7 @@ from .errors import (
 
 _LAZY = {
     "data": ("data_attribution", "top_samples"),
-    "explain": ("Explanation", "explain"),
+    "explanation": ("Explanation", "explain"),
     "groups": ("Grouping", "resolve_groups", "sum_groups"),
     "joint": ("component_window_view", "group_component_view", "group_window_view"),
     "model": (
@@ -48,7 +48,7 @@ _LAZY = {
         "saved_result_for",
         "trace_id_of",
     ),
-    "self_influence": ("self_influence", "self_influence_of"),
+    "influence": ("self_influence", "self_influence_of"),
     "training": (
         "StepAttribution",
         "cumulative_curve",
@@ -127,8 +127,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .data import data_attribution, top_samples
-    from .explain import Explanation, explain
+    from .explanation import Explanation, explain
     from .groups import Grouping, resolve_groups, sum_groups
+    from .influence import self_influence, self_influence_of
     from .joint import component_window_view, group_component_view, group_window_view
     from .model import (
         component_attribution,
@@ -148,7 +149,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         saved_result_for,
         trace_id_of,
     )
-    from .self_influence import self_influence, self_influence_of
     from .training import (
         StepAttribution,
         cumulative_curve,

@@ -142,7 +142,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_self_influence(args: argparse.Namespace) -> int:
     """explaind kernel TRACE --self-influence: every training sample's contribution to its
     own target, ranked; the table goes to TRACE.self_influence.csv (or --out)."""
-    from ..self_influence import self_influence
+    from ..influence import self_influence
     from . import loading
 
     if not args.model:

@@ -17,6 +17,7 @@ from explaind_kernel.result import KernelResult
 
 __all__ = [
     "completeness_figure",
+    "curve_figure",
     "figure_png",
     "heatmap_figure",
     "image_figure",
@@ -64,8 +65,15 @@ def completeness_figure(result: KernelResult) -> Figure:
     return fig
 
 
-def steps_figure(steps: np.ndarray, cumulative: np.ndarray, terms: Sequence[str]) -> Figure:
-    """Cumulative contribution of each term over training (mean over rows).
+def steps_figure(
+    steps: np.ndarray,
+    cumulative: np.ndarray,
+    terms: Sequence[str],
+    *,
+    ylabel: str = "cumulative contribution (mean over rows)",
+) -> Figure:
+    """Cumulative contribution of each term over training (aggregated over rows as `ylabel`
+    says).
 
     steps: [T+1] step indices; cumulative: [T+1, F] per term, 0 at step 0.
     """
@@ -77,7 +85,7 @@ def steps_figure(steps: np.ndarray, cumulative: np.ndarray, terms: Sequence[str]
     ax.plot(steps, cumulative.sum(axis=1), color="black", lw=2, label="total change")
     ax.axhline(0.0, color="#999999", lw=0.8)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cumulative contribution (mean over rows)")
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.set_title("Contributions over training", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     return fig
@@ -91,22 +99,52 @@ def heatmap_figure(
     title: str,
     xlabel: str,
     ylabel: str,
+    unit: str,
+    signed: bool = True,
 ) -> Figure:
-    """A diverging heatmap centred at zero (red positive, blue negative)."""
+    """A heatmap with its colour bar labelled `unit`: diverging and centred at zero (red
+    positive, blue negative) when `signed`, else sequential from zero (magnitudes)."""
     r, c = matrix.shape
     fig = _figure(min(2.5 + 0.45 * c, 14.0), min(1.8 + 0.3 * r, 14.0))
     ax = fig.add_subplot()
     scale = float(np.max(np.abs(matrix))) if matrix.size else 0.0
     scale = scale if scale > 0 else 1.0
-    im = ax.imshow(
-        matrix, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto", interpolation="nearest"
-    )
+    cmap, lo = ("RdBu_r", -scale) if signed else ("Reds", 0.0)
+    im = ax.imshow(matrix, cmap=cmap, vmin=lo, vmax=scale, aspect="auto", interpolation="nearest")
     ax.set_xticks(range(c), labels=list(col_labels), rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(r), labels=list(row_labels), fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    bar = fig.colorbar(im, ax=ax, shrink=0.8)
+    bar.set_label(unit, fontsize=8)
+    return fig
+
+
+def curve_figure(
+    steps: np.ndarray,
+    curves: dict[str, np.ndarray],
+    *,
+    ylabel: str,
+    title: str,
+    spans: Sequence[tuple[float, float, str]] = (),
+    size: tuple[float, float] = (6.4, 3.2),
+) -> Figure:
+    """Lines over steps (one per named curve), with shaded, labelled step spans."""
+    fig = _figure(*size)
+    ax = fig.add_subplot()
+    colours = ("#fde0c5", "#d5e8d4", "#dae8fc", "#e1d5e7")
+    for k, (a, b, label) in enumerate(spans):
+        ax.axvspan(a, b, color=colours[k % len(colours)], alpha=0.7, lw=0)
+        ax.text((a + b) / 2, 1.0, label, transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize=7)  # fmt: skip
+    for name, values in curves.items():
+        ax.plot(steps, values, lw=1.4, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=10, pad=14 if spans else 6)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
     return fig
 
 

@@ -96,3 +96,32 @@ def test_mixed_id_types_are_refused() -> None:
     _record(store, lambda idx: idx, skip_ids_at=3)  # step 3: default content ids
     with pytest.raises(InputError, match="mixes sample ids of types int and str"):
         compute_kernel(store, _fresh(), torch.randn(2, 3), progress=False)
+
+
+def test_the_readme_quickstart_pattern(tmp_path) -> None:
+    """A dataset that yields its index, set_sample_ids per batch, an (x, y) test tuple with
+    outputs="margin", explain and the report — as the README quickstart shows it."""
+    import explaind_attr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 3, generator=g), torch.randint(0, 3, (16,), generator=g)
+    data = torch.utils.data.TensorDataset(x, y, torch.arange(16))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=g)
+    store = str(tmp_path / "a.lmdb")
+    with explaind_trace.record(model, optimizer, store=store) as rec:
+        for xb, yb, idx in loader:
+            rec.set_sample_ids(idx)
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+    test_x, test_y = torch.randn(3, 3, generator=g), torch.tensor([0, 2, 1])
+    result = compute_kernel(store, _fresh(), (test_x, test_y), outputs="margin", progress=False)
+    max_abs, rel = result.completeness()
+    assert rel <= 1e-5
+    props = explaind_attr.explain(result, 0).proponents
+    assert len(props) and all(type(s) is int for s in props["sample"])
+    paths = explaind_attr.build_report(result, tmp_path / "report", inputs=test_x)
+    assert "test input 0, label 0, predicted" in paths.html.read_text(encoding="utf-8")

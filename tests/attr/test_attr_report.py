@@ -62,19 +62,26 @@ def test_report_renders_with_image_and_token_samples(synth, tmp_path, labels):
     assert matplotlib.get_backend() == backend
     html = paths.html.read_text(encoding="utf-8")
     _check_html(html)
-    # the completeness line is the first thing after the title, the term table right after
+    # the completeness line is the first thing after the title, a summary, the term table
     after_title = html.split("</h1>", 1)[1].lstrip()
     assert after_title.startswith('<p class="completeness">' + r.completeness_line() + "</p>")
-    assert after_title.split("</p>", 1)[1].lstrip().startswith("<table>")
+    summary = after_title.split("</p>", 1)[1].lstrip()
+    assert summary.startswith('<p class="text">Explained: the outputs (class0, class1, class2)')
+    assert summary.split("</p>", 1)[1].lstrip().startswith("<table>")
     first_img = re.search(r"<img[^>]*alt=\"([^\"]*)\"", html).group(1)
     assert first_img == "reconstructed vs actual outputs"
+    cards = {f"card{i}_{k}" for i in range(2) for k in ("curve", "samples")}
     assert set(paths.plots) == {
         "completeness",
         "steps",
         "component_window",
         "group_component",
         "top_samples",
+        *cards,
     }
+    # outputs of several classes: aggregates are mean |·| and say so
+    assert "mean |·| over the 2×3 (input, output) rows" in html
+    assert "mean over rows" not in html
     assert html.count("<img") == len(paths.plots)
     for png in paths.plots.values():
         _check_png(png)
@@ -102,15 +109,49 @@ def test_report_renders_with_image_and_token_samples(synth, tmp_path, labels):
     assert "tokens: " in html and "values: " in html and "(image, see figure)" in html
 
 
-def test_report_without_joint_views_or_samples(synth, tmp_path):
-    r = synth(keep=KeepOptions(component_window=False))
-    paths = build_report(r, tmp_path)
+@pytest.mark.parametrize(
+    "keep",
+    [
+        KeepOptions(component_window=False),
+        KeepOptions(),
+        KeepOptions(sample_component=True, component_window=False),
+        KeepOptions(sample_component=True, sample_window=True, param_scores=True),
+    ],
+    ids=["none", "component_window", "sample_component", "all"],
+)
+def test_report_sections_exactly_when_the_result_holds_them(synth, tmp_path, keep):
+    r = synth(keep=keep)
+    paths = build_report(r, tmp_path, cards=0)
     html = paths.html.read_text(encoding="utf-8")
     _check_html(html)
-    assert set(paths.plots) == {"completeness", "steps"}
-    assert "keep=KeepOptions(component_window=True)" in html
-    assert "keep=KeepOptions(sample_component=True)" in html
-    assert "component_window" not in paths.csvs and "param_scores" not in paths.csvs
+    expected = {"completeness", "steps"}
+    expected |= {"component_window"} if keep.component_window else set()
+    expected |= {"group_component"} if keep.sample_component else set()
+    assert set(paths.plots) == expected
+    assert ("component_window" in paths.csvs) == keep.component_window
+    assert ("param_scores" in paths.csvs) == keep.param_scores
+    assert ("group_window" in paths.csvs) == keep.sample_window
+    assert "KeepOptions" not in html and "recompute" not in html  # no placeholders
+
+
+def test_comparable_targets_are_aggregated_signed_and_colour_bars_have_units(synth, tmp_path):
+    r = synth(N=3, O=1)
+    r.output_names = ["margin"]
+    r.extra.update(target="margin", labels=np.array([0, 1, 0]), predicted=np.array([0, 1, 1]))
+    paths = build_report(r, tmp_path, cards=2, inputs=torch.randint(0, 9, (3, 4)))
+    html = paths.html.read_text(encoding="utf-8")
+    assert "contribution to margin, mean over the 3 test inputs" in html
+    assert "test input 0, label 0, predicted 0: margin went from" in html
+    assert "input: tokens:" in html
+    # every heatmap's colour bar is labelled with its unit (checked on the figure itself)
+    from explaind_attr.report import plots
+
+    fig = plots.heatmap_figure(
+        np.ones((2, 2)), ["a", "b"], ["c", "d"], title="t", xlabel="x", ylabel="y",
+        unit="contribution to margin",
+    )  # fmt: skip
+    bar = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"][0]
+    assert bar.get_ylabel() == "contribution to margin"
 
 
 def test_report_caps_large_views(synth, tmp_path):

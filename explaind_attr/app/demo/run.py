@@ -6,11 +6,16 @@ Three phases, each timed:
    betas (0.9, 0.98)) on minibatches, inside ``explaind_trace.record``; training and test
    accuracy are measured every few steps (under ``torch.no_grad``, so not recorded). Each
    training pair gets the sample id ``"a+b"``.
-2. kernel — ``explaind_kernel.compute_kernel`` explains the correct-class logit of held-out
-   pairs, with one parameter slice per attention head and projection.
+2. kernel — ``explaind_kernel.compute_kernel`` explains the margin of the correct class
+   (its logit minus the logsumexp of the others) on held-out pairs, with one parameter
+   slice per attention head and projection, keeping every joint slice the report shows;
+   the step windows include the phase boundaries found on the accuracy curves
+   (`demo_phases`: memorisation, plateau, generalisation — the run groks).
 3. report — ``explaind_attr.build_report`` with the token rows read back from the trace,
-   plus ``training.png`` (accuracy curves and the contribution of each model component per
-   step window) and ``history.csv``.
+   explanation cards for the first test pairs, the accuracy curves with the phases shaded
+   and a table of which components and which training pairs drove each phase; plus
+   ``training.png`` (accuracy and each component's contribution per window) and
+   ``history.csv``.
 
 The defaults take about a minute on two CPU cores; ``quick=True`` takes seconds.
 """
@@ -28,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
 
-from explaind_kernel import KernelResult, compute_kernel
+from explaind_kernel import KeepOptions, KernelResult, compute_kernel
 from explaind_kernel.runtime import torch_runtime
 from explaind_trace import open_trace, record
 
@@ -227,11 +233,32 @@ def _figure(path: Path, history, result: KernelResult, groups: dict[str, list[st
     ax2.axhline(0.0, color="0.6", lw=0.8)
     ax2.set(
         xlabel="step (window centre)",
-        ylabel="Δ correct-class logit",
+        ylabel="Δ margin (mean over test inputs)",
         title="contribution per component and step window",
     )
     ax2.legend(fontsize="small", ncol=2)
     fig.savefig(path)
+
+
+def demo_phases(history: list[tuple[int, float, float]], steps: int) -> list[tuple[str, int, int]]:
+    """Memorisation, plateau and generalisation from the accuracy curves.
+
+    Memorisation ends at the first evaluation with train accuracy ≥ 0.99; the plateau lasts
+    while test accuracy stays within 0.05 of its value there; generalisation is the rest
+    (only when test accuracy then rises by 0.1 or more). Steps are evaluation steps."""
+    done = next((t for t, tr, _ in history if tr >= 0.99 and t > 0), None)
+    if done is None or done >= steps:
+        return [("training", 0, steps)]
+    base = next(te for t, _, te in history if t == done)
+    final = history[-1][2]
+    flat = [t for t, _, te in history if t >= done and te <= base + 0.05]
+    rise = max(flat) if flat else done
+    if final - base < 0.1 or rise >= steps:
+        return [("memorisation", 0, done), ("after", done, steps)]
+    phases = [("memorisation", 0, done)]
+    if rise > done:
+        phases.append(("plateau", done, rise))
+    return phases + [("generalisation", rise, steps)]
 
 
 def run_demo(
@@ -271,15 +298,18 @@ def run_demo(
 
         t0 = time.perf_counter()
         n = min(cfg.n_test, len(test_x))
+        phases = demo_phases(history, cfg.steps)
+        equal = np.linspace(0, cfg.steps, min(cfg.step_windows, cfg.steps) + 1).round()
+        edges = sorted({int(e) for e in equal} | {e for _, a, b in phases for e in (a, b)})
         result = compute_kernel(
             str(trace),
             ModularAdditionTransformer(cfg.p, cfg.d_model, cfg.n_heads, cfg.d_mlp),
             test_x[:n],
-            outputs="label",
+            outputs="margin",
             labels=test_y[:n],
-            output_names=["correct"],
             slices=head_slices(model),
-            step_windows=cfg.step_windows,
+            step_windows=tuple(edges),
+            keep=KeepOptions(sample_component=True, sample_window=True, component_window=True),
             progress=progress,
         )
         result.save(result_path)
@@ -288,11 +318,18 @@ def run_demo(
 
         t0 = time.perf_counter()
         samples = _samples_from_trace(trace, set(result.sample_ids))
+        names = {f"{int(a)}+{int(b)}": int(y) for (a, b, _), y in zip(train_x.tolist(), train_y)}
+        frame = pd.DataFrame(history, columns=["step", "train accuracy", "test accuracy"])
         paths = build_report(
             result,
             out / "report",
             samples=samples,
             title=f"ExPLAIND demo: a one-layer Transformer learning (a + b) mod {cfg.p}",
+            inputs=test_x[:n],
+            train_labels=names,
+            history=frame,
+            phases=phases,
+            component_groups=component_groups(model),
         )
         figure = out / "training.png"
         _figure(figure, history, result, component_groups(model))

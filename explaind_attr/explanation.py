@@ -24,7 +24,6 @@ from explaind_kernel.result import TERM_FIELDS, KernelResult
 
 from .errors import ViewError
 from .model import module_attribution
-from .report.samples import image_of, sample_array, text_of
 
 __all__ = ["Explanation", "explain"]
 
@@ -199,6 +198,8 @@ def explain(
             "change": per_window[top],
         }
     )
+    from .report.samples import sample_array
+
     x = sample_array(_row_of(inputs, i)) if inputs is not None else None
     return Explanation(
         index=i,
@@ -222,6 +223,8 @@ def explain(
 
 def input_text(value: Any) -> str:
     """A one-line rendering of an input row (tokens, values, or "image H×W")."""
+    from .report.samples import image_of, sample_array, text_of
+
     if value is None:
         return ""
     arr = sample_array(value)
@@ -250,6 +253,7 @@ def headline(e: Explanation) -> str:
 def explanation_html(e: Explanation) -> str:
     """The card as HTML (input image inline when image-shaped)."""
     from .report.plots import figure_png, image_figure
+    from .report.samples import image_of
 
     out = [f"<div class='explaind-card'><h3>{escape(headline(e))}</h3>"]
     if e.input is not None:
