@@ -302,7 +302,7 @@ def decode_forwards(
     rank: int,
     where: str,
     bounds: HeaderBounds | None = None,
-):
+) -> list[ForwardRecord]:
     """The forwards of a step or skip record."""
     t = raw.get("index")
     try:
