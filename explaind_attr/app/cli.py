@@ -262,7 +262,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     else:
         print(f"result: {saved} (saved)")
     samples = _samples_from_trace(args.trace, result.sample_ids)
-    paths = build_report(result, out_dir, samples=samples, title=f"ExPLAIND report: {args.trace}")
+    inputs = None
+    if args.inputs and args.model:  # shown on the explanation cards
+        from . import loading
+
+        inputs, _ = loading.load_inputs(args.inputs, None)
+        inputs = inputs if hasattr(inputs, "shape") else None
+    paths = build_report(
+        result, out_dir, samples=samples, inputs=inputs, title=f"ExPLAIND report: {args.trace}"
+    )
     print(result.completeness_line())
     print(f"report: {paths.html}")
     return 0

@@ -353,3 +353,46 @@ def test_self_influence_option_ranks_and_writes_csv(tmp_path, monkeypatch, capsy
     assert set(table["output"]) == {"loss (cross-entropy)"}
     assert cli.main(["kernel", store, "--model", "usermod_selfinf:make_model"]) == 2
     assert "needs --inputs (or --self-influence)" in capsys.readouterr().err
+
+
+def test_kernel_then_report_on_a_real_trace(tmp_path, monkeypatch, capsys):
+    """No fakes: explaind kernel prints the path it wrote, explaind report TRACE finds that
+    result (same inputs: reused; other labels: recomputed, saying why)."""
+    import torch
+    from torch import nn
+
+    import explaind_trace
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    store = str(tmp_path / "run.lmdb")
+    with explaind_trace.record(model, opt, store=store):
+        for _ in range(4):
+            opt.zero_grad()
+            x = torch.randn(4, 3)
+            nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 1])).backward()
+            opt.step()
+    (tmp_path / "usermod_e2e.py").write_text(
+        "import torch\n\ndef make_model():\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), "
+        "torch.nn.Linear(4, 3))\n"
+    )
+    np.savez(tmp_path / "t.npz", x=np.ones((2, 3), np.float32), y=np.array([2, 0]))
+    np.save(tmp_path / "other_y.npy", np.array([1, 1]))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    args = ["--model", "usermod_e2e:make_model", "--inputs", "t.npz", "--outputs", "loss"]
+    assert cli.main(["kernel", store, *args, "--no-progress"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"result: {store}.result.explaind"
+    assert cli.main(["report", store, "--out", "rep"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"result: {store}.result.explaind (saved)"
+    assert cli.main(["report", store, "--out", "rep", *args]) == 0
+    assert "(saved)" in capsys.readouterr().out
+    assert cli.main(["report", store, "--out", "rep", *args, "--labels", "other_y.npy"]) == 0
+    captured = capsys.readouterr()
+    assert "other test inputs or targets" in captured.err
+    assert captured.out.splitlines()[0] == f"result: {Path('rep') / 'result.explaind'}"
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "test input 0, label 1" in html and "loss (cross-entropy)" in html

@@ -29,6 +29,10 @@ def test_quick_demo_writes_an_exact_report(tmp_path) -> None:
     assert summary.steps == DemoConfig.quick().steps
     assert set(summary.seconds) == {"record", "kernel", "report", "total"}
     assert "tokens:" in (summary.report.parent / "report.md").read_text(encoding="utf-8")
+    # the story: cards, the training curves with their phases, and what drove each phase
+    assert "One prediction at a time" in html and 'alt="training curves"' in html
+    assert "What drove each phase" in html and "margin" in html
+    assert "recompute with keep" not in html  # the demo keeps what its report shows
     marker = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert marker["completeness_line"] == summary.completeness_line
 
