@@ -71,6 +71,10 @@ class SDPATransformer(nn.Module):
         return self.unembed(h[:, -1])
 
 
+#: --reduced: what fits a shared 2-core CPU in minutes (steps, test inputs, configs per model)
+REDUCED = {"p97": (10, 4, ("gauss:2",)), "cnn": (5, 16, ("gauss:2",))}
+
+
 def _sdpa(quick: bool):
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 25, (2048, 6), generator=g)
@@ -150,9 +154,15 @@ def work(res, f: float, params: int, batch: int, probes: int | None) -> dict[str
     }
 
 
-def run_model(name: str, *, quick: bool, threads: int, repeats: int, workdir: str) -> dict:
+def run_model(
+    name: str, *, quick: bool, threads: int, repeats: int, workdir: str, reduced: bool
+) -> dict:
     torch.manual_seed(0)
     model, fresh, opt, x, y, steps, batch, test_x = MODELS[name](quick)
+    configs = list(CONFIGS)
+    if reduced and name in REDUCED:
+        steps, n, configs = REDUCED[name][0], REDUCED[name][1], list(REDUCED[name][2])
+        test_x = test_x[:n]
     params = sum(p.numel() for p in model.parameters())
     store = os.path.join(workdir, f"{name}.trace")
     g = torch.Generator().manual_seed(1)
@@ -164,7 +174,8 @@ def run_model(name: str, *, quick: bool, threads: int, repeats: int, workdir: st
             opt.step()
     f = forward_flops(fresh_copy(fresh, model), test_x[:1])
     out: dict = {"params": params, "steps": steps, "batch": batch, "test_inputs": len(test_x)}
-    for cname, kw in CONFIGS.items():
+    for cname in configs:
+        kw = CONFIGS[cname]
         walls, res = [], None
         for _ in range(repeats):
             t0 = time.perf_counter()
@@ -203,15 +214,23 @@ def efficiency(entry: dict, rate: float) -> dict:
     return out
 
 
-def measure(models: list[str], *, quick: bool, threads: int, repeats: int) -> dict:
+def measure(models: list[str], *, quick: bool, threads: int, repeats: int, reduced: bool) -> dict:
     torch.set_num_threads(threads)
     rate = matmul_rate(threads)
     out = {"matmul_flops_per_s": rate, "threads": threads, "models": {}}
     with tempfile.TemporaryDirectory() as workdir:
         for name in models:
-            entry = run_model(name, quick=quick, threads=threads, repeats=repeats, workdir=workdir)
+            entry = run_model(
+                name,
+                quick=quick,
+                threads=threads,
+                repeats=repeats,
+                workdir=workdir,
+                reduced=reduced,
+            )
             for cname in CONFIGS:
-                entry[cname]["efficiency"] = efficiency(entry[cname], rate)
+                if cname in entry:
+                    entry[cname]["efficiency"] = efficiency(entry[cname], rate)
             out["models"][name] = entry
     return out
 
@@ -222,12 +241,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--reduced", action="store_true", help="p97 and cnn at REDUCED sizes")
+    ap.add_argument("--before-repeats", type=int, default=1)
     ap.add_argument("--before-tree", default=None, help="a worktree of the older commit")
     ap.add_argument("--json-only", action="store_true", help="print the JSON (subprocess use)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernel_speed.json"))
     args = ap.parse_args(argv)
     models = args.models.split(",")
-    after = measure(models, quick=args.quick, threads=args.threads, repeats=args.repeats)
+    after = measure(
+        models, quick=args.quick, threads=args.threads, repeats=args.repeats, reduced=args.reduced
+    )
     if args.json_only:
         print("JSON:" + json.dumps(after))
         return
@@ -236,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "note": "shared machine (other jobs running): timings indicative; min over repeats",
+        "command": " ".join(["python", "bench/bench_kernel_speed.py", *sys.argv[1:]]),
+        "reduced": REDUCED if args.reduced else None,
         "after": after,
     }
     if args.before_tree:
@@ -249,9 +274,10 @@ def main(argv: list[str] | None = None) -> None:
             "--threads",
             str(args.threads),
             "--repeats",
-            str(args.repeats),
+            str(args.before_repeats),
         ]
         cmd += ["--quick"] if args.quick else []
+        cmd += ["--reduced"] if args.reduced else []
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=args.before_tree)
         line = [s for s in proc.stdout.splitlines() if s.startswith("JSON:")]
         result["before"] = json.loads(line[-1][5:]) if line else {"error": proc.stderr[-2000:]}
@@ -262,13 +288,17 @@ def main(argv: list[str] | None = None) -> None:
         for name in models:
             b = result["before"].get("models", {}).get(name, {})
             a = after["models"][name]
-            speedup[name] = {c: b[c]["wall_min_s"] / a[c]["wall_min_s"] for c in CONFIGS if c in b}
+            speedup[name] = {
+                c: b[c]["wall_min_s"] / a[c]["wall_min_s"] for c in CONFIGS if c in b and c in a
+            }
         result["speedup"] = speedup
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("speedup",) if k in result}, indent=1))
     for name, entry in after["models"].items():
         for cname in CONFIGS:
+            if cname not in entry:
+                continue
             e = entry[cname]
             print(
                 f"{name:5s} {cname:14s} wall {e['wall_min_s']:8.2f} s  "
