@@ -72,7 +72,7 @@ class SDPATransformer(nn.Module):
 
 
 #: --reduced: what fits a shared 2-core CPU in minutes (steps, test inputs, configs per model)
-REDUCED = {"p97": (10, 4, ("gauss:2",)), "cnn": (5, 16, ("gauss:2",))}
+REDUCED = {"p97": (6, 4, ("gauss:2",)), "cnn": (3, 16, ("gauss:2",))}
 
 
 def _sdpa(quick: bool):
@@ -235,6 +235,62 @@ def measure(models: list[str], *, quick: bool, threads: int, repeats: int, reduc
     return out
 
 
+def _scaling_run(d: int, batch: int, inputs: int, steps: int, threads: int) -> dict:
+    """One small SDPA run: wall time per (explained row × step), and this process's peak RSS."""
+    import resource
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 25, (4096, 6), generator=g)
+    y = x.sum(1) % 25
+    model = SDPATransformer(d=d, mlp=d)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "s.trace")
+        with explaind_trace.record(model, opt, store=store):
+            for _ in range(steps):
+                idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+                opt.zero_grad()
+                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                opt.step()
+        t0 = time.perf_counter()
+        res = compute_kernel(
+            store, SDPATransformer(d=d, mlp=d), x[:inputs], progress=False, cpu_threads=threads
+        )
+        wall = time.perf_counter() - t0
+    rows = inputs * res.f0.shape[1]
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "batch": batch,
+        "rows": rows,
+        "steps": steps,
+        "wall_s": wall,
+        "us_per_row_step": 1e6 * wall / (rows * steps),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def scaling(threads: int) -> dict:
+    """Time per (row × step) against parameters, batch and rows (gauss:2, 20 steps), and peak
+    memory against the training-set size (steps × batch), each point in its own process."""
+    grid = [(32, 64, 8), (16, 64, 8), (64, 64, 8), (32, 32, 8), (32, 128, 8), (32, 64, 16)]
+    memory = [(32, 64, 8, 20), (32, 64, 8, 80)]
+    points = [(d, b, n, 20) for d, b, n in grid] + memory
+    out = []
+    for d, b, n, steps in points:
+        code = (
+            f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "import bench.bench_kernel_speed as k; "
+            f"print('JSON:' + json.dumps(k._scaling_run({d}, {b}, {n}, {steps}, {threads})))"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        line = [s for s in proc.stdout.splitlines() if s.startswith("JSON:")]
+        out.append(json.loads(line[-1][5:]) if line else {"error": proc.stderr[-500:]})
+        print("scaling", out[-1], flush=True)
+    return {"points": out}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="sdpa,p97,cnn")
@@ -243,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--reduced", action="store_true", help="p97 and cnn at REDUCED sizes")
     ap.add_argument("--before-repeats", type=int, default=1)
+    ap.add_argument("--scaling", action="store_true", help="also the scaling table")
     ap.add_argument("--before-tree", default=None, help="a worktree of the older commit")
     ap.add_argument("--json-only", action="store_true", help="print the JSON (subprocess use)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kernel_speed.json"))
@@ -292,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
                 c: b[c]["wall_min_s"] / a[c]["wall_min_s"] for c in CONFIGS if c in b and c in a
             }
         result["speedup"] = speedup
+    if args.scaling:
+        result["scaling"] = scaling(args.threads)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("speedup",) if k in result}, indent=1))
