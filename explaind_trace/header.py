@@ -97,6 +97,23 @@ def _options(raw: dict[str, Any], codec_opts: dict[str, Any]) -> RecordOptions:
     )
 
 
+def _tensor_info(d: Any, where: str) -> TensorInfo:
+    """One ``{"name", "shape", "dtype"}`` entry of the header, checked."""
+    shape = d["shape"]
+    if (
+        not isinstance(d["name"], str)
+        or not isinstance(shape, list)
+        or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 1 << 40 for s in shape
+        )
+        or d["dtype"] not in codec.DTYPES
+    ):
+        raise TraceCorruptError(
+            f"{where}: the header's tensor entry {d!r:.120} is malformed; the header is damaged."
+        )
+    return TensorInfo(d["name"], tuple(shape), d["dtype"])
+
+
 def decode_header(raw: Any, where: str) -> TraceMeta:
     """The ``TraceMeta`` of a stored ``meta`` map; refuses newer schema versions."""
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
@@ -125,12 +142,8 @@ def decode_header(raw: Any, where: str) -> TraceMeta:
             torch_version=str(raw.get("torch_version", "")),
             created=str(raw.get("created", "")),
             model_class=str(raw.get("model_class", "")),
-            params=tuple(
-                TensorInfo(p["name"], tuple(p["shape"]), p["dtype"]) for p in raw["params"]
-            ),
-            buffers=tuple(
-                TensorInfo(b["name"], tuple(b["shape"]), b["dtype"]) for b in raw["buffers"]
-            ),
+            params=tuple(_tensor_info(p, where) for p in raw["params"]),
+            buffers=tuple(_tensor_info(b, where) for b in raw["buffers"]),
             optimizer=OptimizerInfo(
                 class_name=opt["class"],
                 rule=opt.get("rule", opt["class"]),

@@ -350,9 +350,11 @@ def _check_progress(raw: Any, where: str) -> dict[str, Any]:
     """The progress record, if its fields have their types."""
     ok = isinstance(raw, dict)
     if ok:
-        for key in ("steps", "skipped"):
+        for key in ("steps", "skipped", "stored_bytes", "raw_bytes"):
             v = raw.get(key, 0)
-            ok = ok and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 40
+            ok = ok and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 1 << 62
+        for key in ("finished", "final"):
+            ok = ok and isinstance(raw.get(key, False), bool)
         ok = ok and isinstance(raw.get("error"), str | type(None))
     if not ok:
         raise TraceCorruptError(

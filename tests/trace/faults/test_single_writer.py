@@ -6,13 +6,11 @@ import multiprocessing as mp
 import os
 import time
 
-import pytest
-
 STEPS = 6
+SCHEMES = ("lmdb", "dir")
 
 
-def _recorder(path: str, barrier, results) -> None:  # runs in a spawned process
-    os.environ["OMP_NUM_THREADS"] = "1"
+def _race(path: str, barrier) -> tuple[str, str, int]:
     import torch
 
     import explaind_trace as et
@@ -22,7 +20,7 @@ def _recorder(path: str, barrier, results) -> None:  # runs in a spawned process
     model = th.MLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = th.data()
-    barrier.wait()
+    barrier.wait()  # both processes call record() at the same instant
     try:
         with et.record(model, opt, store=path):
             for _ in range(STEPS):
@@ -34,37 +32,43 @@ def _recorder(path: str, barrier, results) -> None:  # runs in a spawned process
             try:
                 with et.open_trace(path) as trace:
                     trace.step(0) if trace.num_steps else None
-                    results.put(("refused", str(e), trace.num_steps))
-                    return
+                    return ("refused", str(e), trace.num_steps)
             except et.NotATraceError:
                 time.sleep(0.01)
-        results.put(("refused", str(e), -1))
-        return
+        return ("refused", str(e), -1)
     except Exception as e:
-        results.put(("raised", f"{type(e).__name__}: {e}", 0))
-        return
-    results.put(("recorded", "", STEPS))
+        return ("raised", f"{type(e).__name__}: {e}", 0)
+    return ("recorded", "", STEPS)
 
 
-@pytest.mark.parametrize("scheme", ["lmdb", "dir"])
-def test_two_recorders_started_at_once_exactly_one_records(tmp_path, scheme) -> None:
+def _recorder(paths: list[str], barrier, results) -> None:  # runs in a spawned process
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for path in paths:
+        results.put((path, _race(path, barrier)))
+
+
+def test_two_recorders_started_at_once_exactly_one_records(tmp_path) -> None:
     import explaind_trace as et
 
     ctx = mp.get_context("spawn")
-    path = f"{scheme}://{tmp_path / 'race'}"
+    paths = [f"{scheme}://{tmp_path / scheme}" for scheme in SCHEMES]
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_recorder, args=(path, barrier, results)) for _ in range(2)]
+    procs = [ctx.Process(target=_recorder, args=(paths, barrier, results)) for _ in range(2)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(180)
         assert p.exitcode == 0, f"a recorder process ended with {p.exitcode}"
-    outcomes = sorted(results.get(timeout=5) for _ in procs)
-    kinds = [o[0] for o in outcomes]
-    assert kinds == ["recorded", "refused"], outcomes
-    assert "another writer is recording" in outcomes[1][1] or "already exists" in outcomes[1][1]
-    assert outcomes[1][2] >= 0, "the loser could not read the trace while it was written"
-    with et.open_trace(path) as trace:  # the winner's trace, untouched by the loser
-        assert trace.num_steps == STEPS and trace.finished
-        assert len(trace.step(0).forwards) == 1
-        assert trace.check_drift().exact
+    outcomes: dict[str, list] = {p: [] for p in paths}
+    for _ in range(2 * len(paths)):
+        path, outcome = results.get(timeout=5)
+        outcomes[path].append(outcome)
+    for path in paths:
+        got = sorted(outcomes[path])
+        assert [o[0] for o in got] == ["recorded", "refused"], (path, got)
+        assert "another writer is recording" in got[1][1] or "already exists" in got[1][1]
+        assert got[1][2] >= 0, f"the loser could not read {path} while it was written"
+        with et.open_trace(path) as trace:  # the winner's trace, untouched by the loser
+            assert trace.num_steps == STEPS and trace.finished
+            assert len(trace.step(0).forwards) == 1
+            assert trace.check_drift().exact
