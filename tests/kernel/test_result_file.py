@@ -75,7 +75,7 @@ def _nd(shape, dtype="<f8", data=None):
         ("window_edges", [0, 3, 2], "'window_edges' is not an increasing list"),
         ("window_edges", [0, 2], "from 0 to num_steps=5"),
         ("num_steps", "five", "'num_steps' is not a step count"),
-        ("sample_ids", [1, 2, 3, 4], "'sample_ids' is not a list of strings"),
+        ("sample_ids", [1, "s1", 2, 3], "'sample_ids' is not a list of ids of one type"),
         ("output_names", ["a"], "'output_names' has 1 names for O=3 outputs"),
         ("component_kinds", ["param", "other"], "'component_kinds' is not one 'param'/'slice'"),
         ("sample_component", _nd((N, O, S, C + 1)), "'sample_component' has shape"),
