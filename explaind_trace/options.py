@@ -32,8 +32,8 @@ class RecordOptions:
     - ``queue_size``: steps the writer thread may hold before training waits for it.
     - ``max_pending_forwards``: grad-enabled forwards without a backward kept at most.
     - ``checksums``: seal every record with an xxh3-64 checksum of its bytes, verified on
-      every read (the header says so). Costs about 1% of the recording (bench/bench_checksum.py);
-      off only to measure that.
+      every read (the header says so). Its cost was within the noise of a shared machine,
+      +250-350 bytes per step (bench/results/checksum.json); off only to measure that.
 
     Saved in the trace header (``TraceMeta.options``). Every field is checked here, once;
     a bad value raises ``ValueError``/``TypeError`` naming the field.
