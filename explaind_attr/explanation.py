@@ -200,6 +200,8 @@ def explain(
     )
     from .report.samples import sample_array
 
+    if isinstance(inputs, (tuple, list)) and inputs and hasattr(inputs[0], "shape"):
+        inputs = inputs[0]  # an (x, y) pair or positional inputs: show the first
     x = sample_array(_row_of(inputs, i)) if inputs is not None else None
     return Explanation(
         index=i,

@@ -51,6 +51,8 @@ def test_explanation_shows_input_label_prediction_and_html(synth) -> None:
     assert e.output == "class1"  # outputs="all": the predicted class by default
     assert (e.label, e.predicted) == (2, 1)
     assert e.input.shape == (1, 5, 5)
+    pair = explain(r, 1, inputs=(images, torch.tensor([2, 0])))  # an (x, y) pair: x is shown
+    assert np.array_equal(pair.input, images[1].numpy())
     html = e._repr_html_()
     assert "label 2, predicted 1" in html and "<img src='data:image/png;base64," in html
     assert "Proponents" in html and "tokens:" in html  # training rows shown as tokens
