@@ -201,7 +201,8 @@ class _Shard:
         return out
 
     def _allreduce(self, arr: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64)).to(self.comm)
+        # a copy: on CPU the tensor would share `arr`'s memory and all_reduce writes in place
+        t = torch.from_numpy(np.array(arr, dtype=np.float64, order="C", copy=True)).to(self.comm)
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t.cpu().numpy()
 
