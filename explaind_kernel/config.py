@@ -41,10 +41,11 @@ class KernelConfig:
     """How the path kernel is computed.
 
     quadrature:    rule and node count for J̄_t, e.g. "gauss:2" or "midpoint:100".
-    adaptive_tol:  when set, each step's segment is bisected where the measured quadrature
+    adaptive_tol:  when set, each test input's step is bisected where the measured quadrature
                    error exceeds tol × (sub-segment length), so the step's |error| ≤ tol, within
-                   `max_nodes` Jacobian evaluations per step (localises ReLU kinks, which a
-                   higher-order rule alone cannot).
+                   `max_nodes` Jacobian evaluations per input and step, kink pieces counted
+                   (localises ReLU kinks, which a higher-order rule alone cannot). Decided per
+                   input: the result does not depend on `memory_budget`.
     kink_splits:   split each step, per test input, at up to this many kinks of ReLU-type ops
                    (largest estimated jumps first; see kinks.py) and apply the rule on every
                    piece — Gauss's order back on piecewise-smooth models. 0: off. Costs about
@@ -62,7 +63,8 @@ class KernelConfig:
                    routes on the first forward and keeps the fastest.
     step_windows:  number of equal step windows for windowed views (or explicit edges).
     keep:          which joint slices to keep (see KeepOptions).
-    allow_tf32:    permit TF32 matmuls on CUDA (off by default: fp32 means fp32).
+    allow_tf32:    permit TF32 matmuls and cuDNN convolutions on CUDA (off by default: fp32
+                   means fp32; set for the run by runtime.torch_runtime, then restored).
     progress:      show a tqdm progress bar.
     prefetch:      read and replay the trace in a background thread while computing.
     cpu_threads:   torch intra-op threads while computing on CPU: "auto" (default) calibrates
