@@ -283,17 +283,23 @@ class LMDBStore(Store):
             raise StoreError(f"key {key[:60]!r}... is longer than LMDB's {_MAX_KEY}-byte limit")
         self._staged[key] = bytes(value)
 
-    def _read(self, fn):  # retries once when another process grew the map
+    def _read(self, fn, what: str = "its keys"):  # retries once when another process grew the map
         try:
-            with self._env.begin(buffers=False) as txn:
-                return fn(txn)
-        except lmdb.MapResizedError:
-            self._env.set_mapsize(0)
-            with self._env.begin(buffers=False) as txn:
-                return fn(txn)
+            try:
+                with self._env.begin(buffers=False) as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self._env.set_mapsize(0)
+                with self._env.begin(buffers=False) as txn:
+                    return fn(txn)
+        except lmdb.Error as e:  # a damaged page: LMDB's own checks refuse it
+            raise TraceCorruptError(
+                f"{self.path}: reading {what} failed ({type(e).__name__}: {e}); the LMDB file "
+                "is damaged. Restore the trace from a copy."
+            ) from e
 
     def get(self, key: str) -> bytes | None:
-        return self._read(lambda txn: txn.get(key.encode()))
+        return self._read(lambda txn: txn.get(key.encode()), f"record {key!r}")
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         raw = prefix.encode()

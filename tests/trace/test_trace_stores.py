@@ -303,3 +303,28 @@ def test_second_writer_on_one_path_is_refused(tmp_path) -> None:
     with open_store(f"dir://{tmp_path / 'd'}", readonly=False) as store:
         store.put("a", b"1")
         store.commit()
+
+
+def test_lmdb_page_errors_are_trace_corrupt_errors(tmp_path) -> None:
+    import lmdb
+
+    path = tmp_path / "p.lmdb"
+    with LMDBStore(path) as store:
+        store.put("step/00000001", b"x")
+        store.commit()
+    store = LMDBStore(path, readonly=True)
+    env = store._env
+
+    class Damaged:  # what LMDB raises when a branch page points at a wrong page
+        def begin(self, **kw):
+            raise lmdb.CorruptedError("mdb_cursor_get: MDB_CORRUPTED: Located page was wrong type")
+
+    store._env = Damaged()
+    try:
+        with pytest.raises(TraceCorruptError, match=r"reading record 'step/00000001' failed"):
+            store.get("step/00000001")
+        with pytest.raises(TraceCorruptError, match="the LMDB file is damaged"):
+            list(store.keys())
+    finally:
+        store._env = env
+        store.close()
