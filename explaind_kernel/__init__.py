@@ -18,6 +18,7 @@ from .errors import (
     UnsupportedOptimizerError,
 )
 from .kinks import register_kink_op
+from .persample import register_layer_rule
 from .problem import KernelProblem, RunPlan, State, trace_fingerprint
 from .quadrature import Quadrature, register_quadrature
 from .result import KernelResult
@@ -44,6 +45,7 @@ __all__ = [
     "Quadrature",
     "register_quadrature",
     "register_kink_op",
+    "register_layer_rule",
     "OptimizerRule",
     "ParamStep",
     "RuleOutput",

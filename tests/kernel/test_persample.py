@@ -346,3 +346,22 @@ def test_sdpa_transformer_kernel_runs_without_user_warnings(tmp_path) -> None:
     # trained in fp32, so float64 completes to ~1e-8 relative (KernelConfig.dtype explains why)
     assert np.max(np.abs(res.completeness_residual)) <= 1e-7 * np.max(np.abs(actual))
     assert math.isfinite(float(np.abs(res.data).sum()))
+
+
+def test_a_registered_rule_for_a_custom_layer_is_used(monkeypatch) -> None:
+    """register_layer_rule: the user's rule replaces the local torch.func rule."""
+    from explaind_kernel import register_layer_rule
+
+    calls = []
+
+    def scaled_rule(module, call, rows):
+        calls.append(rows)
+        x, g = call.args[0], call.gout
+        return {"scale": (g * torch.cos(x * call.state["scale"]) * x).reshape(rows, -1)}
+
+    monkeypatch.setitem(registry._RULES, Scaled, registry._RULES.get(Scaled))
+    register_layer_rule(Scaled)(scaled_rule)
+    fm, params, bufs, x = _setup("mixed_covered_uncovered")
+    got = _side(fm, x).jacobian(params, bufs)
+    assert calls, "the registered rule was not called"
+    _assert_rows_equal(got, _side(fm, x, mode="autograd").jacobian(params, bufs))
