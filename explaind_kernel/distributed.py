@@ -23,6 +23,7 @@ The sharded result equals the single-process result to rounding (tests/kernel/te
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,6 +78,14 @@ def compute_kernel_sharded(
             "torch.distributed.init_process_group first."
         )
     config = resolve_config(config, options, "compute_kernel_sharded")
+    if config.prefetch:
+        # Known problem (torch 2.14, CPU, gloo): with the background reader thread running
+        # beside gloo, a rank intermittently aborts in C++ ("terminate called without an
+        # active exception"), in about one sharded test run in four; with prefetch off it was
+        # not seen. Prefetch changes no number, only overlap, so sharded runs read the trace
+        # in the sweep's own thread until the cause is found.
+        log.info("prefetch is off in sharded runs (a known intermittent abort beside gloo)")
+        config = dataclasses.replace(config, prefetch=False)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     comm = (
         torch.device("cuda", torch.cuda.current_device())
