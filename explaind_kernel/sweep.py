@@ -88,8 +88,15 @@ class ChunkSweep:
         self.carry: dict[str, Tensor | None] = {n: None for n in self.names}
         self.carry.update(dict(carry_in or {}))
 
-    def run(self, segments: list[tuple[int, int]] | None = None, bar: Any = None) -> ChunkPiece:
-        """Sweep `segments` (default: the whole trace; a contiguous run) backward."""
+    def run(
+        self,
+        segments: list[tuple[int, int]] | None = None,
+        bar: Any = None,
+        *,
+        prefetch: bool | None = None,
+    ) -> ChunkPiece:
+        """Sweep `segments` (default: the whole trace; a contiguous run) backward; `prefetch`
+        overrides the config's (the sharded path reads without the background thread)."""
         problem = self.problem
         segments = list(problem.reader.segments()) if segments is None else segments
         end = segments[-1][1]
@@ -97,7 +104,9 @@ class ChunkSweep:
         f_end = self.test.values(after.params, after.buffers) if self.mode == "full" else None
         f_next = f_end
         bundles = SegmentPrefetcher(
-            problem.reader, enabled=problem.config.prefetch, segments=segments
+            problem.reader,
+            enabled=problem.config.prefetch if prefetch is None else prefetch,
+            segments=segments,
         )
         clock = self.clock
         try:
