@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import errors
 from .errors import (
+    CotangentDecodeError,
     DiskFullError,
     DistributedTraceError,
     ExplaindError,
@@ -86,6 +87,7 @@ __all__ = [
     "SchemaVersionError",
     "TraceCorruptError",
     "TraceMismatchError",
+    "CotangentDecodeError",
     "TraceWriteError",
     "DistributedTraceError",
 ]

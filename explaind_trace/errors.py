@@ -14,6 +14,7 @@ __all__ = [
     "SchemaVersionError",
     "TraceCorruptError",
     "TraceMismatchError",
+    "CotangentDecodeError",
     "TraceWriteError",
     "DistributedTraceError",
 ]
@@ -60,6 +61,11 @@ class SchemaVersionError(StoreError):
 
 class TraceCorruptError(StoreError):
     """A stored record does not decode (wrong dtype, truncated bytes, bad structure)."""
+
+
+class CotangentDecodeError(TraceCorruptError):
+    """A cotangent stored by the cross-entropy codec does not rebuild bit for bit from the
+    replayed logits (they differ from the recorded ones, or the record is damaged)."""
 
 
 class TraceMismatchError(TraceError):

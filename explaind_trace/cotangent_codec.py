@@ -1,0 +1,309 @@
+"""Loss-aware cotangent codec: a softmax cross-entropy cotangent as (target, scale) per row.
+
+The cotangent of ``cross_entropy(z, y)`` at the logits ``z`` ([..., V]) is, per row,
+``c = a·e_y − a·softmax(z)`` for the target ``y`` and the row's loss gradient ``a`` (−1/N for a
+mean, −1 for a sum, −w_y/Σw with class weights, 0 for an ``ignore_index`` row). Given the
+logits, ``(y, a)`` determine the whole row. Per row the codec stores a kind:
+
+- ``zero``: every bit is zero (padding and ``ignore_index`` rows);
+- ``ce``: ``y``, ``a`` and the XOR of the recorded bits with the reconstruction from the
+  logits (sparse: positions and values; empty when the reconstruction is exact);
+- ``generic``: the row itself, by the generic tensor codec (label smoothing, MSE, anything
+  without the structure, or a reconstruction that differs in more than a quarter of the row).
+
+The reconstruction is torch's own CPU arithmetic of the cross-entropy backward
+(``log_softmax`` forward, then ``_log_softmax_backward_data`` of the one-hot NLL gradient) in
+the logits' dtype, so on CPU in float32/float64/float16/bfloat16 the residual is usually empty.
+Correctness never depends on that: decoding is bit-exact given the same logits bits, whatever
+the residual. Logits that differ from the recorded ones (a replay that is not bitwise
+deterministic, another device or torch build) give another reconstruction; a checksum of the
+recorded cotangent bytes turns that into ``CotangentDecodeError``, never a wrong cotangent.
+
+Encoded leaf (a msgpack-ready map; its ``codec`` key tells it from a plain tensor map)::
+
+    {"codec": "ce-v1", "dtype": "float32", "shape": [..., V], "hash": "xxh3-64",
+     "digest": 8 bytes, "kinds": uint8 [N], "target": int64 [n_ce], "scale": dtype [n_ce],
+     "res_idx": int64 [m] (flat positions in the n_ce × V block of ce rows),
+     "res_val": int [m] (XOR of the bit patterns), "generic": dtype [n_generic, V]}
+
+Pure: torch and the tensor codec, no I/O. Decoding checks every field before allocating.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import codec
+from .errors import CotangentDecodeError, TraceCorruptError
+
+try:
+    import xxhash
+except ImportError:  # pragma: no cover - xxhash is a dependency
+    xxhash = None
+
+__all__ = [
+    "CODEC",
+    "KIND_ZERO",
+    "KIND_CE",
+    "KIND_GENERIC",
+    "encode_cotangent",
+    "is_encoded",
+    "EncodedCotangent",
+    "reconstruct",
+]
+
+CODEC = "ce-v1"
+KIND_ZERO, KIND_CE, KIND_GENERIC = 0, 1, 2
+_KEYS = frozenset(
+    ("codec", "dtype", "shape", "hash", "digest", "kinds", "target", "scale")
+    + ("res_idx", "res_val", "generic")
+)
+_FLOATS = {"float64", "float32", "float16", "bfloat16"}
+_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BLOCK = 1 << 22  # elements analysed at once (bounds the encoder's temporaries)
+_MAX_MISMATCH = 4  # a ce row differs from its reconstruction in at most V / this entries
+
+
+def _bits(t: Tensor) -> Tensor:
+    return t.view(_INTS[t.element_size()])
+
+
+def _digest(data: bytes | Any, alg: str) -> bytes:
+    if alg == "xxh3-64":
+        if xxhash is None:
+            raise TraceCorruptError(
+                "a cotangent is checked with xxh3-64 but the xxhash package is not installed; "
+                "install it (pip install xxhash) to read the trace."
+            )
+        return xxhash.xxh3_64_digest(data)
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+_HASH = "xxh3-64" if xxhash is not None else "blake2b-64"
+
+
+def reconstruct(
+    logits: Tensor, target: Tensor, scale: Tensor, log_probs: Tensor | None = None
+) -> Tensor:
+    """The cross-entropy cotangent of rows ``logits`` [n, V] with targets [n] and scales [n]
+    (the NLL gradient at the target), by torch's CPU backward arithmetic in the logits' dtype
+    (``log_probs``: ``log_softmax(logits, -1)`` when already at hand)."""
+    ls = torch.log_softmax(logits, -1) if log_probs is None else log_probs
+    go = torch.zeros_like(ls).scatter_(-1, target[:, None], scale[:, None].to(ls.dtype))
+    return torch._log_softmax_backward_data(go, ls, -1, logits.dtype)
+
+
+def _estimate(c: Tensor, e: Tensor, y: Tensor) -> Tensor:
+    """The scale ``a`` of rows ``c`` with targets ``y``: the median of −c_j/e_j over the (at
+    most 8) entries of largest probability ``e`` (float64) that are not the target, where
+    c_j = −e_j·a up to one rounding."""
+    masked = e.scatter(1, y[:, None], -1.0)
+    top = masked.topk(min(8, c.shape[1] - 1), dim=1).indices
+    est = -(c.gather(1, top).double() / e.gather(1, top))
+    a = est.median(1).values
+    return torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).to(c.dtype)
+
+
+def _analyse(z: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``c`` [n, V] (nonzero rows): the best target, scale, and the number of
+    entries its reconstruction misses (V + 1 where no candidate applies)."""
+    n, v = c.shape
+    # the probabilities as the backward computes them (exp of log_softmax, half dtypes in fp32)
+    ls = torch.log_softmax(z, -1)
+    e = torch.exp(ls.to(torch.promote_types(ls.dtype, torch.float32))).double()
+    neg, pos = (c < 0).sum(1), (c > 0).sum(1)
+    lo, hi = c.argmin(1), c.argmax(1)
+    # a < 0 (a loss to minimise): one negative entry, at the target; a > 0: one positive
+    first = torch.where(neg <= pos, lo, hi)
+    ties = torch.where(neg == pos, torch.where(neg <= pos, hi, lo), first)
+    best_m = torch.full((n,), v + 1, dtype=torch.int64)
+    best_y, best_a = first.clone(), torch.zeros(n, dtype=c.dtype)
+    cb = _bits(c)
+    for y, only in ((first, None), (ties, ties != first)):
+        a0 = _estimate(c, e, y)
+        inf = torch.full_like(a0, float("inf"))
+        # the estimate is the scale or one of its neighbours (one rounding apart)
+        for a in (a0, torch.nextafter(a0, inf), torch.nextafter(a0, -inf)):
+            todo = best_m > 0 if only is None else (best_m > 0) & only
+            rows = todo.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            r = reconstruct(z[rows], y[rows], a[rows], ls[rows])
+            m = (_bits(r) != cb[rows]).sum(1)
+            better = m < best_m[rows]
+            sel = rows[better]
+            best_m[sel], best_y[sel], best_a[sel] = m[better], y[sel], a[sel]
+    return best_y, best_a, best_m
+
+
+def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> dict[str, Any]:
+    """Encode ``cotangent`` (dL/d``output``) with the codec when ``output`` is a floating
+    tensor of the same shape and dtype with a class dimension ([..., V], V ≥ 2); otherwise
+    (or when no row has the structure) the generic tensor map of ``codec.encode_tensor``."""
+    name = codec.dtype_name(cotangent.dtype)
+    generic = cotangent.dim() < 2 or cotangent.shape[-1] < 2 or cotangent.numel() == 0
+    if (
+        generic
+        or name not in _FLOATS
+        or output.shape != cotangent.shape
+        or output.dtype != cotangent.dtype
+    ):
+        return codec.encode_tensor(cotangent, level=level)
+    v = cotangent.shape[-1]
+    c = cotangent.detach().cpu().contiguous().reshape(-1, v)
+    z = output.detach().cpu().contiguous().reshape(-1, v)
+    n = c.shape[0]
+    kinds = torch.full((n,), KIND_GENERIC, dtype=torch.uint8)
+    target = torch.zeros(n, dtype=torch.int64)
+    scale = torch.zeros(n, dtype=c.dtype)
+    missed = torch.zeros(n, dtype=torch.bool)  # a ce row whose reconstruction is not exact
+    cb = _bits(c)
+    step = max(1, _BLOCK // v)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        zero = (cb[start:stop] == 0).all(1)
+        kinds[start:stop][zero] = KIND_ZERO
+        live = (~zero).nonzero().squeeze(1) + start
+        if live.numel() == 0:
+            continue
+        y, a, m = _analyse(z[live], c[live])
+        ok = m * _MAX_MISMATCH <= v
+        kinds[live[ok]] = KIND_CE
+        target[live[ok]], scale[live[ok]] = y[ok], a[ok]
+        missed[live[ok & (m > 0)]] = True
+    ce = (kinds == KIND_CE).nonzero().squeeze(1)
+    if ce.numel() == 0 and bool((kinds == KIND_GENERIC).all()):
+        return codec.encode_tensor(cotangent, level=level)
+    # the XOR residual of the ce rows that missed (positions in the n_ce × V block)
+    pos = missed[ce].nonzero().squeeze(1)
+    idx, diff = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=cb.dtype)]
+    for start in range(0, pos.numel(), step):
+        at = pos[start : start + step]
+        rows = ce[at]
+        x = torch.bitwise_xor(_bits(reconstruct(z[rows], target[rows], scale[rows])), cb[rows])
+        nz = x.nonzero()
+        idx.append(at[nz[:, 0]] * v + nz[:, 1])
+        diff.append(x[nz[:, 0], nz[:, 1]])
+    idx_t, diff_t = torch.cat(idx), torch.cat(diff)
+    gen = c[kinds == KIND_GENERIC]
+    t = lambda x: codec.encode_tensor(x, level=level)  # noqa: E731
+    return {
+        "codec": CODEC,
+        "dtype": name,
+        "shape": list(cotangent.shape),
+        "hash": _HASH,
+        "digest": _digest(codec.tensor_u8(c), _HASH),
+        "kinds": t(kinds),
+        "target": t(target[ce]),
+        "scale": t(scale[ce]),
+        "res_idx": t(idx_t),
+        "res_val": t(diff_t),
+        "generic": t(gen),
+    }
+
+
+def is_encoded(obj: Any) -> bool:
+    """Whether ``obj`` is a map this codec wrote (a plain tensor map is not)."""
+    return isinstance(obj, dict) and obj.get("codec") == CODEC and obj.keys() == _KEYS
+
+
+class EncodedCotangent:
+    """A decoded, checked codec map; ``resolve(output)`` rebuilds the cotangent bit for bit.
+
+    ``needs_output``: whether any row is stored as (target, scale), so the logits are needed;
+    when not, ``resolve(None)`` suffices. ``where`` names the record and field in errors.
+    """
+
+    def __init__(self, obj: Any, *, where: str, max_bytes: int | None = None) -> None:
+        if not is_encoded(obj):
+            raise TraceCorruptError(f"{where}: not a {CODEC} cotangent map")
+        name, shape = obj["dtype"], obj["shape"]
+        if (
+            name not in _FLOATS
+            or not isinstance(shape, list)
+            or not 2 <= len(shape) <= codec.MAX_DEPTH
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+            or shape[-1] < 2
+        ):
+            raise TraceCorruptError(
+                f"{where}: its dtype {name!r:.40} or shape {shape!r:.80} is not that of logits"
+            )
+        if obj["hash"] not in ("xxh3-64", "blake2b-64") or not isinstance(obj["digest"], bytes):
+            raise TraceCorruptError(f"{where}: its checksum is malformed")
+        self.where, self.dtype_name, self.shape = where, name, tuple(shape)
+        self.dtype = codec.DTYPES[name]
+        v = shape[-1]
+        n = 1
+        for s in shape[:-1]:
+            n *= s
+        limit = max_bytes if max_bytes is not None else 1 << 36
+        if n * v * self.dtype.itemsize > limit:
+            raise TraceCorruptError(
+                f"{where}: its shape {shape} would take more than the {limit} bytes this record "
+                "can hold; the record is damaged. Restore the trace from a copy."
+            )
+        dec = lambda key, **kw: codec.decode_tensor(  # noqa: E731
+            obj[key], where=f"{where}, {key}", max_bytes=limit, **kw
+        )
+        self.kinds = dec("kinds", shape=(n,), dtype="uint8")
+        if bool((self.kinds > KIND_GENERIC).any()):
+            raise TraceCorruptError(f"{where}: a row kind is not zero, ce or generic")
+        n_ce = int((self.kinds == KIND_CE).sum())
+        n_gen = int((self.kinds == KIND_GENERIC).sum())
+        self.target = dec("target", shape=(n_ce,), dtype="int64")
+        self.scale = dec("scale", shape=(n_ce,), dtype=name)
+        self.generic = dec("generic", shape=(n_gen, v), dtype=name)
+        self.res_idx = dec("res_idx", dtype="int64")
+        self.res_val = dec("res_val", dtype=codec.dtype_name(_INTS[self.dtype.itemsize]))
+        m = self.res_idx.shape
+        if len(m) != 1 or tuple(self.res_val.shape) != tuple(m):
+            raise TraceCorruptError(f"{where}: its residual positions and values do not pair up")
+        if n_ce and bool(((self.target < 0) | (self.target >= v)).any()):
+            raise TraceCorruptError(f"{where}: a target index is outside 0..{v - 1}")
+        if m[0] and bool(((self.res_idx < 0) | (self.res_idx >= n_ce * v)).any()):
+            raise TraceCorruptError(f"{where}: a residual position is outside its rows")
+        self.n_ce, self.v = n_ce, v
+        self.hash, self.digest = obj["hash"], obj["digest"]
+
+    @property
+    def needs_output(self) -> bool:
+        return self.n_ce > 0
+
+    def resolve(self, output: Tensor | None) -> Tensor:
+        """The recorded cotangent, rebuilt from ``output`` (the logits of the same forward,
+        replayed bit for bit); raises ``CotangentDecodeError`` when they are not the recorded
+        ones (the checksum of the recorded bytes does not match)."""
+        v = self.v
+        c = torch.zeros(self.kinds.shape[0], v, dtype=self.dtype)
+        if self.n_ce:
+            if output is None:
+                raise CotangentDecodeError(
+                    f"{self.where}: this cotangent is stored by the cross-entropy codec and "
+                    "needs the replayed output of its forward to be rebuilt."
+                )
+            z = output.detach()
+            if tuple(z.shape) != self.shape or z.dtype != self.dtype:
+                raise CotangentDecodeError(
+                    f"{self.where}: the replayed output has shape {tuple(z.shape)} and dtype "
+                    f"{z.dtype}, the recorded one {self.shape} and {self.dtype}; replay the "
+                    "forward in the recorded dtype with a model of the traced architecture."
+                )
+            z = z.cpu().contiguous().reshape(-1, v)
+            ce = (self.kinds == KIND_CE).nonzero().squeeze(1)
+            r = _bits(reconstruct(z[ce], self.target, self.scale)).reshape(-1)
+            r[self.res_idx] = torch.bitwise_xor(r[self.res_idx], self.res_val)
+            c[ce] = r.view(self.dtype).reshape(-1, v)
+        c[self.kinds == KIND_GENERIC] = self.generic
+        if _digest(codec.tensor_u8(c), self.hash) != self.digest:
+            raise CotangentDecodeError(
+                f"{self.where}: the cotangent rebuilt from the replayed logits does not match "
+                "the recorded one (checksum mismatch): the replayed forward did not give the "
+                "recorded logits bit for bit (a nondeterministic kernel, another device or "
+                "torch build), or the record is damaged. Replay on the recording device and "
+                "torch build, or record the run with cotangent_codec='generic'."
+            )
+        return c.reshape(self.shape)
