@@ -3,19 +3,28 @@
 The user's model is never touched: it is deep-copied once, moved to the compute device and
 dtype, and every evaluation passes parameters and buffers explicitly (torch.func.functional_call).
 When the trace names an `output` submodule, its output (captured by a forward hook on the copy)
-is "the model output", exactly as during recording.
+is "the model output", exactly as during recording. The functional call, the output hook and the
+recorded mode of a replayed forward are explaind_trace.reforward's, shared with the trace side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+
+from explaind_trace.errors import TraceMismatchError
+from explaind_trace.reforward import (
+    OutputTap,
+    functional_output,
+    recorded_mode,
+    to_device,
+)
 
 from .errors import InputError
 from .targets import Target, check_labels, resolve_target, row_labels
@@ -25,33 +34,12 @@ Pytree = Any
 
 def to_compute(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Move a tensor to the compute device; floating tensors also to the compute dtype."""
-    if t.is_floating_point():
-        return t.to(device=device, dtype=dtype)
-    return t.to(device=device)
+    return to_device(t, device, dtype)
 
 
 def to_numpy64(t: Tensor) -> np.ndarray:
     """A tensor as a float64 numpy array on the host (the kernel's accumulators' type)."""
     return t.detach().to("cpu", torch.float64).numpy()
-
-
-def tree_to(value: Pytree, device: torch.device, dtype: torch.dtype) -> Pytree:
-    if isinstance(value, Tensor):
-        return to_compute(value, device, dtype)
-    if isinstance(value, (list, tuple)):
-        return type(value)(tree_to(v, device, dtype) for v in value)
-    if isinstance(value, dict):
-        return {k: tree_to(v, device, dtype) for k, v in value.items()}
-    return value
-
-
-def tree_leaves(value: Pytree) -> list[Tensor | None]:
-    """Leaves of a tensor / tuple / list / dict tree, dicts in key order."""
-    if isinstance(value, (list, tuple)):
-        return [leaf for v in value for leaf in tree_leaves(v)]
-    if isinstance(value, dict):
-        return [leaf for k in value for leaf in tree_leaves(value[k])]
-    return [value]
 
 
 def primary_output(out: Pytree) -> Tensor:
@@ -93,18 +81,11 @@ class FunctionalModel:
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.device, self.dtype = device, dtype
-        self._captured: list[Any] = []
-        self._hook = None
         self._row_captures: dict[tuple[str, ...], Any] = {}
-        if output_module:
-            try:
-                sub = self.module.get_submodule(output_module)
-            except AttributeError as e:
-                raise InputError(
-                    f"the trace names output module {output_module!r}, which this model lacks; "
-                    "pass a model of the traced architecture."
-                ) from e
-            self._hook = sub.register_forward_hook(lambda _m, _i, out: self._captured.append(out))
+        try:
+            self._tap: OutputTap | None = OutputTap(self.module, output_module)
+        except TraceMismatchError as e:
+            raise InputError(str(e)) from e
         self.output_module = output_module
 
     def __call__(
@@ -114,21 +95,27 @@ class FunctionalModel:
         args: tuple,
         kwargs: Mapping[str, Any] | None = None,
     ) -> Pytree:
-        self._captured.clear()
-        out = functional_call(self.module, {**params, **buffers}, tuple(args), dict(kwargs or {}))
-        if self.output_module:
-            if not self._captured:
-                raise InputError(
-                    f"output module {self.output_module!r} did not run during the forward pass"
-                )
-            out = self._captured[-1]
-            self._captured.clear()
-        return out
+        assert self._tap is not None, "FunctionalModel used after close()"
+        try:
+            return functional_output(self.module, params, buffers, args, kwargs, self._tap)
+        except TraceMismatchError as e:
+            raise InputError(str(e)) from e
 
     def set_modes(self, training: bool, overrides: Mapping[str, bool] | None = None) -> None:
         self.module.train(training)
         for name, mode in (overrides or {}).items():
             self.module.get_submodule(name).train(mode)
+
+    @contextlib.contextmanager
+    def recorded_mode(self, forward) -> Iterator[None]:
+        """A context in which the copy runs `forward` (explaind_trace.ForwardRecord) in its
+        recorded RNG state and module modes; afterwards the RNG state is restored and the
+        copy is in eval mode (where the kernel's test side evaluates it)."""
+        try:
+            with recorded_mode(self.module, forward, self.device):
+                yield
+        finally:
+            self.set_modes(False)
 
     def row_capture(self, names: list[str]):
         """The per-row gradient hooks (persample.RowCapture) for parameters `names`, made once."""
@@ -141,9 +128,9 @@ class FunctionalModel:
 
     def close(self) -> None:
         """Remove every hook this object put on its private copy."""
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
         for cap in self._row_captures.values():
             cap.close()
         self._row_captures.clear()

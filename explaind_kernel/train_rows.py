@@ -19,35 +19,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .functional import FunctionalModel, tree_leaves, tree_to
+from explaind_trace.reforward import tree_leaves, tree_to
+
+from .functional import FunctionalModel
 from .rowjac import CHECK_RTOL, reverse_jv
 
 log = logging.getLogger(__name__)
-
-
-class ReplayContext:
-    """Replays one recorded forward: RNG state, module modes, restored afterwards."""
-
-    def __init__(self, fm: FunctionalModel, forward) -> None:
-        self.fm, self.forward = fm, forward
-
-    def __enter__(self):
-        fm, fwd = self.fm, self.forward
-        dev = fm.device
-        self.saved_cpu = torch.get_rng_state()
-        self.saved_cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
-        fm.set_modes(bool(fwd.training), getattr(fwd, "mode_overrides", None))
-        torch.set_rng_state(fwd.rng_state)
-        cuda_state = getattr(fwd, "cuda_rng_state", None)
-        if cuda_state is not None and dev.type == "cuda":
-            torch.cuda.set_rng_state(cuda_state, dev)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        torch.set_rng_state(self.saved_cpu)
-        if self.saved_cuda is not None:
-            torch.cuda.set_rng_state(self.saved_cuda, self.fm.device)
-        self.fm.set_modes(False)
 
 
 def _inner(outs, cots) -> Tensor | None:
@@ -77,7 +54,7 @@ def rule_grads(
     kwargs = tree_to(dict(forward.kwargs), fm.device, fm.dtype)
     cots = tree_leaves(tree_to(forward.cotangent, fm.device, fm.dtype))
     bufs = {k: v.clone() for k, v in buffers.items()}
-    with ReplayContext(fm, forward), cap.capture(batch, params) as run:
+    with fm.recorded_mode(forward), cap.capture(batch, params) as run:
         outs = tree_leaves(fm(run, bufs, args, kwargs))
         if len(outs) != len(cots):
             return None
@@ -106,7 +83,7 @@ def exact_sample_jv(
 
     def outputs(leaves):
         bufs = {k: b.clone() for k, b in buffers.items()}
-        with ReplayContext(fm, forward):
+        with fm.recorded_mode(forward):
             outs = tree_leaves(fm(dict(leaves), bufs, args, kwargs))
         keep[:] = [j for j, (o, c) in enumerate(zip(outs, cots)) if o is not None and c is not None]
         return [outs[j] for j in keep]

@@ -33,8 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from explaind_trace.reforward import tree_leaves, tree_to
+
 from .errors import InputError
-from .functional import FunctionalModel, tree_leaves, tree_to
+from .functional import FunctionalModel
 from .persample.local import math_attention
 from .train_rows import rows_check, rule_grads
 
@@ -50,12 +52,6 @@ class ForwardProducts:
     k: Tensor  # [B, R] per batch row
     k_param: dict[str, Tensor] | None  # {param: [B, R]} per parameter tensor (when asked)
     grad_sum: dict[str, Tensor]  # Σ_i G_i per parameter tensor (for slices and checks)
-
-
-def _restore_rng(cpu_state: Tensor, cuda_state: Tensor | None, device: torch.device) -> None:
-    torch.set_rng_state(cpu_state)
-    if cuda_state is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda_state, device)
 
 
 class TrainingSide:
@@ -231,18 +227,10 @@ class TrainingSide:
         args = tree_to(tuple(forward.args), device, dtype)
         kwargs = tree_to(dict(forward.kwargs), device, dtype)
 
-        saved_cpu = torch.get_rng_state()
-        saved_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        fm.set_modes(bool(forward.training), getattr(forward, "mode_overrides", None))
-        try:
-            _restore_rng(forward.rng_state, getattr(forward, "cuda_rng_state", None), device)
-            # the jvp route differentiates twice: fused attention kernels cannot
-            twice = math_attention() if mode == "jvp" else contextlib.nullcontext()
-            with torch.enable_grad(), twice:
-                out = fm({**leaves_p, **other}, bufs, args, kwargs)
-        finally:
-            _restore_rng(saved_cpu, saved_cuda, device)
-            fm.set_modes(False)
+        # the jvp route differentiates twice: fused attention kernels cannot
+        twice = math_attention() if mode == "jvp" else contextlib.nullcontext()
+        with fm.recorded_mode(forward), torch.enable_grad(), twice:
+            out = fm({**leaves_p, **other}, bufs, args, kwargs)
 
         outs = tree_leaves(out)
         cots = tree_leaves(tree_to(forward.cotangent, device, dtype))
