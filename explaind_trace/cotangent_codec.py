@@ -39,6 +39,7 @@ from torch import Tensor
 
 from . import codec
 from .errors import CotangentDecodeError, TraceCorruptError
+from .trees import build_tree, output_tree
 
 try:
     import xxhash
@@ -53,6 +54,8 @@ __all__ = [
     "encode_cotangent",
     "is_encoded",
     "EncodedCotangent",
+    "DeferredCotangent",
+    "deferred_tree",
     "reconstruct",
 ]
 
@@ -143,7 +146,8 @@ def _analyse(z: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> dict[str, Any]:
     """Encode ``cotangent`` (dL/d``output``) with the codec when ``output`` is a floating
     tensor of the same shape and dtype with a class dimension ([..., V], V ≥ 2); otherwise
-    (or when no row has the structure) the generic tensor map of ``codec.encode_tensor``."""
+    (or when no row has the structure, or the tensor codec takes fewer bytes) the generic tensor
+    map of ``codec.encode_tensor``."""
     name = codec.dtype_name(cotangent.dtype)
     generic = cotangent.dim() < 2 or cotangent.shape[-1] < 2 or cotangent.numel() == 0
     if (
@@ -191,7 +195,7 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
     idx_t, diff_t = torch.cat(idx), torch.cat(diff)
     gen = c[kinds == KIND_GENERIC]
     t = lambda x: codec.encode_tensor(x, level=level)  # noqa: E731
-    return {
+    encoded = {
         "codec": CODEC,
         "dtype": name,
         "shape": list(cotangent.shape),
@@ -204,6 +208,19 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
         "res_val": t(diff_t),
         "generic": t(gen),
     }
+    # never more bytes than the tensor codec (small outputs, mostly generic rows)
+    if 2 * _payload(encoded) >= c.numel() * c.element_size():
+        plain = codec.encode_tensor(cotangent, level=level)
+        if _payload(plain) <= _payload(encoded):
+            return plain
+    return encoded
+
+
+def _payload(obj: dict[str, Any]) -> int:
+    return sum(
+        len(v["data"]) if codec.is_tensor_map(v) else len(v) if isinstance(v, bytes) else 0
+        for v in (obj.values() if not codec.is_tensor_map(obj) else [obj])
+    )
 
 
 def is_encoded(obj: Any) -> bool:
@@ -307,3 +324,40 @@ class EncodedCotangent:
                 "torch build, or record the run with cotangent_codec='generic'."
             )
         return c.reshape(self.shape)
+
+
+class DeferredCotangent:
+    """The cotangent of one recorded forward whose cross-entropy leaves need the replayed
+    output: ``resolve(output)`` gives the cotangent tree (CPU tensors of the recorded dtype),
+    ``output`` being the output tree of the same forward replayed at θ_t in the recorded
+    mode, dtype and device (``explaind_trace.reforward``)."""
+
+    def __init__(self, node: Any, leaves: list[Any], where: str) -> None:
+        self.node, self.leaves, self.where = node, leaves, where
+
+    def resolve(self, output: Any) -> Any:
+        """The recorded cotangent tree, rebuilt from the replayed ``output`` tree."""
+        _, outs = output_tree(output)
+        if len(outs) != len(self.leaves):
+            raise CotangentDecodeError(
+                f"{self.where}: the replayed output has {len(outs)} tensors, the recorded one "
+                f"{len(self.leaves)}; replay with a model of the traced architecture."
+            )
+        values = [
+            leaf.resolve(out) if isinstance(leaf, EncodedCotangent) else leaf
+            for leaf, out in zip(self.leaves, outs)
+        ]
+        return build_tree(self.node, [], values)
+
+    def __repr__(self) -> str:
+        pending = sum(isinstance(x, EncodedCotangent) for x in self.leaves)
+        return f"DeferredCotangent({pending} of {len(self.leaves)} leaves from the output)"
+
+
+def deferred_tree(node: Any, leaves: list[Any], where: str) -> Any:
+    """The cotangent tree of a forward: built now when no leaf needs the output, else a
+    ``DeferredCotangent``."""
+    if any(isinstance(x, EncodedCotangent) for x in leaves):
+        build_tree(node, [], leaves)  # a malformed structure fails now, not when resolved
+        return DeferredCotangent(node, leaves, where)
+    return build_tree(node, [], leaves)

@@ -9,6 +9,11 @@ Values that repeat from record to record are encoded once: a buffer mapping hand
 again (the recorder shares one mapping of copies while the buffers are unchanged, e.g. a
 step's buffers and the next forward's) and an RNG state with the same bytes as the last.
 Sample row ids come from ``RowIds``, which hashes a row again only when it is not cached.
+
+``kind_bytes`` counts the encoded tensor payloads by kind (``KINDS``: the input rows and
+constant inputs, the output cotangents, the gradients, the checkpoint states, the buffers and
+RNG states of steps and forwards); the rest of ``stored_bytes`` is record structure
+(msgpack, ids, hyperparameters, seals).
 """
 
 from __future__ import annotations
@@ -20,10 +25,25 @@ from typing import Any
 import torch
 
 from . import codec
+from .cotangent_codec import encode_cotangent
 from .packing import PackedTensors
 from .rowids import RowIds
 
-__all__ = ["TensorEncoder", "GilPacer", "yield_gil"]
+__all__ = ["TensorEncoder", "GilPacer", "yield_gil", "KINDS", "payload_bytes"]
+
+#: the kinds ``TensorEncoder.kind_bytes`` counts (see the module docstring)
+KINDS = ("inputs", "cotangents", "gradients", "checkpoints", "buffers", "rng")
+
+
+def payload_bytes(obj: Any) -> int:
+    """The bytes of every tensor payload (``data``, and the codec's ``digest``) in ``obj``."""
+    if isinstance(obj, dict):
+        if codec.is_tensor_map(obj):
+            return len(obj["data"])
+        return sum(payload_bytes(v) for v in obj.values())
+    if isinstance(obj, list):
+        return sum(payload_bytes(v) for v in obj)
+    return len(obj) if isinstance(obj, bytes) else 0
 
 
 def yield_gil() -> None:
@@ -56,9 +76,16 @@ class TensorEncoder:
     """Tensors into stored maps; remembers which samples are stored (see module docstring)."""
 
     def __init__(
-        self, *, grad_codec: str = "lossless", level: int = 1, checksums: bool = True
+        self,
+        *,
+        grad_codec: str = "lossless",
+        cotangent_codec: str = "generic",
+        level: int = 1,
+        checksums: bool = True,
     ) -> None:
         self.lossy = "bf16" if grad_codec == "bf16" else None
+        self.cotangent_codec = cotangent_codec
+        self.kind_bytes = dict.fromkeys(KINDS, 0)
         self.level = level
         self.checksums = checksums
         self.known_samples: set[str] = set()
@@ -68,6 +95,21 @@ class TensorEncoder:
         self.row_ids = RowIds()
         self._last_buffers: tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None = None
         self._last_by_content: dict[str, tuple[tuple[Any, ...], bytes, dict[str, Any]]] = {}
+
+    def count(self, kind: str, encoded: Any) -> Any:
+        """``encoded``, its payload bytes counted under ``kind``."""
+        self.kind_bytes[kind] = self.kind_bytes.get(kind, 0) + payload_bytes(encoded)
+        return encoded
+
+    def cotangent(self, output: torch.Tensor | None, c: torch.Tensor) -> dict[str, Any]:
+        """A cotangent: by the cotangent codec from its output (``cotangent_codec="auto"``
+        and the output kept), else by the tensor codec."""
+        if output is None or self.cotangent_codec != "auto":
+            encoded = self.tensor(c)
+        else:
+            encoded = encode_cotangent(output, c, level=self.level)
+            self.pace()
+        return self.count("cotangents", encoded)
 
     def tensor(self, t: torch.Tensor, *, lossy: bool = False) -> dict[str, Any]:
         encoded = codec.encode_tensor(t, lossy=self.lossy if lossy else None, level=self.level)

@@ -89,10 +89,23 @@ def _graph_task() -> int | None:
 
 
 class OutputCapture:
-    """Cotangent accumulation for one recorded forward (sums over repeated backwards)."""
+    """Cotangent accumulation for one recorded forward (sums over repeated backwards).
 
-    def __init__(self, captured: CapturedForward, scale_fn: Callable[[], torch.Tensor | None]):
+    ``keep_outputs``: also hand over the output leaves that receive a cotangent (for the
+    cotangent codec, which encodes a cotangent from its logits); a leaf changed in place
+    after the forward is not handed over (its cotangent is then stored by the tensor codec).
+    """
+
+    def __init__(
+        self,
+        captured: CapturedForward,
+        scale_fn: Callable[[], torch.Tensor | None],
+        *,
+        keep_outputs: bool = False,
+    ):
         self.captured = captured
+        self.keep_outputs = keep_outputs
+        self._outs: list[tuple[torch.Tensor, int] | None] = []
         self.received = False
         self.task: int | None = None  # the backward pass (graph task) its cotangent came in
         self.attached = False
@@ -138,6 +151,11 @@ class OutputCapture:
                 raise RecordingError(f"the {where} output: {e}") from None
         self.captured.output = tree
         self._acc = [None] * len(leaves)
+        self._outs = [None] * len(leaves)
+        if self.keep_outputs:
+            for i in grad_leaves:
+                t = leaves[i].detach()  # shares the version counter: in-place use is seen
+                self._outs[i] = (t, t._version)
         for i in grad_leaves:
             self._handles.append(leaves[i].register_hook(self._hook(i)))
         self.attached = True
@@ -167,6 +185,8 @@ class OutputCapture:
     def release(self) -> None:
         """Stop listening for gradients."""
         self._live = False
+        if not self.received:
+            self._outs = []
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -183,6 +203,16 @@ class OutputCapture:
             None if a is None else a if a.device.type == "cpu" else cpu_copy(a) for a in self._acc
         ]
         cf.grad_scale = 1.0 if self._scale is None else float(self._scale.item())
+        if self.keep_outputs:
+            cf.outputs = [
+                None
+                if o is None or a is None or o[0]._version != o[1]
+                else o[0]
+                if o[0].device.type == "cpu"
+                else cpu_copy(o[0])
+                for o, a in zip(self._outs, self._acc)
+            ]
+        self._outs = []
         return cf
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["RecordOptions", "GRAD_CODECS"]
+__all__ = ["RecordOptions", "GRAD_CODECS", "COTANGENT_CODECS"]
 
 GRAD_CODECS = ("lossless", "bf16")
+COTANGENT_CODECS = ("generic", "auto")
 
 
 def _positive_int(name: str, value: Any, *, low: int = 1, high: int | None = None) -> None:
@@ -28,6 +29,11 @@ class RecordOptions:
       compute the loss inside ``forward``); ``None``: the model's own output.
     - ``progress``: show a tqdm bar of the recorded steps.
     - ``grad_codec``: ``"lossless"`` or ``"bf16"`` (lossy gradients, recorded in the header).
+    - ``cotangent_codec``: ``"generic"`` (every cotangent by the tensor codec) or ``"auto"``:
+      a cotangent that is a softmax cross-entropy's is stored per row as its target and scale
+      (``cotangent_codec.py``; lossless, rebuilt from the replayed logits when read), the
+      others by the tensor codec row by row. The recorder then keeps each output until its
+      step. ``"generic"`` is the default until the codec is proven on the suite.
     - ``compression_level``: zstandard level 1..22 of the stored tensors.
     - ``queue_size``: steps the writer thread may hold before training waits for it.
     - ``max_pending_forwards``: grad-enabled forwards without a backward kept at most.
@@ -43,6 +49,7 @@ class RecordOptions:
     output: str | None = None
     progress: bool = False
     grad_codec: str = "lossless"
+    cotangent_codec: str = "generic"
     compression_level: int = 1
     queue_size: int = 8
     max_pending_forwards: int = 256
@@ -59,6 +66,10 @@ class RecordOptions:
             raise TypeError(f"progress must be True or False, got {self.progress!r}")
         if self.grad_codec not in GRAD_CODECS:
             raise ValueError(f"grad_codec must be one of {GRAD_CODECS}, got {self.grad_codec!r}")
+        if self.cotangent_codec not in COTANGENT_CODECS:
+            raise ValueError(
+                f"cotangent_codec must be one of {COTANGENT_CODECS}, got {self.cotangent_codec!r}"
+            )
         _positive_int("compression_level", self.compression_level, high=22)
         _positive_int("queue_size", self.queue_size)
         _positive_int("max_pending_forwards", self.max_pending_forwards)

@@ -356,6 +356,15 @@ def _check_progress(raw: Any, where: str) -> dict[str, Any]:
         for key in ("finished", "final"):
             ok = ok and isinstance(raw.get(key, False), bool)
         ok = ok and isinstance(raw.get("error"), str | type(None))
+        kinds = raw.get("kind_bytes", {})
+        ok = (
+            ok
+            and isinstance(kinds, dict)
+            and all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in kinds.items()
+            )
+        )
     if not ok:
         raise TraceCorruptError(
             f"{where}: record 'progress' is malformed (its step counts are not counts); "

@@ -145,6 +145,7 @@ class Recorder:
             self.writer = TraceWriter(
                 store,
                 grad_codec=opts.grad_codec,
+                cotangent_codec=opts.cotangent_codec,
                 level=opts.compression_level,
                 queue_size=opts.queue_size,
                 checksums=opts.checksums,
@@ -347,7 +348,11 @@ class Recorder:
             buffers=self._forward_buffers(),
             user_ids=ids,
         )
-        self._stack[-1] = OutputCapture(captured, lambda: current_grad_scale(self.scaler))
+        self._stack[-1] = OutputCapture(
+            captured,
+            lambda: current_grad_scale(self.scaler),
+            keep_outputs=self.options.cotangent_codec == "auto",
+        )
         return None
 
     def _forward_buffers(self) -> Mapping[str, torch.Tensor] | None:

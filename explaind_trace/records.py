@@ -99,7 +99,10 @@ class ForwardRecord:
 
     args: tuple
     kwargs: dict[str, Any]
-    cotangent: Any  # dL/d(output), same structure as the output (None leaves allowed)
+    #: dL/d(output), same structure as the output (None leaves allowed); a trace recorded
+    #: with the cotangent codec may hold a ``DeferredCotangent`` here, which
+    #: ``resolve(output)`` turns into that tree given the replayed output of this forward
+    cotangent: Any
     ids: list[int | str]  # sample id per batch row (user ids as given, or content ids)
     rng_state: torch.Tensor
     cuda_rng_state: torch.Tensor | None
@@ -156,6 +159,8 @@ class CapturedForward:
     output: Any = None  # tree of the output's structure, leaves {"k": "t", "i": j}
     cotangents: list[torch.Tensor | None] = field(default_factory=list)
     grad_scale: float = 1.0
+    #: the output leaves (for the cotangent codec; None where not kept); empty: none kept
+    outputs: list[torch.Tensor | None] = field(default_factory=list)
 
 
 @dataclass

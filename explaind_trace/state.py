@@ -34,16 +34,21 @@ __all__ = [
 
 
 def encode_state(enc: TensorEncoder, s: Checkpoint) -> dict[str, Any]:
-    """The stored map of a state record."""
-    return {
-        "step": s.step,
-        "params": enc.tensors(s.params),
-        "buffers": enc.buffers(s.buffers),
-        "optimizer_state": {
-            name: {k: enc.tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()}
-            for name, st in s.optimizer_state.items()
+    """The stored map of a state record (its payload counted as ``checkpoints``)."""
+    return enc.count(
+        "checkpoints",
+        {
+            "step": s.step,
+            "params": enc.tensors(s.params),
+            "buffers": enc.buffers(s.buffers),
+            "optimizer_state": {
+                name: {
+                    k: enc.tensor(v) if isinstance(v, torch.Tensor) else v for k, v in st.items()
+                }
+                for name, st in s.optimizer_state.items()
+            },
         },
-    }
+    )
 
 
 def decode_tensors(d: Any) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from . import codec
+from .cotangent_codec import EncodedCotangent, deferred_tree, is_encoded
 from .encoder import TensorEncoder
 from .errors import TraceCorruptError
 from .records import CapturedForward, CapturedStep, ForwardRecord, SkipRecord, StepRecord
@@ -89,7 +90,7 @@ def _encode_samples(
             codec.encode_bytes(rows[i], dtype, shape, level=enc.level)
             for dtype, shape, rows in views
         ]
-        out.append((sample_key(cid), {"rows": rows}))
+        out.append((sample_key(cid), {"rows": enc.count("inputs", rows)}))
         enc.pace()
     return ids
 
@@ -98,6 +99,7 @@ def _encode_forward(
     enc: TensorEncoder, f: CapturedForward, out: list[tuple[str, Any]]
 ) -> dict[str, Any]:
     rows = _encode_samples(enc, f, out)
+    outputs = f.outputs or [None] * len(f.cotangents)
     return {
         "batch_size": f.batch_size,
         "rows": rows,
@@ -107,16 +109,20 @@ def _encode_forward(
         ],
         "args": f.args,
         "kwargs": f.kwargs,
-        "tensors": [enc.tensor(t) for t in f.tensors],
+        "tensors": enc.count("inputs", [enc.tensor(t) for t in f.tensors]),
         "output": f.output,
-        "cotangents": [None if c is None else enc.tensor(c) for c in f.cotangents],
-        "rng_state": enc.repeated("rng_state", f.rng_state),
+        "cotangents": [
+            None if c is None else enc.cotangent(o, c) for o, c in zip(outputs, f.cotangents)
+        ],
+        "rng_state": enc.count("rng", enc.repeated("rng_state", f.rng_state)),
         "cuda_rng_state": (
-            None if f.cuda_rng_state is None else enc.repeated("cuda_rng_state", f.cuda_rng_state)
+            None
+            if f.cuda_rng_state is None
+            else enc.count("rng", enc.repeated("cuda_rng_state", f.cuda_rng_state))
         ),
         "training": f.training,
         "mode_overrides": f.mode_overrides,
-        "buffers": None if f.buffers is None else enc.buffers(f.buffers),
+        "buffers": None if f.buffers is None else enc.count("buffers", enc.buffers(f.buffers)),
         "grad_scale": f.grad_scale,
     }
 
@@ -127,11 +133,11 @@ def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
     enc.raw_bytes += sum(4 * g.numel() for g in s.grads.values())
     rec = {
         "index": s.index,
-        "grads": enc.tensors(s.grads, lossy=True),
+        "grads": enc.count("gradients", enc.tensors(s.grads, lossy=True)),
         "groups": s.groups,
         "tensor_hyperparams": s.tensor_hyperparams,
         "forwards": [_encode_forward(enc, f, out) for f in s.forwards],
-        "buffers": None if s.buffers is None else enc.buffers(s.buffers),
+        "buffers": None if s.buffers is None else enc.count("buffers", enc.buffers(s.buffers)),
     }
     enc.pace()
     out.append((step_key(s.index), rec))
@@ -230,8 +236,10 @@ def decode_forward(
     rank: int,
     where: str,
     bounds: HeaderBounds | None = None,
+    index: int = 0,
 ) -> ForwardRecord:
-    """A forward, its batched inputs rebuilt from the stored sample rows."""
+    """The ``index``-th forward of a record, its batched inputs rebuilt from the stored
+    sample rows."""
     b = f["batch_size"]
     cids = f["rows"]
     if not isinstance(b, int) or isinstance(b, bool) or not isinstance(cids, list):
@@ -263,10 +271,17 @@ def decode_forward(
     else:
         free, rng, buffer_map = bounds.free, bounds.rng, bounds.buffer_map
     consts = [free(t, f"{where}, input tensor {i}") for i, t in enumerate(f["tensors"])]
-    cots = [
-        None if c is None else free(c, f"{where}, cotangent {i}")
-        for i, c in enumerate(f["cotangents"])
-    ]
+    limit = None if bounds is None else bounds.free_bytes
+    cots: list[Any] = []
+    for i, c in enumerate(f["cotangents"]):
+        at = f"{where}, forward {index}, cotangent {i}"
+        if c is None:
+            cots.append(None)
+        elif is_encoded(c):  # the cotangent codec: needs the replayed output when it has ce rows
+            enc = EncodedCotangent(c, where=at, max_bytes=limit)
+            cots.append(enc if enc.needs_output else enc.resolve(None))
+        else:
+            cots.append(free(c, f"{where}, cotangent {i}"))
     args = build_tree(f["args"], slots, consts)
     kwargs = build_tree(f["kwargs"], slots, consts)
     ids = f.get("ids")
@@ -279,7 +294,7 @@ def decode_forward(
     return ForwardRecord(
         args=tuple(args),
         kwargs=dict(kwargs),
-        cotangent=build_tree(f["output"], [], cots),
+        cotangent=deferred_tree(f["output"], cots, where),
         ids=list(ids) if ids is not None else list(cids),
         rng_state=rng(f["rng_state"], f"{where}, rng_state"),
         cuda_rng_state=None
@@ -307,8 +322,8 @@ def decode_forwards(
     t = raw.get("index")
     try:
         return [
-            decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds)
-            for f in raw["forwards"]
+            decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds, index=k)
+            for k, f in enumerate(raw["forwards"])
         ]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise TraceCorruptError(f"{where}: step record {t} is malformed ({e!r:.200})") from e
@@ -330,8 +345,8 @@ def decode_skip(
             before_step=int(raw["before_step"]),
             reason=str(raw.get("reason", "")),
             forwards=[
-                decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds)
-                for f in raw["forwards"]
+                decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds, index=k)
+                for k, f in enumerate(raw["forwards"])
             ],
         )
     except (KeyError, TypeError, ValueError, AttributeError) as e:

@@ -81,12 +81,15 @@ class TraceWriter:
         store: Store,
         *,
         grad_codec: str = "lossless",
+        cotangent_codec: str = "generic",
         level: int = 1,
         queue_size: int = 8,
         checksums: bool = True,
     ) -> None:
         self.store = store
-        self.encoder = TensorEncoder(grad_codec=grad_codec, level=level, checksums=checksums)
+        self.encoder = TensorEncoder(
+            grad_codec=grad_codec, cotangent_codec=cotangent_codec, level=level, checksums=checksums
+        )
         self.progress: dict[str, Any] = {
             "steps": 0,
             "finished": False,
@@ -95,6 +98,7 @@ class TraceWriter:
             "error": None,
             "stored_bytes": 0,
             "raw_bytes": 0,
+            "kind_bytes": dict(self.encoder.kind_bytes),
         }
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._error: BaseException | None = None
@@ -206,6 +210,7 @@ class TraceWriter:
             raise TypeError(f"unknown writer job {job!r}")
         progress["stored_bytes"] = enc.stored_bytes
         progress["raw_bytes"] = enc.raw_bytes
+        progress["kind_bytes"] = dict(enc.kind_bytes)
         for key, value in items:
             self.store.put(key, value)
             enc.pace()
