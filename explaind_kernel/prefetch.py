@@ -2,7 +2,10 @@
 
 The sweep goes backward in time; each item is one checkpoint segment [start, stop), replayed
 forward by the trace reader (θ_t rebuilt from the checkpoint), with the buffers each step
-needs. Only this thread touches the reader while the sweep runs. The thread is always joined.
+needs; a trace recorded with the cotangent codec gets its forwards' cotangents rebuilt here
+(`cotangent_resolver`: the forward run again at θ_t in the recorded dtype and device), so the
+sweep sees plain tensors. Only this thread touches the reader while the sweep runs. The thread
+is always joined.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from explaind_trace.cotangents import needs_resolving, replay_device, resolve_forwards
 
 _DONE = object()
 
@@ -23,21 +28,59 @@ class StepBundle:
     buffers_before: dict  # buffers before step t's first forward
 
 
-def _segment(reader, start: int, stop: int) -> list[StepBundle]:
+def _segment(reader, start: int, stop: int, resolve=None) -> list[StepBundle]:
     out = []
     prev = reader.buffers_at(start - 1) if start > 0 else reader.checkpoint(0).buffers
     for rs in reader.replay(start, stop):
+        if resolve is not None:  # codec-stored cotangents, rebuilt from the replayed logits
+            resolve(rs, prev)
         cur = reader.buffers_at(rs.index)
         out.append(StepBundle(rs, cur, prev))
         prev = cur
     return out
 
 
-class SegmentPrefetcher:
-    """Iterates segments last-first; `enabled=False` reads them inline."""
+def codec_cotangents(reader) -> bool:
+    """Whether the trace was recorded with the cotangent codec (its header's options)."""
+    options = getattr(getattr(reader, "meta", None), "options", None)
+    return getattr(options, "cotangent_codec", "generic") != "generic"
 
-    def __init__(self, reader, *, enabled: bool = True, depth: int = 1, segments=None) -> None:
+
+def cotangent_resolver(problem):
+    """`resolve(step, buffers_before)` for the prefetcher: rebuilds, in place, the
+    codec-stored cotangents of a replayed step from its forwards run again at θ_t in the
+    recorded dtype and device (never the compute dtype: float64 logits are not the recorded
+    float32 ones); None when the trace has none."""
+    model = getattr(problem, "trace_model", None)
+    if model is None:
+        return None
+    meta = problem.reader.meta
+    device = replay_device(str(getattr(meta, "device", "cpu")))
+
+    def resolve(step, buffers_before) -> None:
+        if needs_resolving(step.record.forwards):
+            resolve_forwards(
+                step.record.forwards,
+                model=model,
+                params=step.params,
+                buffers=buffers_before,
+                output_module=getattr(meta, "output_module", None),
+                device=device,
+            )
+
+    return resolve
+
+
+class SegmentPrefetcher:
+    """Iterates segments last-first; `enabled=False` reads them inline. `resolve(step,
+    buffers_before)`, when given, is called on every replayed step before it is handed out
+    (`KernelProblem.resolve_cotangents`)."""
+
+    def __init__(
+        self, reader, *, enabled: bool = True, depth: int = 1, segments=None, resolve=None
+    ) -> None:
         self.reader = reader
+        self.resolve = resolve
         self.segments = list(reversed(reader.segments() if segments is None else segments))
         self.enabled = enabled
         self._q: queue.Queue = queue.Queue(maxsize=depth)
@@ -47,7 +90,7 @@ class SegmentPrefetcher:
     def _work(self) -> None:
         try:
             for a, b in self.segments:
-                item = _segment(self.reader, a, b)
+                item = _segment(self.reader, a, b, self.resolve)
                 while not self._stop.is_set():
                     try:
                         self._q.put(item, timeout=0.1)
@@ -63,7 +106,7 @@ class SegmentPrefetcher:
     def __iter__(self) -> Iterator[list[StepBundle]]:
         if not self.enabled:
             for a, b in self.segments:
-                yield _segment(self.reader, a, b)
+                yield _segment(self.reader, a, b, self.resolve)
             return
         self._thread = threading.Thread(target=self._work, name="explaind-prefetch", daemon=True)
         self._thread.start()

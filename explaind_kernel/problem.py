@@ -32,6 +32,7 @@ from .errors import EmptyTraceError, InputError, ModelMismatchError
 from .functional import FunctionalModel, OutputSelector, primary_output, to_compute, to_numpy64
 from .inputs import collect_inputs, inputs_digest, positional_inputs
 from .jacobian import TestSide
+from .prefetch import codec_cotangents
 from .quadrature import Quadrature
 from .rules import OptimizerRule, rule_for_trace
 from .runtime import resolve_cpu_threads, torch_runtime
@@ -112,6 +113,9 @@ class KernelProblem:
     slices: dict[str, tuple[str, Tensor]]
     quadrature: Quadrature
     window_edges: tuple[int, ...]
+    #: the user's model, kept (not copied, never changed) only when the trace stores
+    #: cotangents by the cotangent codec: they are rebuilt from its recorded-dtype replay
+    trace_model: nn.Module | None = None
 
     @classmethod
     def prepare(
@@ -178,6 +182,7 @@ class KernelProblem:
             slices=mask_of,
             quadrature=Quadrature.parse(config.quadrature),
             window_edges=_windows(config.step_windows, steps),
+            trace_model=model if codec_cotangents(reader) else None,
         )
 
     # ------------------------------------------------------------------ shape

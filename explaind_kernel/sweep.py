@@ -23,7 +23,7 @@ from torch import Tensor
 from .assemble import ChunkPiece, ChunkSums, SampleIndex, dense_scores
 from .functional import to_numpy64
 from .jacobian import TestSide
-from .prefetch import SegmentPrefetcher, StepBundle
+from .prefetch import SegmentPrefetcher, StepBundle, cotangent_resolver
 from .problem import KernelProblem, RunPlan, State
 from .quadrature import integrate
 from .rules import ParamStep
@@ -107,6 +107,7 @@ class ChunkSweep:
             problem.reader,
             enabled=problem.config.prefetch if prefetch is None else prefetch,
             segments=segments,
+            resolve=cotangent_resolver(problem),
         )
         clock = self.clock
         try:

@@ -11,8 +11,9 @@ step's buffers and the next forward's) and an RNG state with the same bytes as t
 Sample row ids come from ``RowIds``, which hashes a row again only when it is not cached.
 
 ``kind_bytes`` counts the encoded tensor payloads by kind (``KINDS``: the input rows and
-constant inputs, the output cotangents, the gradients, the checkpoint states, the buffers and
-RNG states of steps and forwards); the rest of ``stored_bytes`` is record structure
+constant inputs, the output cotangents, the gradients, the gradient fingerprints of a trace
+recorded without gradients, the checkpoint states, the buffers and RNG states of steps and
+forwards); the rest of ``stored_bytes`` is record structure
 (msgpack, ids, hyperparameters, seals).
 """
 
@@ -32,7 +33,7 @@ from .rowids import RowIds
 __all__ = ["TensorEncoder", "GilPacer", "yield_gil", "KINDS", "payload_bytes"]
 
 #: the kinds ``TensorEncoder.kind_bytes`` counts (see the module docstring)
-KINDS = ("inputs", "cotangents", "gradients", "checkpoints", "buffers", "rng")
+KINDS = ("inputs", "cotangents", "gradients", "fingerprints", "checkpoints", "buffers", "rng")
 
 
 def payload_bytes(obj: Any) -> int:

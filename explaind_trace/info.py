@@ -50,11 +50,13 @@ def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) 
             "param_groups": len(meta.optimizer.groups),
             "output_module": meta.output_module,
             "grad_codec": meta.grad_codec,
+            "cotangent_codec": meta.options.cotangent_codec,
             "lossy": meta.lossy,
             "bytes_on_disk": trace.store.nbytes(),
             "stored_bytes": stored,
             "raw_bytes": raw,
             "compression_ratio": (raw / stored) if stored else None,
+            "bytes_per_step": _per_step(prog, trace.num_steps),
             "drift": None,
         }
         if check_drift and trace.num_steps > 0:
@@ -76,6 +78,18 @@ def _opened(spec: Store | str | os.PathLike[str]) -> Iterator[TraceReader]:
     finally:
         if not isinstance(spec, Store):
             trace.close()
+
+
+def _per_step(progress: dict[str, Any], steps: int) -> dict[str, float] | None:
+    """Stored bytes per committed step by kind (``encoder.KINDS``: tensor payloads; "other"
+    is the rest: record structure, ids, hyperparameters, seals); None for traces written
+    before the progress record counted kinds."""
+    kinds = progress.get("kind_bytes")
+    if not isinstance(kinds, dict) or steps <= 0:
+        return None
+    out = {k: v / steps for k, v in kinds.items()}
+    out["other"] = max(int(progress.get("stored_bytes", 0)) - sum(kinds.values()), 0) / steps
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -118,6 +132,12 @@ def format_info(d: dict[str, Any]) -> str:
             "gradients",
             f"{d['grad_codec']} (LOSSY: replay is approximate)" if d["lossy"] else "lossless",
         ),
+        (
+            "cotangents",
+            "generic (tensor codec)"
+            if d.get("cotangent_codec", "generic") == "generic"
+            else "auto (cross-entropy codec: rebuilt from the replayed logits, lossless)",
+        ),
         ("on disk", _size(d["bytes_on_disk"])),
         (
             "stored",
@@ -125,6 +145,10 @@ def format_info(d: dict[str, Any]) -> str:
             + (f" (compression {ratio:.2f}x)" if ratio else ""),
         ),
     ]
+    per = d.get("bytes_per_step")
+    if per:
+        shown = [f"{k} {_size(round(v))}" for k, v in per.items() if v > 0]
+        rows.append(("per step", ", ".join(shown) or "nothing"))
     drift = d.get("drift")
     if drift is not None:
         text = (

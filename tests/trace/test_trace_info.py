@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import explaind_trace as et
@@ -67,3 +68,36 @@ def test_cli_info_verify_exits_2_with_one_line(tmp_path, capsys) -> None:
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("explaind: error: ")
     assert "1 damaged record(s) (ckpt/00000003); steps 0..2 of 7" in err[0]
+
+
+def test_bytes_per_step_by_kind_and_the_cotangent_codec(tmp_path) -> None:
+    """The kinds count the stored tensor payloads (checked against the stored step records);
+    the cross-entropy codec shrinks the cotangents of a 20-class classifier."""
+    from explaind_trace import codec
+    from explaind_trace.schema import step_key
+
+    per = {}
+    for name in ("generic", "auto"):
+        path = tmp_path / f"{name}.lmdb"
+        torch.manual_seed(0)
+        model = th.MLP(d_out=20)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = th.data(classes=20)
+        with et.record(model, opt, store=path, checkpoint_every=3, cotangent_codec=name):
+            th.train(model, opt, None, x, y, steps=6)
+        d = describe(path, check_drift=False)
+        assert d["cotangent_codec"] == name
+        per[name] = d["bytes_per_step"]
+        assert per[name]["fingerprints"] == 0 and per[name]["other"] > 0
+        assert sum(per[name].values()) * 6 == pytest.approx(d["stored_bytes"], rel=1e-12)
+        with et.open_trace(path) as trace:
+            grads = sum(
+                len(m["data"])
+                for t in range(6)
+                for m in codec.unpack(trace.store.get(step_key(t)))["grads"].values()
+            )
+        assert per[name]["gradients"] * 6 == pytest.approx(grads, rel=1e-12)
+        text = format_info(d)
+        assert ("auto (cross-entropy codec" in text) == (name == "auto") and "per step" in text
+    assert per["auto"]["gradients"] == per["generic"]["gradients"]
+    assert per["auto"]["cotangents"] * 2 < per["generic"]["cotangents"]
