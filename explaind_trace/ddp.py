@@ -35,7 +35,9 @@ __all__ = [
     "rank_store_spec",
     "base_store_spec",
     "check_rank_steps",
+    "check_rank",
     "check_ranks",
+    "rank_specs",
     "open_rank_stores",
 ]
 
@@ -128,37 +130,37 @@ class RankTrace(Protocol):
 R = TypeVar("R", bound=RankTrace)
 
 
+def check_rank(rank0: RankTrace, r: int, rr: RankTrace) -> None:
+    """Check the store of rank ``r`` against rank 0's header (schema, rank, parameters)."""
+    mine, theirs = rank0.meta, rr.meta
+    if theirs.schema_version != mine.schema_version:
+        raise DistributedTraceError(
+            f"{rank0.name}: rank {r}'s store {rr.name} has trace schema version "
+            f"{theirs.schema_version} but rank 0's has {mine.schema_version}; the ranks "
+            "of one run are written by the same explaind. Record again."
+        )
+    if (theirs.rank, theirs.world_size) != (r, mine.world_size):
+        raise DistributedTraceError(
+            f"{rank0.name}: the store {rr.name} expected for rank {r} of "
+            f"{mine.world_size} says it is rank {theirs.rank} of {theirs.world_size}; "
+            "it belongs to another run. Record again, or restore the right store."
+        )
+    if theirs.params != mine.params:
+        raise DistributedTraceError(
+            f"{rank0.name}: rank {r}'s store {rr.name} records different parameters "
+            "(names, shapes or dtypes) than rank 0's; it belongs to another run."
+        )
+
+
 def check_ranks(rank0: RankTrace, ranks: Sequence[RankTrace]) -> int:
     """Check the stores of ranks 1.. against rank 0's; the number of steps all committed."""
-    mine = rank0.meta
     for r, rr in enumerate(ranks, start=1):
-        theirs = rr.meta
-        if theirs.schema_version != mine.schema_version:
-            raise DistributedTraceError(
-                f"{rank0.name}: rank {r}'s store {rr.name} has trace schema version "
-                f"{theirs.schema_version} but rank 0's has {mine.schema_version}; the ranks "
-                "of one run are written by the same explaind. Record again."
-            )
-        if (theirs.rank, theirs.world_size) != (r, mine.world_size):
-            raise DistributedTraceError(
-                f"{rank0.name}: the store {rr.name} expected for rank {r} of "
-                f"{mine.world_size} says it is rank {theirs.rank} of {theirs.world_size}; "
-                "it belongs to another run. Record again, or restore the right store."
-            )
-        if theirs.params != mine.params:
-            raise DistributedTraceError(
-                f"{rank0.name}: rank {r}'s store {rr.name} records different parameters "
-                "(names, shapes or dtypes) than rank 0's; it belongs to another run."
-            )
+        check_rank(rank0, r, rr)
     return check_rank_steps(rank0.name, [rank0.num_steps, *(rr.num_steps for rr in ranks)])
 
 
-def open_rank_stores(rank0: RankTrace, spec: Any, make: Callable[[Store, str], R]) -> list[R]:
-    """Open the other ranks' stores of the DDP trace whose rank-0 reader is given.
-
-    ``make(store, name)`` builds a reader over one store. On any failure the readers opened
-    so far are closed.
-    """
+def rank_specs(rank0: RankTrace, spec: Any) -> list[str]:
+    """Where the stores of ranks 1.. of the DDP trace whose rank-0 reader is given live."""
     meta = rank0.meta
     if meta.rank != 0:
         raise DistributedTraceError(
@@ -170,10 +172,20 @@ def open_rank_stores(rank0: RankTrace, spec: Any, make: Callable[[Store, str], R
             f"{rank0.name} is rank 0's store of a {meta.world_size}-rank DDP trace; open it by "
             "its path or URL so that the other ranks' stores ('<path>.rank{r}') can be found."
         )
+    return [rank_store_spec(spec, r) for r in range(1, meta.world_size)]
+
+
+def open_rank_stores(rank0: RankTrace, spec: Any, make: Callable[[Store, str], R]) -> list[R]:
+    """Open the other ranks' stores of the DDP trace whose rank-0 reader is given.
+
+    ``make(store, name)`` builds a reader over one store. On any failure the readers opened
+    so far are closed.
+    """
+    meta = rank0.meta
+    specs = rank_specs(rank0, spec)
     ranks: list[R] = []
     try:
-        for r in range(1, meta.world_size):
-            where = rank_store_spec(spec, r)
+        for r, where in enumerate(specs, start=1):
             try:
                 store = open_store(where, readonly=True)
             except StoreError as e:

@@ -9,11 +9,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .ddp import check_rank, check_rank_steps, rank_specs
 from .errors import ExplaindError, TraceCorruptError
 from .reader import TraceReader, open_trace
-from .stores import Store
+from .stores import Store, open_store
 
-__all__ = ["describe", "format_info", "VerifyReport", "verify_trace", "format_verify"]
+__all__ = [
+    "describe",
+    "format_info",
+    "StoreReport",
+    "VerifyReport",
+    "verify_trace",
+    "format_verify",
+    "verify_error",
+]
 
 
 def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) -> dict[str, Any]:
@@ -168,20 +177,66 @@ def format_info(d: dict[str, Any]) -> str:
 
 
 @dataclass
-class VerifyReport:
-    """What ``verify_trace`` found: every damaged record and how far the trace reads intact."""
+class StoreReport:
+    """What ``verify_trace`` found in one store (a DDP trace has one per rank)."""
 
-    trace: str
-    steps: int  # committed steps the progress record announces
-    intact_steps: int  # leading steps 0..intact_steps-1 that read back whole
+    store: str
+    rank: int
+    steps: int  # committed steps the store's progress record announces
+    intact_steps: int = 0  # leading steps 0..intact_steps-1 that read back whole
     records: int = 0  # records checked
     bytes: int = 0  # stored bytes checked
-    seconds: float = 0.0
     damaged: dict[str, str] = field(default_factory=dict)  # key -> what is wrong
 
     @property
     def ok(self) -> bool:
         return not self.damaged
+
+    @property
+    def last_intact_step(self) -> int | None:
+        """The last step t such that steps 0..t all read back whole (None: not even step 0)."""
+        return self.intact_steps - 1 if self.intact_steps > 0 else None
+
+
+@dataclass
+class VerifyReport:
+    """What ``verify_trace`` found: every damaged record and how far the trace reads intact,
+    over every rank's store of a DDP trace (``stores[r]`` is rank ``r``'s)."""
+
+    trace: str
+    stores: list[StoreReport]
+    seconds: float = 0.0
+
+    @property
+    def steps(self) -> int:
+        """Committed steps rank 0's progress record announces."""
+        return self.stores[0].steps
+
+    @property
+    def intact_steps(self) -> int:
+        """Leading steps that read back whole on every rank."""
+        return min(s.intact_steps for s in self.stores)
+
+    @property
+    def records(self) -> int:
+        return sum(s.records for s in self.stores)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.bytes for s in self.stores)
+
+    @property
+    def damaged(self) -> dict[str, str]:
+        """Every damaged record: rank 0's by key, another rank's as ``rank{r}:{key}``."""
+        return {
+            (k if s.rank == 0 else f"rank{s.rank}:{k}"): why
+            for s in self.stores
+            for k, why in s.damaged.items()
+        }
+
+    @property
+    def ok(self) -> bool:
+        return all(s.ok for s in self.stores)
 
     @property
     def last_intact_step(self) -> int | None:
@@ -194,34 +249,92 @@ class VerifyReport:
 
 
 def verify_trace(spec: Store | str | os.PathLike[str]) -> VerifyReport:
-    """Read back and check every record of the trace at ``spec``.
+    """Read back and check every record of the trace at ``spec`` (a DDP trace: every rank's).
 
     Each record is decoded in full (checksums, tensor sizes, structure); a record that does
-    not read is listed in ``damaged`` with the reason, and the scan goes on. Raises only when
-    the trace cannot be opened at all (its header or progress record is unreadable).
+    not read is listed in ``damaged`` with the reason, and the scan goes on; a rank's store
+    that does not open, or belongs to another run, is reported as damaged for that rank.
+    Raises only when rank 0's store cannot be opened at all (its header or progress record
+    is unreadable).
     """
     t0 = time.perf_counter()
-    with _opened(spec) as trace:
-        report = VerifyReport(trace=trace.name, steps=trace.num_steps, intact_steps=0)
-        _verify_records(trace, report)
+    store = open_store(spec, readonly=True)
+    try:
+        trace = TraceReader(store, name=str(spec) if not isinstance(spec, Store) else repr(store))
+        report = VerifyReport(trace=trace.name, stores=[_verify_store(trace)])
+        if trace.meta.world_size > 1:
+            for r, where in enumerate(rank_specs(trace, spec), start=1):
+                report.stores.append(_verify_rank(trace, r, where))
+    finally:
+        if not isinstance(spec, Store):
+            store.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _check(report: VerifyReport, key: str, read: Any) -> bool:
+def _verify_rank(rank0: TraceReader, r: int, where: str) -> StoreReport:
+    """Verify rank ``r``'s store of a DDP trace; a store that does not open is damaged."""
+    try:
+        store = open_store(where, readonly=True)
+    except ExplaindError as e:
+        return StoreReport(where, r, 0, damaged={"meta": _one_line(e)})
+    try:
+        trace = TraceReader(store, name=where)
+        check_rank(rank0, r, trace)
+        check_rank_steps(rank0.name, [rank0.num_steps, trace.num_steps])
+    except ExplaindError as e:
+        store.close()
+        return StoreReport(where, r, 0, damaged={"meta": _one_line(e)})
+    try:
+        return _verify_store(trace)
+    finally:
+        store.close()
+
+
+#: the key under which ``verify_trace`` reports a store whose records cannot all be listed
+LISTING = "(record list)"
+
+
+def _listable(store: Store, prefix: str) -> list[str]:
+    try:
+        return list(store.keys(prefix))
+    except ExplaindError:
+        return []
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _check(report: StoreReport, key: str, read: Any) -> bool:
     try:
         read()
     except ExplaindError as e:
-        report.damaged.setdefault(key, " ".join(str(e).split()))
+        report.damaged.setdefault(key, _one_line(e))
         return False
     return True
 
 
-def _verify_records(trace: TraceReader, report: VerifyReport) -> None:
+def _verify_store(trace: TraceReader) -> StoreReport:
+    """Verify every record of one store (a DDP rank's reader is not merged with the others)."""
+    rank = trace.meta.rank
+    report = StoreReport(trace.name, rank, trace.num_steps)
     store = trace.store
     committed = set()
-    for key in store.keys():
-        value = store.get(key)
+    try:
+        listed = list(store.keys())
+    except ExplaindError as e:  # a damaged page: check what the header says must be there
+        report.damaged[LISTING] = _one_line(e)
+        listed = [
+            *(k for k in _listable(store, "sample/")),
+            *(f"step/{t:08d}" for t in range(trace.num_steps)),
+        ]
+    for key in listed:
+        try:
+            value = store.get(key)
+        except ExplaindError as e:  # the store's own checks (an LMDB page) refuse it
+            report.damaged[key] = _one_line(e)
+            continue
         report.records += 1
         report.bytes += len(value) if value is not None else 0
         committed.add(key)
@@ -229,7 +342,7 @@ def _verify_records(trace: TraceReader, report: VerifyReport) -> None:
         _check(report, key, lambda k=key: trace.sample(k.split("/", 1)[1]))
     ckpts = set(trace.checkpoint_steps)
     every = trace.meta.checkpoint_every
-    for t in range(0, trace.num_steps, every):
+    for t in range(0, trace.num_steps, every) if rank == 0 else ():  # ranks > 0: forwards
         if t not in ckpts:
             report.damaged[f"ckpt/{t:08d}"] = (
                 f"{trace.name}: record 'ckpt/{t:08d}' is missing (the trace keeps a checkpoint "
@@ -242,30 +355,47 @@ def _verify_records(trace: TraceReader, report: VerifyReport) -> None:
     for n in range(int(trace.progress.get("skipped", 0))):
         key = f"skip/{n:08d}"
         _check(report, key, lambda n=n: trace.skip(n))
+    read = trace.step if rank == 0 else (lambda t: trace._forwards(trace._raw_step(t)))
     intact = True
     for t in range(trace.num_steps):
-        good = _check(report, f"step/{t:08d}", lambda t=t: trace.step(t))
+        good = _check(report, f"step/{t:08d}", lambda t=t: read(t))
         if intact and good and f"ckpt/{t:08d}" not in report.damaged:
             report.intact_steps = t + 1
         else:
             intact = False
+    return report
+
+
+def _store_lines(r: StoreReport, width: int) -> list[str]:
+    last = "none" if r.last_intact_step is None else str(r.last_intact_step)
+    lines = [
+        f"{'intact'.ljust(width)}  steps 0..{last} of {r.steps}"
+        if r.intact_steps
+        else f"{'intact'.ljust(width)}  no step of {r.steps} reads back",
+    ]
+    if r.ok:
+        lines.append(f"{'damaged'.ljust(width)}  none")
+    else:
+        lines.append(f"{'damaged'.ljust(width)}  {len(r.damaged)} record(s):")
+        lines += [f"  {key}: {why}" for key, why in sorted(r.damaged.items())]
+    return lines
 
 
 def format_verify(r: VerifyReport) -> str:
-    """Render a ``VerifyReport`` as text lines (the damaged records first)."""
-    last = "none" if r.last_intact_step is None else str(r.last_intact_step)
+    """Render a ``VerifyReport`` as text lines (the damaged records first); a DDP trace
+    gets one section per rank."""
     lines = [
         f"verified  {r.records} records, {_size(r.bytes)} in {r.seconds:.2f} s "
-        f"({r.mb_per_s:.1f} MB/s)",
-        f"intact    steps 0..{last} of {r.steps}"
-        if r.intact_steps
-        else f"intact    no step of {r.steps} reads back",
+        f"({r.mb_per_s:.1f} MB/s)"
+        + (f" over {len(r.stores)} ranks' stores" if len(r.stores) > 1 else ""),
     ]
-    if r.ok:
-        lines.append("damaged   none")
-    else:
-        lines.append(f"damaged   {len(r.damaged)} record(s):")
-        lines += [f"  {key}: {why}" for key, why in sorted(r.damaged.items())]
+    if len(r.stores) == 1:
+        return "\n".join(lines + _store_lines(r.stores[0], 8))
+    last = "no step" if r.last_intact_step is None else f"steps 0..{r.last_intact_step}"
+    lines.append(f"intact    {last} of {r.steps} on every rank")
+    for s in r.stores:
+        lines.append(f"rank {s.rank}    {s.store}")
+        lines += ["  " + line for line in _store_lines(s, 8)]
     return "\n".join(lines)
 
 
@@ -274,7 +404,8 @@ def verify_error(r: VerifyReport) -> TraceCorruptError:
     last = "no step" if r.last_intact_step is None else f"steps 0..{r.last_intact_step}"
     keys = sorted(r.damaged)
     shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    where = " on every rank" if len(r.stores) > 1 else ""
     return TraceCorruptError(
         f"{r.trace}: {len(keys)} damaged record(s) ({shown}); {last} of {r.steps} read back "
-        "intact. Restore the trace from a copy, or use only the intact steps."
+        f"intact{where}. Restore the trace from a copy, or use only the intact steps."
     )

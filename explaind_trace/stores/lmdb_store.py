@@ -5,7 +5,9 @@ truncated copy, a full disk) would kill the process with SIGBUS on the first rea
 missing page. Before anything is mapped, the store reads the environment's two meta pages
 with ordinary file reads and checks that data.mdb holds every page the newest meta page
 refers to; it refuses a lock file it could not allocate (full disk) and opens read-only
-without one instead; and it checks free space before a writable open.
+without one instead; and it checks free space before a writable open. Every value read
+is located in the file's pages with ordinary reads before LMDB reads it (``lmdb_pages.py``),
+since LMDB trusts the sizes it finds in its pages.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import lmdb
 
 from ..errors import DiskFullError, NotATraceError, StoreError, TraceCorruptError
 from .base import Store
+from .lmdb_pages import NodeCheck
 from .locking import LOCK_NAME, WriterLock
 from .registry import register_store
 
@@ -163,6 +166,7 @@ class LMDBStore(Store):
             self._env = self._open_readonly()
         else:
             self._env = self._open_writable(map_size)
+        self._nodes = NodeCheck(self.path, self._env.stat()["psize"])
 
     def _open_readonly(self) -> lmdb.Environment:
         if not self.path.exists():
@@ -299,13 +303,18 @@ class LMDBStore(Store):
             ) from e
 
     def get(self, key: str) -> bytes | None:
-        return self._read(lambda txn: txn.get(key.encode()), f"record {key!r}")
+        def read(txn: lmdb.Transaction) -> bytes | None:
+            self._nodes.check(key, txn.id())  # before LMDB believes the sizes in its pages
+            return txn.get(key.encode())
+
+        return self._read(read, f"record {key!r}")
 
     def keys(self, prefix: str = "") -> Iterator[str]:
         raw = prefix.encode()
+        out: list[str] = []
 
         def collect(txn: lmdb.Transaction) -> list[str]:
-            out = []
+            out.clear()
             cur = txn.cursor()
             if not cur.set_range(raw):
                 return out
@@ -315,7 +324,11 @@ class LMDBStore(Store):
                 out.append(k.decode())
             return out
 
-        return iter(self._read(collect))
+        try:
+            return iter(self._read(collect))
+        except TraceCorruptError as e:  # name where the listing stopped
+            after = f"after record {out[-1]!r}" if out else f"at the first record ({prefix!r})"
+            raise TraceCorruptError(f"{e} (the listing stopped {after})") from e
 
     def commit(self) -> None:
         self._check_writable()

@@ -203,3 +203,52 @@ def test_missing_or_disagreeing_rank_is_named(ddp_trace: Path, tmp_path: Path, c
     _copy(f"{ddp_trace}.rank1", f"{older}.rank1", old_schema)
     with pytest.raises(et.DistributedTraceError, match=r"rank 1's store .* schema version 0"):
         et.open_trace(older)
+
+
+def _flip(key: str, at: int):
+    def edit(k: str, value: bytes) -> bytes:
+        if k != key:
+            return value
+        raw = bytearray(value)
+        raw[at] ^= 0x10
+        return bytes(raw)
+
+    return edit
+
+
+def test_verify_checks_every_rank_and_names_the_damaged_one(
+    ddp_trace: Path, tmp_path: Path, capsys
+) -> None:
+    from explaind_attr import cli
+    from explaind_trace.info import format_verify, verify_trace
+
+    base = str(tmp_path / "v.lmdb")
+    _copy(str(ddp_trace), base)
+    _copy(f"{ddp_trace}.rank1", f"{base}.rank1")
+    report = verify_trace(base)
+    assert report.ok and [s.rank for s in report.stores] == [0, 1]
+    assert [s.intact_steps for s in report.stores] == [STEPS, STEPS]
+    assert report.stores[1].records > STEPS and report.records > report.stores[0].records
+    # one flipped byte inside rank 1's record of step 3 (rank 0's store is intact)
+    _copy(f"{ddp_trace}.rank1", f"{base}.rank1", _flip("step/00000003", 40))
+    report = verify_trace(base)
+    rank0, rank1 = report.stores
+    assert rank0.ok and rank0.last_intact_step == STEPS - 1
+    assert list(rank1.damaged) == ["step/00000003"] and rank1.last_intact_step == 2
+    assert "checksum mismatch" in rank1.damaged["step/00000003"]
+    assert "v.lmdb.rank1: record 'step/00000003'" in rank1.damaged["step/00000003"]
+    assert list(report.damaged) == ["rank1:step/00000003"] and report.last_intact_step == 2
+    text = format_verify(report)
+    assert "intact    steps 0..2 of 6 on every rank" in text
+    assert "rank 1    " + f"{base}.rank1" in text and "steps 0..5 of 6" in text
+    assert cli.main(["info", "--verify", base]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 damaged record(s) (rank1:step/00000003)" in err[0]
+    assert "steps 0..2 of 6 read back intact on every rank" in err[0]
+    # a rank's store gone: reported for that rank, rank 0 still checked record by record
+    import shutil
+
+    shutil.rmtree(f"{base}.rank1")
+    report = verify_trace(base)
+    assert report.stores[0].ok and list(report.stores[1].damaged) == ["meta"]
+    assert "no trace at" in report.stores[1].damaged["meta"] and report.intact_steps == 0

@@ -211,6 +211,49 @@ def byte_flips(tmp: str, per_kind: int = 4, seed: int = 0) -> Iterator[dict[str,
                 shutil.rmtree(dst)
 
 
+@probe
+def lmdb_node_sizes(tmp: str) -> Iterator[dict[str, Any]]:
+    """The size fields LMDB trusts, damaged on disk: a value's size in its leaf node (a
+    checkpoint larger than a page, so stored in overflow pages, and small inline values)
+    and the page count in the header of the checkpoint's first overflow page."""
+    from .lmdb_nodes import leaf_nodes, overflow_pages, set_overflow_pages, set_size
+
+    src = Path(tmp) / "src.lmdb"
+    make_trace(str(src), width=64)  # checkpoints of ~11 KB: 3 overflow pages each
+    psize = check_lmdb_file(src)
+    data = (src / "data.mdb").read_bytes()
+    pages_in_file = len(data) // psize
+    nodes = leaf_nodes(data, psize)
+    big = nodes["ckpt/00000003"]
+    assert big.overflow is not None and big.size > psize, big
+    need = overflow_pages(data, big, psize)
+    sample = next(n for k, n in nodes.items() if k.startswith("sample/"))
+    yield {"case": "layout", "outcome": "ok", "psize": psize, "pages": pages_in_file,
+           "size": big.size, "overflow": big.overflow, "need": need}  # fmt: skip
+    past_end = (pages_in_file - big.overflow) * psize  # 16 + this runs past the file
+    edits: list[tuple[str, str, int, Callable[[bytearray], None]]] = [
+        (big.key, "size", v, lambda raw, v=v: set_size(raw, big, v))
+        for v in (0xFFFFFFFF, 1 << 24, past_end, big.size + 1, big.size - 1, 0)
+    ]
+    edits += [
+        (big.key, "pages", v, lambda raw, v=v: set_overflow_pages(raw, big, psize, v))
+        for v in (0, need - 1, need + 1, pages_in_file - big.overflow + 1, 0xFFFFFFFF)
+    ]
+    edits += [
+        (n.key, "size", v, lambda raw, n=n, v=v: set_size(raw, n, v))
+        for n in (sample, nodes["progress"])
+        for v in (0xFFFFFFFF, psize, n.size + 1)
+    ]
+    for key, field, value, edit in edits:
+        dst = Path(tmp) / "node.lmdb"
+        shutil.copytree(src, dst)
+        raw = bytearray(data)
+        edit(raw)
+        (dst / "data.mdb").write_bytes(bytes(raw))
+        yield guarded([key, field, value], lambda d=dst: read_all(str(d)))
+        shutil.rmtree(dst)
+
+
 class _Touch:
     """Unpickling this creates ``path``: proof that a record ran code."""
 

@@ -45,3 +45,27 @@ def test_special_files_in_a_directory_store_are_refused_without_hanging() -> Non
             assert c["cls"] in ("TraceCorruptError", "NotATraceError"), c
         if kind != "dir" and c["outcome"] == "error":
             assert "not a regular file" in c["msg"] and key in c["msg"], c
+
+
+def test_damaged_lmdb_value_sizes_and_overflow_page_counts_name_the_record() -> None:
+    cases = run_probe("lmdb_node_sizes")
+    layout, cases = cases[0], cases[1:]
+    assert layout["need"] == 3 and layout["size"] > layout["psize"], layout
+    assert len(cases) == 17
+    for c in cases:
+        key, field, value = c["case"]
+        if key == "progress":  # the trace cannot be opened, and says which record
+            assert c["outcome"] == "error" and c["cls"] == "TraceCorruptError", c
+            assert "record 'progress'" in c["msg"] and "node.lmdb" in c["msg"], c
+        elif field == "pages" and value == layout["need"] + 1:
+            # LMDB reads a large value from its first overflow page and its size; a header
+            # that announces a page more (inside the file) leaves every byte intact
+            assert c["outcome"] == "ok" and not c["damaged"] and c["intact"] == 7, c
+        else:  # reported naming the trace and the record (a sample: by the steps that need
+            # it, LMDB's own page check stops the listing at it); earlier steps stay intact
+            damaged = c["damaged"]
+            assert c["outcome"] == "ok" and damaged, c
+            assert all("node.lmdb" in why for why in damaged.values()), c
+            assert key in damaged or any(f"record {key!r}" in why for why in damaged.values()), c
+            if key.startswith("ckpt/"):
+                assert c["intact"] == 3 and key in damaged, c
