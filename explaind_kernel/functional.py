@@ -124,6 +124,11 @@ class FunctionalModel:
             from .persample import RowCapture
 
             self._row_captures[key] = RowCapture(self.module, list(names))
+            if self._tap is not None and self.output_module:
+                # the output module's hook must run after the row capture's taps, or it
+                # captures the untapped output and the rows get no gradient through it
+                self._tap.close()
+                self._tap = OutputTap(self.module, self.output_module)
         return self._row_captures[key]
 
     def close(self) -> None:

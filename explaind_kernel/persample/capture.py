@@ -30,6 +30,15 @@ def _has_rows(t: Tensor, rows: int, bdim: int = 0) -> bool:
     return t.dim() > bdim and t.shape[bdim] == rows
 
 
+def _per_row(t: Tensor, rows: int) -> Tensor:
+    """`t`, shared by every row, seen as one copy per row: a leading dim of 1 (a broadcast
+    batch dim, like Hugging Face position ids [1, L]) is expanded in place, any other shape
+    gets a new leading dim."""
+    if t.dim() > 0 and t.shape[0] == 1:
+        return t.expand(rows, *t.shape[1:])
+    return t.expand(rows, *t.shape)
+
+
 class _Tap(torch.autograd.Function):
     """Identity whose backward keeps the gradient arriving at a module output."""
 
@@ -160,11 +169,11 @@ class RowCapture:
             # a call shared by every row (positions, a constant input): seen as one per row,
             # so its output gradient splits by row; a model this misleads fails the check
             leaves = [
-                t.expand(rows, *t.shape) if t.is_floating_point() and not _has_rows(t, rows) else t
+                _per_row(t, rows) if t.is_floating_point() and not _has_rows(t, rows) else t
                 for t in leaves
             ]
             args = tuple(
-                a.expand(rows, *a.shape) if isinstance(a, Tensor) and not _has_rows(a, rows) else a
+                _per_row(a, rows) if isinstance(a, Tensor) and not _has_rows(a, rows) else a
                 for a in args
             )
         call = Call(tuple(args), dict(kwargs), state, module.training, list(leaves))

@@ -9,6 +9,7 @@ over). Rules are registered per exact module class: a subclass may change `forwa
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,19 +60,44 @@ def register_layer_rule(
     return deco
 
 
+#: rules of classes from optional packages, by qualified name: bound to the class the first
+#: time a module of it is looked up, so the kernel never imports those packages itself
+_BY_NAME: dict[str, tuple[LayerRule, LayerShift | None]] = {}
+
+
+def register_layer_rule_by_name(
+    qualname: str, rule: LayerRule, *, shift: LayerShift | None = None
+) -> None:
+    """Register `rule` (and `shift`) for the class named `qualname` ("package.module.Class")
+    without importing it; a rule registered for the class itself wins."""
+    _BY_NAME[qualname] = (rule, shift)
+
+
+def _bind(cls: type) -> None:
+    if cls in _RULES:
+        return
+    entry = _BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    if entry is not None:
+        _RULES[cls] = entry[0]
+        if entry[1] is not None:
+            _SHIFTS[cls] = entry[1]
+
+
 def layer_shift_for(module: nn.Module) -> LayerShift | None:
     """The shift registered for exactly `type(module)`, or None."""
+    _bind(type(module))
     return _SHIFTS.get(type(module))
 
 
 def layer_rule_for(module: nn.Module) -> LayerRule | None:
     """The rule registered for exactly `type(module)`, or None."""
+    _bind(type(module))
     return _RULES.get(type(module))
 
 
 def registered_layers() -> list[str]:
     """Qualified names of the module classes that have a closed-form rule."""
-    return sorted(f"{c.__module__}.{c.__qualname__}" for c in _RULES)
+    return sorted({f"{c.__module__}.{c.__qualname__}" for c in _RULES} | set(_BY_NAME))
 
 
 def rows_first(t: Any, rows: int) -> bool:
@@ -99,5 +125,13 @@ def replace_leaves(value: Any, new: list[Tensor]) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(replace_leaves(v, new) for v in value)
     if isinstance(value, dict):
-        return {k: replace_leaves(v, new) for k, v in value.items()}
+        items = {k: replace_leaves(v, new) for k, v in value.items()}
+        if type(value) is dict:
+            return items
+        # a dict subclass (a Hugging Face ModelOutput, an OrderedDict): the same type, so the
+        # caller still reads `out.logits`; its items are set on a shallow copy
+        out = copy.copy(value)
+        for k, v in items.items():
+            out[k] = v
+        return out
     return value
