@@ -91,6 +91,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="stored",
         help="how the trace keeps each step's gradient (explaind_trace.RecordOptions)",
     )
+    p.add_argument(
+        "--cotangent-codec",
+        default="generic",
+        help="how the trace stores output cotangents (explaind_trace.RecordOptions)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-record", action="store_true", help="train without recording")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
@@ -184,7 +189,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     callbacks = []
     if not args.no_record:
-        record = {"gradients": args.gradients} if args.gradients != "stored" else {}
+        record = {"cotangent_codec": args.cotangent_codec}
+        if args.gradients != "stored":  # the option's default, named only when changed
+            record["gradients"] = args.gradients
         callbacks.append(
             ExplaindTrainerCallback(
                 str(trace),
@@ -216,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "parameters": sum(p.numel() for p in model.parameters()),
         "recorded": not args.no_record,
         "gradients": args.gradients,
+        "cotangent_codec": args.cotangent_codec,
         "train_seconds": train_s,
         "seconds_per_step": train_s / max(1, trainer.state.global_step),
         "trace_bytes": _size(trace) if not args.no_record else 0,
