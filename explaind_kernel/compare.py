@@ -172,7 +172,9 @@ def _measure(
     seconds = [0.0 for _ in specs]
     points = [s.quadrature.points() for s in specs]
     bar = tqdm(total=steps, desc="quadrature errors", unit="step", disable=not config.progress)
-    bundles = SegmentPrefetcher(problem.reader, enabled=config.prefetch)
+    bundles = SegmentPrefetcher(
+        problem.reader, enabled=config.prefetch, replay_args=problem.replay_args()
+    )
     try:
         for bundle in bundles:
             for sb in bundle:

@@ -28,10 +28,10 @@ class StepBundle:
     buffers_before: dict  # buffers before step t's first forward
 
 
-def _segment(reader, start: int, stop: int, resolve=None) -> list[StepBundle]:
+def _segment(reader, start: int, stop: int, resolve=None, replay_args=None) -> list[StepBundle]:
     out = []
     prev = reader.buffers_at(start - 1) if start > 0 else reader.checkpoint(0).buffers
-    for rs in reader.replay(start, stop):
+    for rs in reader.replay(start, stop, **(replay_args or {})):
         if resolve is not None:  # codec-stored cotangents, rebuilt from the replayed logits
             resolve(rs, prev)
         cur = reader.buffers_at(rs.index)
@@ -77,10 +77,20 @@ class SegmentPrefetcher:
     (`KernelProblem.resolve_cotangents`)."""
 
     def __init__(
-        self, reader, *, enabled: bool = True, depth: int = 1, segments=None, resolve=None
+        self,
+        reader,
+        *,
+        enabled: bool = True,
+        depth: int = 1,
+        segments=None,
+        resolve=None,
+        replay_args=None,
     ) -> None:
         self.reader = reader
         self.resolve = resolve
+        #: keywords of reader.replay (KernelProblem.replay_args: the model of a trace whose
+        #: replay recomputes gradients)
+        self.replay_args = dict(replay_args or {})
         self.segments = list(reversed(reader.segments() if segments is None else segments))
         self.enabled = enabled
         self._q: queue.Queue = queue.Queue(maxsize=depth)
@@ -90,7 +100,7 @@ class SegmentPrefetcher:
     def _work(self) -> None:
         try:
             for a, b in self.segments:
-                item = _segment(self.reader, a, b, self.resolve)
+                item = _segment(self.reader, a, b, self.resolve, self.replay_args)
                 while not self._stop.is_set():
                     try:
                         self._q.put(item, timeout=0.1)
@@ -106,7 +116,7 @@ class SegmentPrefetcher:
     def __iter__(self) -> Iterator[list[StepBundle]]:
         if not self.enabled:
             for a, b in self.segments:
-                yield _segment(self.reader, a, b, self.resolve)
+                yield _segment(self.reader, a, b, self.resolve, self.replay_args)
             return
         self._thread = threading.Thread(target=self._work, name="explaind-prefetch", daemon=True)
         self._thread.start()

@@ -113,8 +113,9 @@ class KernelProblem:
     slices: dict[str, tuple[str, Tensor]]
     quadrature: Quadrature
     window_edges: tuple[int, ...]
-    #: the user's model, kept (not copied, never changed) only when the trace stores
-    #: cotangents by the cotangent codec: they are rebuilt from its recorded-dtype replay
+    #: the user's model, kept (not copied, never changed) only when the trace needs it: its
+    #: cotangents are stored by the cotangent codec (rebuilt from its recorded-dtype replay),
+    #: or its gradients are recomputed (gradients="recompute"/"auto": reader.replay(model=))
     trace_model: nn.Module | None = None
 
     @classmethod
@@ -182,7 +183,7 @@ class KernelProblem:
             slices=mask_of,
             quadrature=Quadrature.parse(config.quadrature),
             window_edges=_windows(config.step_windows, steps),
-            trace_model=model if codec_cotangents(reader) else None,
+            trace_model=model if codec_cotangents(reader) or _needs_model(reader) else None,
         )
 
     # ------------------------------------------------------------------ shape
@@ -208,6 +209,12 @@ class KernelProblem:
         """The step window holding step t."""
         return int(np.searchsorted(self.window_edges, t, side="right") - 1)
 
+    def replay_args(self) -> dict[str, Any]:
+        """Keywords for reader.replay / params_at (the model, when replay recomputes)."""
+        if self.trace_model is None or not _needs_model(self.reader):
+            return {}
+        return {"model": self.trace_model}
+
     # ---------------------------------------------------------------- tensors
     def to_compute(self, t: Tensor) -> Tensor:
         """A tensor on the compute device (floating tensors in the compute dtype)."""
@@ -228,7 +235,7 @@ class KernelProblem:
         if final is not None:
             params, buffers = final.params, final.buffers
         else:
-            params = self.reader.params_at(self.num_steps)
+            params = self.reader.params_at(self.num_steps, **self.replay_args())
             buffers = self.reader.buffers_at(self.num_steps - 1)
         return State(self.to_compute_all(params), self.to_compute_all(buffers))
 
@@ -390,6 +397,11 @@ def _slices(
             mask[index] = True
         out[name] = (pname, mask.to(device))
     return out
+
+
+def _needs_model(reader: Any) -> bool:
+    """Whether replaying `reader` recomputes gradients (gradients="recompute"/"auto")."""
+    return bool(getattr(reader, "needs_model", False))
 
 
 def _windows(step_windows: int | Sequence[int], steps: int) -> tuple[int, ...]:

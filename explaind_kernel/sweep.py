@@ -108,6 +108,7 @@ class ChunkSweep:
             enabled=problem.config.prefetch if prefetch is None else prefetch,
             segments=segments,
             resolve=cotangent_resolver(problem),
+            replay_args=problem.replay_args(),
         )
         clock = self.clock
         try:

@@ -22,6 +22,8 @@ from .errors import (
     DiskFullError,
     DistributedTraceError,
     ExplaindError,
+    GradientMismatchError,
+    ModelRequiredError,
     NotATraceError,
     RecordingError,
     SchemaVersionError,
@@ -90,6 +92,8 @@ __all__ = [
     "CotangentDecodeError",
     "TraceWriteError",
     "DistributedTraceError",
+    "GradientMismatchError",
+    "ModelRequiredError",
 ]
 
 

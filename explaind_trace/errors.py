@@ -17,6 +17,8 @@ __all__ = [
     "CotangentDecodeError",
     "TraceWriteError",
     "DistributedTraceError",
+    "GradientMismatchError",
+    "ModelRequiredError",
 ]
 
 
@@ -78,3 +80,13 @@ class TraceWriteError(TraceError):
 
 class DistributedTraceError(StoreError):
     """The per-rank stores of a DDP trace are missing or disagree (names the rank)."""
+
+
+class GradientMismatchError(TraceMismatchError):
+    """A gradient recomputed from the recorded forwards (``gradients="recompute"``) is not
+    the one the optimizer saw at that step (names the step, the parameter, the likely cause)."""
+
+
+class ModelRequiredError(TraceError):
+    """Replaying a trace recorded with ``gradients="recompute"`` (or ``"auto"``) needs the
+    traced model, to recompute each step's gradient; none was given."""

@@ -24,6 +24,12 @@ __all__ = [
     "verify_error",
 ]
 
+NEEDS_MODEL = (
+    "not checked here: gradients are recomputed from the recorded forwards, which needs the "
+    "model; θ and every gradient (against its fingerprint) are verified when the kernel "
+    "replays the trace, or by trace.check_drift(model=...)"
+)
+
 
 def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) -> dict[str, Any]:
     """Facts about the trace at ``spec``: steps, checkpoints, sizes, compression, drift.
@@ -66,9 +72,14 @@ def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) 
             "raw_bytes": raw,
             "compression_ratio": (raw / stored) if stored else None,
             "bytes_per_step": _per_step(prog, trace.num_steps),
+            "gradients": trace.gradients,
+            "gradients_stored_from": trace.gradients_stored_from,
+            "gradients_switch_reason": prog.get("gradients_switch_reason"),
             "drift": None,
         }
-        if check_drift and trace.num_steps > 0:
+        if trace.needs_model:  # replay recomputes gradients: only with the model
+            info["drift_note"] = NEEDS_MODEL
+        elif check_drift and trace.num_steps > 0:
             report = trace.check_drift()
             info["drift"] = {
                 "exact": report.exact,
@@ -119,6 +130,21 @@ def _size(n: int | None) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _gradients(d: dict[str, Any]) -> str:
+    """The gradients row: how they were recorded (RecordOptions.gradients) and their codec."""
+    codec_text = f"{d['grad_codec']} (LOSSY: replay is approximate)" if d["lossy"] else "lossless"
+    mode, since = d.get("gradients", "stored"), d.get("gradients_stored_from")
+    if mode == "stored":
+        return f"stored, {codec_text}"
+    if mode == "recompute":
+        return "recompute: not stored, recomputed from the forwards (a fingerprint per step)"
+    if since is None:
+        return "auto: recomputed (checked while recording at every checkpoint: equal)"
+    done = f"recomputed steps 0..{since - 1}, " if since > 0 else ""
+    why = d.get("gradients_switch_reason") or "?"
+    return f"auto: {done}stored from step {since} ({codec_text}), because {why}"
+
+
 def format_info(d: dict[str, Any]) -> str:
     """Render ``describe()``'s dictionary as aligned text lines."""
     status = (
@@ -137,10 +163,7 @@ def format_info(d: dict[str, Any]) -> str:
             f"{d['model_class']}: {d['parameters']:,} parameters in {d['param_tensors']} tensors, {d['buffers']} buffers",
         ),
         ("optimizer", f"{d['optimizer']} ({d['param_groups']} param group(s))"),
-        (
-            "gradients",
-            f"{d['grad_codec']} (LOSSY: replay is approximate)" if d["lossy"] else "lossless",
-        ),
+        ("gradients", _gradients(d)),
         (
             "cotangents",
             "generic (tensor codec)"
@@ -166,6 +189,8 @@ def format_info(d: dict[str, Any]) -> str:
             else f"max abs diff {drift['max_abs_diff']:.3g}"
         )
         rows.append(("replay drift", text))
+    elif d.get("drift_note"):
+        rows.append(("replay drift", d["drift_note"]))
     rows.append(
         (
             "written by",
@@ -206,6 +231,8 @@ class VerifyReport:
     trace: str
     stores: list[StoreReport]
     seconds: float = 0.0
+    #: what was not verified here (gradients recomputed at replay: θ needs the model)
+    note: str | None = None
 
     @property
     def steps(self) -> int:
@@ -262,6 +289,8 @@ def verify_trace(spec: Store | str | os.PathLike[str]) -> VerifyReport:
     try:
         trace = TraceReader(store, name=str(spec) if not isinstance(spec, Store) else repr(store))
         report = VerifyReport(trace=trace.name, stores=[_verify_store(trace)])
+        if trace.needs_model:
+            report.note = "records only (θ " + NEEDS_MODEL.removeprefix("not checked here: ") + ")"
         if trace.meta.world_size > 1:
             for r, where in enumerate(rank_specs(trace, spec), start=1):
                 report.stores.append(_verify_rank(trace, r, where))
@@ -389,6 +418,8 @@ def format_verify(r: VerifyReport) -> str:
         f"({r.mb_per_s:.1f} MB/s)"
         + (f" over {len(r.stores)} ranks' stores" if len(r.stores) > 1 else ""),
     ]
+    if r.note:
+        lines.append(f"note      {r.note}")
     if len(r.stores) == 1:
         return "\n".join(lines + _store_lines(r.stores[0], 8))
     last = "no step" if r.last_intact_step is None else f"steps 0..{r.last_intact_step}"

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["RecordOptions", "GRAD_CODECS", "COTANGENT_CODECS"]
+__all__ = ["RecordOptions", "GRAD_CODECS", "COTANGENT_CODECS", "GRADIENT_MODES"]
 
 GRAD_CODECS = ("lossless", "bf16")
 COTANGENT_CODECS = ("generic", "auto")
+GRADIENT_MODES = ("stored", "recompute", "auto")
 
 
 def _positive_int(name: str, value: Any, *, low: int = 1, high: int | None = None) -> None:
@@ -40,6 +41,11 @@ class RecordOptions:
     - ``checksums``: seal every record with an xxh3-64 checksum of its bytes, verified on
       every read (the header says so). Its cost was within the noise of a shared machine,
       +250-350 bytes per step (bench/results/checksum.json); off only to measure that.
+    - ``gradients``: ``"stored"`` (every step's gradient is stored), ``"recompute"`` (only a
+      small fingerprint per step: replay recomputes each gradient from the recorded forwards
+      and checks it, which needs the model; see ``fingerprint.py``) or ``"auto"`` (recompute,
+      checked at every checkpoint while recording; gradients are stored from the first
+      checkpoint step where the optimizer's gradient is not the recomputed one).
 
     Saved in the trace header (``TraceMeta.options``). Every field is checked here, once;
     a bad value raises ``ValueError``/``TypeError`` naming the field.
@@ -54,6 +60,7 @@ class RecordOptions:
     queue_size: int = 8
     max_pending_forwards: int = 256
     checksums: bool = True
+    gradients: str = "stored"
 
     def __post_init__(self) -> None:
         _positive_int("checkpoint_every", self.checkpoint_every)
@@ -75,6 +82,8 @@ class RecordOptions:
         _positive_int("max_pending_forwards", self.max_pending_forwards)
         if not isinstance(self.checksums, bool):
             raise TypeError(f"checksums must be True or False, got {self.checksums!r}")
+        if self.gradients not in GRADIENT_MODES:
+            raise ValueError(f"gradients must be one of {GRADIENT_MODES}, got {self.gradients!r}")
 
     @property
     def lossy(self) -> bool:

@@ -22,6 +22,7 @@ from .ddp import check_ranks, open_rank_stores
 from .errors import NotATraceError, TraceCorruptError, TraceMismatchError
 from .header import decode_header
 from .optimizers import qualified_name
+from .recompute import GradientRecompute
 from .records import Checkpoint, ForwardRecord, SkipRecord, StepRecord
 from .replay import DriftReport, ReplayStep, replay_steps
 from .samples import SampleRows
@@ -244,24 +245,60 @@ class TraceReader:
 
     # -- replay ---------------------------------------------------------------------------
 
+    @property
+    def gradients(self) -> str:
+        """How the run's gradients were recorded: "stored", "recompute" or "auto"."""
+        return self.meta.options.gradients
+
+    @property
+    def gradients_stored_from(self) -> int | None:
+        """gradients="auto": the first step whose gradient is stored (None: none is)."""
+        v = self.progress.get("gradients_stored_from")
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether replay recomputes gradients, so ``replay``/``params_at`` need ``model=``."""
+        if self.gradients == "stored" or self.num_steps == 0:
+            return False
+        return self.gradients_stored_from != 0
+
+    def _recompute(self, model: torch.nn.Module | None) -> GradientRecompute | None:
+        if model is None or self.gradients == "stored":
+            return None
+        return GradientRecompute(model, output_module=self.meta.output_module, where=self.name)
+
     def replay(
-        self, start: int = 0, stop: int | None = None, *, with_state: bool = True
+        self,
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        with_state: bool = True,
+        model: torch.nn.Module | None = None,
     ) -> Iterator[ReplayStep]:
-        """Rebuild θ_t for ``t`` in ``range(start, stop)`` by replaying the recorded optimizer."""
+        """Rebuild θ_t for ``t`` in ``range(start, stop)`` by replaying the recorded optimizer.
+
+        A trace recorded with ``gradients="recompute"`` (or ``"auto"``) needs ``model`` (the
+        traced architecture, on the device the run trained on) to recompute each gradient;
+        each is checked against its fingerprint (``GradientMismatchError``)."""
         stop = self.num_steps if stop is None else stop
         if not 0 <= start <= stop <= self.num_steps:
             raise IndexError(
                 f"replay range [{start}, {stop}) is outside the trace's steps 0..{self.num_steps}"
             )
-        return replay_steps(self, start, stop, with_state=with_state)
+        return replay_steps(
+            self, start, stop, with_state=with_state, recompute=self._recompute(model)
+        )
 
-    def params_at(self, t: int) -> dict[str, torch.Tensor]:
-        """θ_t: stored when ``t`` is a checkpoint (or the end), else rebuilt by replay."""
+    def params_at(self, t: int, *, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """θ_t: stored when ``t`` is a checkpoint (or the end), else rebuilt by replay
+        (``model``: see ``replay``)."""
         if not 0 <= t <= self.num_steps:
             raise IndexError(f"step {t} is outside 0..{self.num_steps}")
         if t in self.checkpoint_steps or (t == self.num_steps and self.progress.get("final")):
             return self.checkpoint(t).params
-        for rs in replay_steps(self, t - 1, t, with_state=False):
+        recompute = self._recompute(model)
+        for rs in replay_steps(self, t - 1, t, with_state=False, recompute=recompute):
             return rs.next_params
         raise TraceCorruptError(f"{self.name}: cannot rebuild the parameters at step {t}")
 
@@ -306,11 +343,15 @@ class TraceReader:
             raise TraceCorruptError(f"{self._where(ckpt_key(t))} is malformed (not a map)")
         return self.bounds.buffer_map(raw.get("buffers"), self._where(ckpt_key(t)))
 
-    def check_drift(self) -> DriftReport:
-        """Replay the whole trace and compare with every stored checkpoint and the end."""
+    def check_drift(self, *, model: torch.nn.Module | None = None) -> DriftReport:
+        """Replay the whole trace and compare with every stored checkpoint and the end
+        (``model``: see ``replay``; a trace that needs one raises ``ModelRequiredError``)."""
         if self._drift is None:
             report = DriftReport(lossy=self.lossy)
-            for _ in replay_steps(self, 0, self.num_steps, with_state=False, report=report):
+            recompute = self._recompute(model)
+            for _ in replay_steps(
+                self, 0, self.num_steps, with_state=False, report=report, recompute=recompute
+            ):
                 pass
             self._drift = report
         return self._drift
@@ -365,6 +406,9 @@ def _check_progress(raw: Any, where: str) -> dict[str, Any]:
                 for k, v in kinds.items()
             )
         )
+        ok = ok and isinstance(raw.get("gradients_switch_reason"), str | type(None))
+        v = raw.get("gradients_stored_from", 0)
+        ok = ok and isinstance(v, int) and not isinstance(v, bool) and v >= 0
     if not ok:
         raise TraceCorruptError(
             f"{where}: record 'progress' is malformed (its step counts are not counts); "

@@ -36,7 +36,6 @@ from .hooks import (
     GradTracker,
     OutputCapture,
     current_grad_scale,
-    dense_grads,
     find_batch_size,
     in_backward,
 )
@@ -44,7 +43,8 @@ from .layout import check_arguments, inspect_run, store_location
 from .modules import BufferTracker, ModuleIndex
 from .optimizers import capture_hyperparams, export_state
 from .options import RecordOptions
-from .packing import copy_named, cpu_copy
+from .packing import cpu_copy
+from .recompute import StepGradients
 from .records import CapturedForward, CapturedStep, Checkpoint
 from .sampleids import check_sample_ids
 from .stores import Store
@@ -127,6 +127,7 @@ class Recorder:
                     "optimizer. Close the first recording before starting another."
                 )
         self._layout = inspect_run(self.model, self.optimizer, self.options.output)
+        self._gradients = StepGradients(self.options, ddp=self.ddp)
         self._params, self._names = self._layout.params, self._layout.names
         spec = store_location(self.store_spec, self.ddp)
         meta = encode_header(
@@ -311,7 +312,7 @@ class Recorder:
     # -- hooks ----------------------------------------------------------------------------
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self._closed:
+        if self._closed or self._gradients.checking:
             return None
         nested = bool(self._stack)
         self._stack.append(None)  # popped by _post_forward, which always runs
@@ -347,6 +348,7 @@ class Recorder:
             mode_overrides=self._modules.mode_overrides(),
             buffers=self._forward_buffers(),
             user_ids=ids,
+            buffers_in=self._buffers.snapshot() if self._gradients.auto else None,
         )
         self._stack[-1] = OutputCapture(
             captured,
@@ -363,7 +365,7 @@ class Recorder:
         return self._buffers.snapshot_if_changed("forward")
 
     def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if self._closed or not self._stack:
+        if self._closed or self._gradients.checking or not self._stack:
             return None
         cap = self._stack.pop()
         if cap is None:
@@ -384,7 +386,7 @@ class Recorder:
         return None
 
     def _output_hook(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if self._closed or not self._stack or self._stack[-1] is None:
+        if self._closed or self._gradients.checking or not self._stack or self._stack[-1] is None:
             return None
         cap = self._stack[-1]
         if cap.output_seen:
@@ -437,7 +439,8 @@ class Recorder:
                 buffers=None,
             )
             return None
-        grads = copy_named(dense_grads(self._params))
+        forwards = [self._finish_forward(c) for c in received]
+        kept = self._gradients.capture(self.model, t, self._params, forwards)
         groups, tkeys = [], []
         for group in optimizer.param_groups:
             hp, tk = capture_hyperparams(group)
@@ -447,12 +450,12 @@ class Recorder:
         ckpt = self._state(t) if t % self.options.checkpoint_every == 0 else None
         self._in_flight = CapturedStep(
             index=t,
-            grads=grads,
             groups=groups,
             tensor_hyperparams=tkeys,
-            forwards=[self._finish_forward(c) for c in received],
+            forwards=forwards,
             buffers=buffers,
             checkpoint=ckpt,
+            **kept,
         )
         return None
 

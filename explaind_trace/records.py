@@ -126,6 +126,10 @@ class StepRecord:
     forwards: list[ForwardRecord]
     buffers: dict[str, torch.Tensor] | None
     tensor_hyperparams: list[dict[str, str]] = field(default_factory=list)
+    #: gradients="recompute"/"auto": the fingerprint of each gradient the optimizer saw
+    #: (``fingerprint.py``), the gradients themselves not stored; None: ``grads`` are stored.
+    #: Replay fills ``grads`` with the recomputed, checked gradients.
+    fingerprints: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass
@@ -156,6 +160,9 @@ class CapturedForward:
     mode_overrides: dict[str, bool]
     buffers: Mapping[str, torch.Tensor] | None
     user_ids: list[int | str] | None
+    #: the buffers this forward ran with (``buffers`` or the last ones recorded before it);
+    #: not stored, for the recorder's own gradient check (gradients="auto")
+    buffers_in: Mapping[str, torch.Tensor] | None = None
     output: Any = None  # tree of the output's structure, leaves {"k": "t", "i": j}
     cotangents: list[torch.Tensor | None] = field(default_factory=list)
     grad_scale: float = 1.0
@@ -174,3 +181,8 @@ class CapturedStep:
     forwards: list[CapturedForward]
     buffers: Mapping[str, torch.Tensor] | None
     checkpoint: Checkpoint | None = None
+    #: gradients not stored: their fingerprints (``fingerprint.py``) and their fp32 size
+    fingerprints: dict[str, dict[str, Any]] | None = None
+    grad_bytes: int = 0
+    #: gradients="auto": why gradients are stored from this step on (the first such step)
+    switch_reason: str | None = None

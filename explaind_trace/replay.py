@@ -17,8 +17,9 @@ from typing import Any, Protocol
 
 import torch
 
-from .errors import TraceCorruptError
+from .errors import ModelRequiredError, TraceCorruptError
 from .optimizers import export_state, load_state, optimizer_class_by_name, restore_hyperparams
+from .recompute import GradientRecompute
 from .records import Checkpoint, StepRecord, TraceMeta
 
 __all__ = ["ReplayStep", "DriftReport", "ReplaySource", "replay_steps"]
@@ -52,6 +53,10 @@ class ReplaySource(Protocol):
 
     def final(self) -> Checkpoint | None:
         """The state when recording ended; None when the run has none."""
+        ...
+
+    def buffers_at(self, t: int) -> dict[str, torch.Tensor]:
+        """The buffers after step ``t``'s forwards."""
         ...
 
 
@@ -195,6 +200,31 @@ def _replaying(reader: ReplaySource, t: int, fn: Any, *args: Any) -> Any:
         ) from e
 
 
+def _recomputed(
+    reader: ReplaySource,
+    recompute: GradientRecompute | None,
+    t: int,
+    params: dict[str, torch.Tensor],
+    record: StepRecord,
+) -> dict[str, torch.Tensor]:
+    """The gradients of a step recorded without them, recomputed and checked (recompute.py)."""
+    if recompute is None:
+        raise ModelRequiredError(
+            f"{reader.name}: step {t} was recorded with gradients="
+            f"{reader.meta.options.gradients!r}: its gradient is not stored but recomputed from "
+            "the recorded forwards, which needs the model. Pass the traced model: "
+            "trace.replay(model=model), trace.params_at(t, model=model)."
+        )
+    prev = reader.buffers_at(t - 1) if t > 0 else reader.checkpoint(0).buffers
+    pairs = []
+    for f in record.forwards:
+        if f.buffers is not None:
+            prev = f.buffers
+        pairs.append((f, prev))
+    assert record.fingerprints is not None  # a recompute step (checked by the caller)
+    return recompute.gradients(t, params, pairs, record.fingerprints)
+
+
 def replay_steps(
     reader: ReplaySource,
     start: int,
@@ -202,10 +232,16 @@ def replay_steps(
     *,
     with_state: bool = True,
     report: DriftReport | None = None,
+    recompute: GradientRecompute | None = None,
 ) -> Iterator[ReplayStep]:
-    """Yield ``ReplayStep`` for ``t`` in ``range(start, stop)`` (see module docstring)."""
+    """Yield ``ReplayStep`` for ``t`` in ``range(start, stop)`` (see module docstring).
+
+    Steps recorded without gradients (``gradients="recompute"``/``"auto"``) have them
+    recomputed by ``recompute`` at the rebuilt θ_t and checked against their fingerprints
+    (``GradientMismatchError`` on a mismatch); ``ReplayStep.record.grads`` holds them."""
     if start >= stop:
         return
+    full_records = reader.meta.options.gradients != "stored"
     report = report if report is not None else DriftReport(lossy=reader.lossy)
     ckpts = set(reader.checkpoint_steps)
     base = max((c for c in ckpts if c <= start), default=None)
@@ -216,10 +252,12 @@ def replay_steps(
     before = rep.snapshot()
     for t in range(base, stop):
         emit = t >= start
-        if emit:
+        if emit or full_records:
             record = reader.step(t)
+            if record.fingerprints is not None:
+                record.grads = _recomputed(reader, recompute, t, rep.params, record)
             grads, groups, tkeys = record.grads, record.groups, record.tensor_hyperparams
-            state_before = rep.state() if with_state else {}
+            state_before = rep.state() if with_state and emit else {}
         else:
             grads, groups, tkeys = reader.step_update(t)
         _replaying(reader, t, rep.step, grads, groups, tkeys)

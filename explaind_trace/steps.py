@@ -7,7 +7,9 @@
      "groups": [{hyperparameter: value}],  # per param group, as used by this step
      "tensor_hyperparams": [{key: dtype}], # which hyperparameters were tensors
      "forwards": [forward],                # the forwards whose gradients this step used
-     "buffers": {name: tensor} | None}     # after the forwards; None: unchanged
+     "buffers": {name: tensor} | None,     # after the forwards; None: unchanged
+     "fingerprints": {param name: {"bits", "norm", "at"}}}  # only when grads are not
+                                           # stored (gradients="recompute"; fingerprint.py)
 
 a forward::
 
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from . import codec
+from . import codec, fingerprint
 from .cotangent_codec import EncodedCotangent, deferred_tree, is_encoded
 from .encoder import TensorEncoder
 from .errors import TraceCorruptError
@@ -130,7 +132,7 @@ def _encode_forward(
 def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
     """The stored records of one step: new samples, the step, and its checkpoint if any."""
     out: list[tuple[str, Any]] = []
-    enc.raw_bytes += sum(4 * g.numel() for g in s.grads.values())
+    enc.raw_bytes += sum(4 * g.numel() for g in s.grads.values()) + s.grad_bytes
     rec = {
         "index": s.index,
         "grads": enc.count("gradients", enc.tensors(s.grads, lossy=True)),
@@ -139,6 +141,8 @@ def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
         "forwards": [_encode_forward(enc, f, out) for f in s.forwards],
         "buffers": None if s.buffers is None else enc.count("buffers", enc.buffers(s.buffers)),
     }
+    if s.fingerprints is not None:
+        rec["fingerprints"] = fingerprint.encode(s.fingerprints, enc.tensor)
     enc.pace()
     out.append((step_key(s.index), rec))
     if s.checkpoint is not None:
@@ -201,6 +205,10 @@ def decode_step(
         if buffers is not None:
             at = f"{where}, buffers"
             buffers = bounds.buffer_map(buffers, at) if bounds else decode_tensors(buffers)
+        fps = raw.get("fingerprints")
+        if fps is not None:
+            free = bounds.free if bounds else lambda o, at: codec.decode_tensor(o, where=at)
+            fps = fingerprint.decode(fps, where, free)
         return StepRecord(
             index=t,
             grads=grads,
@@ -209,6 +217,7 @@ def decode_step(
             forwards=forwards,
             buffers=buffers,
             tensor_hyperparams=tkeys,
+            fingerprints=fps,
         )
     except (KeyError, TypeError, AttributeError) as e:
         raise TraceCorruptError(f"{where}: step record {t} is malformed ({e!r:.200})") from e

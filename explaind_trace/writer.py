@@ -198,6 +198,9 @@ class TraceWriter:
         elif isinstance(job, CapturedStep):
             items = encode_step(enc, job)
             progress["steps"] = job.index + 1
+            if job.switch_reason is not None:  # gradients="auto": stored from this step on
+                progress["gradients_stored_from"] = job.index
+                progress["gradients_switch_reason"] = job.switch_reason
         elif isinstance(job, _Skip):
             items = encode_skip(enc, progress["skipped"], job.before_step, job.reason, job.forwards)
             progress["skipped"] += 1

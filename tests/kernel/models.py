@@ -118,6 +118,7 @@ def train(
     seed: int = 0,
     l2: float = 0.0,
     clip: float | None = None,
+    checkpoint_every: int = 50,
     **record_kw,
 ):
     """Train `setup` under explaind_trace.record; returns (fresh model of the arch, test inputs)."""
@@ -130,7 +131,9 @@ def train(
     x, y, test_x = setup.make_data(g)
     opt = setup.make_opt(model)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=50, gamma=0.5)
-    with explaind_trace.record(model, opt, store=store, checkpoint_every=50, **record_kw):
+    with explaind_trace.record(
+        model, opt, store=store, checkpoint_every=checkpoint_every, **record_kw
+    ):
         for _ in range(setup.steps):
             idx = torch.randperm(len(x), generator=g)[: setup.batch]
             opt.zero_grad()

@@ -1,0 +1,162 @@
+"""A small per-step fingerprint of the gradient the optimizer saw (``gradients="recompute"``).
+
+Per parameter tensor with a gradient, three things, all computed on the gradient's device:
+
+- ``bits``: the sum of the gradient's bit patterns read as integers (int64, wrapping). Any
+  change of any element changes it (barring changes that cancel exactly modulo 2⁶⁴), and
+  integer addition is exact in every order, so it is the same number on CPU and GPU: the
+  bitwise check. One pass over the gradient, no copy (a ``view`` of the bits).
+- ``norm``: the float64 L2 norm, for naming the cause of a mismatch (a clipped gradient is
+  the recomputed one times a factor < 1).
+- ``at``: ``SAMPLES`` values at fixed pseudo-random positions (a golden-ratio sequence seeded
+  by the parameter's name), stored exactly: a difference proportional to θ at those positions
+  is an L2 term in the loss; a uniform ratio is clipping; anything else a hook or a loss term
+  that does not come through the recorded output.
+
+No random projection: it would cost a pass with a random vector per step and catch nothing
+the integer sum misses. About 300 bytes per tensor per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .errors import TraceCorruptError
+
+__all__ = [
+    "SAMPLES",
+    "positions",
+    "fingerprints",
+    "matches",
+    "likely_cause",
+    "encode",
+    "decode",
+]
+
+SAMPLES = 32
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_PHI = (math.sqrt(5.0) - 1.0) / 2.0
+
+
+def positions(name: str, numel: int, k: int = SAMPLES) -> list[int]:
+    """``min(k, numel)`` fixed positions in a tensor of ``numel`` elements, from its name."""
+    if numel <= k:
+        return list(range(numel))
+    h = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+    start = h / 2.0**64
+    return [int(((start + i * _PHI) % 1.0) * numel) for i in range(k)]
+
+
+def _bits(g: torch.Tensor) -> torch.Tensor:
+    return g.view(_INT[g.element_size()]).sum(dtype=torch.int64)
+
+
+def fingerprints(
+    grads: Mapping[str, torch.Tensor], cache: dict[str, torch.Tensor] | None = None
+) -> dict[str, dict[str, Any]]:
+    """``{name: {"bits": int, "norm": float, "at": tensor}}`` of dense gradients (CPU values;
+    one device-to-host copy for all tensors). ``cache`` keeps the positions per name."""
+    cache = {} if cache is None else cache
+    bits, norms, samples, names = [], [], [], []
+    for name, g in grads.items():
+        g = g.detach()
+        idx = cache.get(name)
+        if idx is None or idx.device != g.device:
+            idx = cache[name] = torch.tensor(positions(name, g.numel()), device=g.device)
+        flat = g.reshape(-1)
+        bits.append(_bits(flat))
+        norms.append(torch.linalg.vector_norm(flat, dtype=torch.float64))
+        samples.append(flat[idx])
+        names.append(name)
+    if not names:
+        return {}
+    host_bits = torch.stack(bits).cpu().tolist()
+    host_norms = torch.stack(norms).cpu().tolist()
+    return {
+        n: {"bits": int(b), "norm": float(v), "at": s.cpu()}
+        for n, b, v, s in zip(names, host_bits, host_norms, samples)
+    }
+
+
+def matches(expected: Mapping[str, Any], got: torch.Tensor, name: str) -> bool:
+    """Whether ``got`` has the fingerprint ``expected`` bit for bit."""
+    fp = fingerprints({name: got})[name]
+    at = expected["at"]
+    return (
+        fp["bits"] == expected["bits"]
+        and fp["at"].dtype == at.dtype
+        and fp["at"].shape == at.shape
+        and torch.equal(fp["at"].view(_INT[at.element_size()]), at.view(_INT[at.element_size()]))
+    )
+
+
+def likely_cause(
+    expected: Mapping[str, Any], got: torch.Tensor, theta: torch.Tensor, name: str
+) -> str:
+    """The most likely reason the optimizer's gradient (``expected``) of parameter ``name``
+    is not ``got``, the gradient through the recorded output at parameters ``theta``."""
+    want = expected["at"].double()
+    flat = got.detach().reshape(-1).double().cpu()
+    pos = positions(name, flat.numel())
+    if len(pos) != want.numel():
+        return "the recorded fingerprint does not fit this parameter"
+    have = flat[pos]
+    t_at = theta.detach().reshape(-1).double().cpu()[pos]
+    norm_got = float(torch.linalg.vector_norm(flat))
+    norm_want = float(expected["norm"])
+    scale = max(float(want.abs().max()), float(have.abs().max()), 1e-30)
+    diff = want - have
+    if float(diff.abs().max()) <= 1e-4 * scale:
+        return (
+            "the values differ only in the last bits: a nondeterministic kernel (e.g. a GPU "
+            "reduction or atomics) or a different accumulation order"
+        )
+    if norm_got > 0 and norm_want < norm_got:
+        r = norm_want / norm_got
+        if float((want - r * have).abs().max()) <= 1e-4 * scale:
+            return f"the gradient was scaled by {r:.4g} before the step: gradient clipping"
+    denom = float(t_at @ t_at)
+    if denom > 0:
+        lam = float(diff @ t_at) / denom
+        if lam != 0 and float((diff - lam * t_at).abs().max()) <= 1e-3 * scale:
+            return (
+                f"the difference is {lam:.4g}·θ: an L2 term on the parameters in the loss "
+                "(not through the model output)"
+            )
+    return "a gradient hook, or a loss term that does not come through the recorded model output"
+
+
+def encode(fps: Mapping[str, Mapping[str, Any]], tensor: Any) -> dict[str, Any]:
+    """The stored map of a step's fingerprints (``tensor`` encodes the sampled values)."""
+    return {
+        n: {"bits": int(f["bits"]), "norm": float(f["norm"]), "at": tensor(f["at"])}
+        for n, f in fps.items()
+    }
+
+
+def decode(raw: Any, where: str, tensor: Any) -> dict[str, dict[str, Any]]:
+    """A step's fingerprints back from their stored map (``tensor(obj, where)`` decodes the
+    sampled values)."""
+    if not isinstance(raw, dict):
+        raise TraceCorruptError(f"{where}: the gradient fingerprints are malformed")
+    out = {}
+    for n, f in raw.items():
+        ok = (
+            isinstance(f, dict)
+            and isinstance(f.get("bits"), int)
+            and not isinstance(f.get("bits"), bool)
+            and isinstance(f.get("norm"), float)
+        )
+        if not ok:
+            raise TraceCorruptError(f"{where}: the gradient fingerprint of {n!r} is malformed")
+        out[str(n)] = {
+            "bits": f["bits"],
+            "norm": f["norm"],
+            "at": tensor(f["at"], f"{where}, fingerprint of {n!r}"),
+        }
+    return out
