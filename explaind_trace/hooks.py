@@ -26,6 +26,7 @@ __all__ = [
     "dense_grads",
     "OutputCapture",
     "GradTracker",
+    "prune_pending",
 ]
 
 
@@ -277,3 +278,16 @@ class GradTracker:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+
+
+def prune_pending(pending: list[OutputCapture], limit: int) -> tuple[list[OutputCapture], bool]:
+    """``pending`` without its oldest forwards still waiting for a backward beyond ``limit``
+    (released); and whether any was dropped."""
+    waiting = [c for c in pending if not c.received]
+    excess = len(waiting) - limit
+    if excess <= 0:
+        return pending, False
+    drop = {id(c) for c in waiting[:excess]}
+    for c in waiting[:excess]:
+        c.release()
+    return [c for c in pending if id(c) not in drop], True

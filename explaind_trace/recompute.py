@@ -10,7 +10,9 @@ order, as autograd accumulated them into p.grad:
   as ``GradScaler.unscale_``): both are done here too, so the bits are the optimizer's;
 - ``zero_grad(set_to_none=False)`` accumulates onto zeros, which turns a -0.0 into +0.0; a
   parameter the optimizer saw a (zero) gradient for but that no forward reached gets zeros;
-- forwards under ``no_grad``, never backwarded, or of a skipped AMP step are not in the step.
+- forwards under ``no_grad``, never backwarded, or of a skipped AMP step are not in the step;
+- a cotangent stored by the cotangent codec is rebuilt from the same replay's logits (and
+  left resolved in the record, so the kernel does not replay that forward again for it).
 
 The result is checked against the step's fingerprint (``fingerprint.py``); a mismatch raises
 ``GradientMismatchError`` naming the step, the parameter and the likely cause.
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from . import fingerprint
+from .cotangent_codec import DeferredCotangent
 from .errors import GradientMismatchError, RecordingError, TraceMismatchError
 from .hooks import dense_grads
 from .packing import copy_named
@@ -57,6 +60,16 @@ def _scaled(c: Tensor, scale: float, dtype: torch.dtype) -> Tensor:
     return (c.to(wide) * torch.tensor(scale, dtype=wide, device=c.device)).to(dtype)
 
 
+def _detached(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
 def step_gradients(
     model: nn.Module,
     params: Mapping[str, Tensor],
@@ -73,6 +86,8 @@ def step_gradients(
     scale = 1.0
     for fwd, buffers in forwards:
         out = reforward(model, leaves, buffers, fwd, output_module=output_module, grad=True)
+        if isinstance(fwd.cotangent, DeferredCotangent):  # codec-stored: from these logits
+            fwd.cotangent = fwd.cotangent.resolve(_detached(out))
         outs, cots = tree_leaves(out), tree_leaves(fwd.cotangent)
         if len(outs) != len(cots):
             raise TraceMismatchError(

@@ -38,6 +38,7 @@ from .hooks import (
     current_grad_scale,
     find_batch_size,
     in_backward,
+    prune_pending,
 )
 from .layout import check_arguments, inspect_run, store_location
 from .modules import BufferTracker, ModuleIndex
@@ -292,23 +293,6 @@ class Recorder:
         self._skipped += 1
         self._grads.reset()
 
-    def _prune_pending(self) -> None:
-        waiting = [c for c in self._pending if not c.received]
-        excess = len(waiting) - self.options.max_pending_forwards
-        if excess <= 0:
-            return
-        if not self._warned_pending:
-            logger.warning(
-                "more than %d grad-enabled forwards without a backward are pending; dropping the "
-                "oldest (run evaluation under torch.no_grad() to avoid recording it)",
-                self.options.max_pending_forwards,
-            )
-            self._warned_pending = True
-        drop = {id(c) for c in waiting[:excess]}
-        for c in waiting[:excess]:
-            c.release()
-        self._pending = [c for c in self._pending if id(c) not in drop]
-
     # -- hooks ----------------------------------------------------------------------------
 
     def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -325,7 +309,14 @@ class Recorder:
             self._pending = [c for c in self._pending if not c.received]
             self._write_skip(received, "grads_cleared")
         self._skip_stale_backwards()
-        self._prune_pending()
+        self._pending, warned = prune_pending(self._pending, self.options.max_pending_forwards)
+        if warned and not self._warned_pending:
+            logger.warning(
+                "more than %d grad-enabled forwards without a backward are pending; dropping the "
+                "oldest (run evaluation under torch.no_grad() to avoid recording it)",
+                self.options.max_pending_forwards,
+            )
+            self._warned_pending = True
         batch, device = find_batch_size(args, kwargs)
         ids = self._next_ids
         if ids is not None and len(ids) != batch:
