@@ -177,7 +177,7 @@ class GradientRecompute:
     ) -> dict[str, Tensor]:
         """The checked gradients of step ``step`` at θ_t = ``params`` (on CPU)."""
         dev = self.device
-        on_dev = {n: p.to(dev) for n, p in params.items()}
+        on_dev = {n: p.to(dev) for n, p in params.items()}  # (replay keeps them there)
         try:
             acc = step_gradients(self.model, on_dev, forwards, output_module=self.output_module)
         except (RuntimeError, TypeError, ValueError) as e:

@@ -145,10 +145,18 @@ def _compare(
 
 
 class _Replayer:
-    def __init__(self, reader: ReplaySource, ckpt: Checkpoint) -> None:
+    """The recorded optimizer over rebuilt parameters on ``device`` (the CPU, or in the
+    recompute mode the model's device, where training ran); hands out CPU copies."""
+
+    def __init__(
+        self, reader: ReplaySource, ckpt: Checkpoint, device: torch.device | None = None
+    ) -> None:
         meta = reader.meta
         cls = optimizer_class_by_name(meta.optimizer.class_name, meta.optimizer.rule)
-        self.params = {n: ckpt.params[n].clone().requires_grad_(True) for n in reader.param_names}
+        dev = device or torch.device("cpu")
+        self.params = {
+            n: ckpt.params[n].to(dev, copy=True).requires_grad_(True) for n in reader.param_names
+        }
         self.names = {id(p): n for n, p in self.params.items()}
         groups = []
         for g in meta.optimizer.groups:
@@ -169,7 +177,7 @@ class _Replayer:
             restore_hyperparams(group, groups[gi], tkeys[gi] if gi < len(tkeys) else None)
         for n, p in self.params.items():
             g = grads.get(n)
-            p.grad = None if g is None else g.clone()
+            p.grad = None if g is None else g.to(p.device, copy=True)
         self.opt.step()
         for p in self.params.values():
             p.grad = None
@@ -181,7 +189,7 @@ class _Replayer:
         load_state(self.opt, ckpt.optimizer_state, self.order)
 
     def snapshot(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.params.items()}
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.params.items()}
 
     def state(self) -> dict[str, dict[str, Any]]:
         return export_state(self.opt, self.names)
@@ -247,7 +255,8 @@ def replay_steps(
     base = max((c for c in ckpts if c <= start), default=None)
     if base is None:
         raise KeyError(f"{reader.name}: no checkpoint at or before step {start}")
-    rep = _replaying(reader, base, lambda: _Replayer(reader, reader.checkpoint(base)))
+    device = recompute.device if recompute is not None else None
+    rep = _replaying(reader, base, lambda: _Replayer(reader, reader.checkpoint(base), device))
     final = reader.final() if stop == reader.num_steps else None
     before = rep.snapshot()
     for t in range(base, stop):
@@ -267,7 +276,7 @@ def replay_steps(
         elif t + 1 == reader.num_steps and final is not None:
             stored = final
         if stored is not None:
-            _compare(t + 1, rep.params, rep.state(), stored, report)
+            _compare(t + 1, rep.snapshot(), rep.state(), stored, report)
             rep.reset(stored)
         after = rep.snapshot()
         if emit:

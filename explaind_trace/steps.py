@@ -142,7 +142,9 @@ def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
         "buffers": None if s.buffers is None else enc.count("buffers", enc.buffers(s.buffers)),
     }
     if s.fingerprints is not None:
-        rec["fingerprints"] = fingerprint.encode(s.fingerprints, enc.tensor)
+        rec["fingerprints"] = enc.count(
+            "fingerprints", fingerprint.encode(s.fingerprints, enc.tensor)
+        )
     enc.pace()
     out.append((step_key(s.index), rec))
     if s.checkpoint is not None:

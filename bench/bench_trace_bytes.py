@@ -1,0 +1,196 @@
+"""Trace bytes per step, stored vs recomputed gradients; recording and kernel time per mode.
+
+The same seeded training of the bench's p = 97 modular-addition Transformer (d_model 128,
+AdamW, batch 512, as bench_record.py) is recorded with
+
+- ``gradients="stored"`` (the default), generic cotangent codec;
+- ``gradients="recompute"``, generic cotangent codec;
+- ``gradients="recompute"``, ``cotangent_codec="auto"`` (the cross-entropy codec);
+
+and the stored bytes per step (progress ``stored_bytes`` / steps: checkpoints every 100 steps,
+first-time samples, RNG states, cotangents, fingerprints, record structure) are set against
+the raw fp32 gradient (4 bytes × parameters), with the bytes by kind.
+
+Recording time: plain training and each recording mode alternated in one process (median
+ratio to plain over the repeats). Kernel time: ``compute_kernel`` on a stored and a
+recompute trace of a smaller run (batch 64, few steps, 2 test inputs), alternated; the
+recompute trace's replay runs every forward once more, with a backward. The results of the
+two are checked bitwise equal. On a shared machine the wall times are indicative only; the
+ratios of alternated runs are the robust figure.
+
+    python bench/bench_trace_bytes.py                          # defaults below
+    python bench/bench_trace_bytes.py --steps 200 --repeats 2 --kernel-steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import explaind_trace as et  # noqa: E402
+from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
+from explaind_kernel import compute_kernel  # noqa: E402
+
+P = 97
+MODES = {
+    "stored": {"gradients": "stored"},
+    "recompute": {"gradients": "recompute"},
+    "recompute+codec": {"gradients": "recompute", "cotangent_codec": "auto"},
+}
+
+
+def setup(seed: int = 0):
+    torch.manual_seed(seed)
+    x, y, _, _ = make_dataset(P, train_fraction=0.3, seed=0)
+    model = ModularAdditionTransformer(P, d_model=128, n_heads=4, d_mlp=512)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
+    return model, opt, x, y
+
+
+def train(model, opt, x, y, *, batch: int, steps: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+_names = iter(range(10**9))
+
+
+def run(mode: str | None, *, steps: int, batch: int, every: int) -> tuple[float, dict, str]:
+    """Seconds of one training run (recorded in `mode`, or plain), its progress, its store."""
+    model, opt, x, y = setup()
+    store = f"memory://bench-bytes-{next(_names)}"
+    t0 = time.perf_counter()
+    if mode is None:
+        train(model, opt, x, y, batch=batch, steps=steps)
+        return time.perf_counter() - t0, {}, store
+    with et.record(model, opt, store=store, checkpoint_every=every, **MODES[mode]):
+        train(model, opt, x, y, batch=batch, steps=steps)
+    seconds = time.perf_counter() - t0
+    with et.open_trace(store) as trace:
+        progress = dict(trace.progress)
+    return seconds, progress, store
+
+
+def bytes_per_step(args) -> dict:
+    model, _, _, _ = setup()
+    params = sum(p.numel() for p in model.parameters())
+    raw = 4 * params
+    out: dict = {"parameters": params, "raw_fp32_gradient_bytes": raw, "modes": {}}
+    for mode in MODES:
+        _, prog, _ = run(mode, steps=args.steps, batch=args.batch, every=args.checkpoint_every)
+        per = prog["stored_bytes"] / args.steps
+        kinds = {k: v / args.steps for k, v in (prog.get("kind_bytes") or {}).items()}
+        out["modes"][mode] = {
+            "stored_bytes_per_step": per,
+            "vs_raw_gradient": per / raw,
+            "kind_bytes_per_step": kinds,
+        }
+        print(f"{mode}: {per / 1e3:.1f} KB/step = {per / raw:.4f} x raw gradient", flush=True)
+    return out
+
+
+def recording_time(args) -> dict:
+    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in MODES}}
+    kw = {"steps": args.time_steps, "batch": args.batch, "every": args.checkpoint_every}
+    run(None, **{**kw, "steps": 5})  # warm up
+    for _ in range(args.repeats):
+        for mode in [None, *MODES]:
+            times["plain" if mode is None else mode].append(run(mode, **kw)[0])
+    plain = statistics.median(times["plain"])
+    ratios = {m: statistics.median(t / p for t, p in zip(times[m], times["plain"])) for m in MODES}
+    print(f"recording / plain (median of {args.repeats}): {ratios}", flush=True)
+    return {
+        "steps": args.time_steps,
+        "seconds": times,
+        "plain_ms_per_step": 1000 * plain / args.time_steps,
+        "median_ratio_to_plain": ratios,
+    }
+
+
+def kernel_time(args) -> dict:
+    stores = {}
+    for mode in ("stored", "recompute"):
+        stores[mode] = run(mode, steps=args.kernel_steps, batch=64, every=args.kernel_every)[2]
+    _, _, x, _ = setup()
+    test_x = x[:2]
+    seconds: dict[str, list[float]] = {"stored": [], "recompute": []}
+    results = {}
+    for _ in range(args.repeats):
+        for mode, store in stores.items():
+            fresh = ModularAdditionTransformer(P, d_model=128, n_heads=4, d_mlp=512)
+            t0 = time.perf_counter()
+            results[mode] = compute_kernel(
+                store, fresh, test_x, progress=False, training_mode="rules"
+            )
+            seconds[mode].append(time.perf_counter() - t0)
+    a, b = results["stored"], results["recompute"]
+    equal = all(
+        np.array_equal(getattr(a, f.name), getattr(b, f.name))
+        for f in dataclasses.fields(a)
+        if isinstance(getattr(a, f.name), np.ndarray)
+    )
+    ratio = statistics.median(r / s for r, s in zip(seconds["recompute"], seconds["stored"]))
+    print(f"kernel recompute / stored (median of {args.repeats}): {ratio:.3f}", flush=True)
+    return {
+        "steps": args.kernel_steps,
+        "batch": 64,
+        "test_inputs": 2,
+        "checkpoint_every": args.kernel_every,
+        "seconds": seconds,
+        "median_ratio_recompute_to_stored": ratio,
+        "results_bitwise_equal": equal,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=300, help="steps of the bytes runs")
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--checkpoint-every", type=int, default=100)
+    ap.add_argument("--time-steps", type=int, default=40, help="steps of the timed runs")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--kernel-steps", type=int, default=12)
+    ap.add_argument("--kernel-every", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trace_bytes.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {
+        "benchmark": "trace bytes per step and time: stored vs recomputed gradients",
+        "command": " ".join(["bench/bench_trace_bytes.py", *sys.argv[1:]]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "model": f"ModularAdditionTransformer(p={P}, d_model=128, n_heads=4, d_mlp=512), AdamW",
+        "note": "shared machine: wall times indicative only; ratios of alternated runs in one "
+        "process are the robust figure",
+        "bytes": bytes_per_step(args),
+        "recording": recording_time(args),
+        "kernel": kernel_time(args),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
