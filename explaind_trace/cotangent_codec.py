@@ -100,34 +100,41 @@ def reconstruct(
     return torch._log_softmax_backward_data(go, ls, -1, logits.dtype)
 
 
-def _estimate(c: Tensor, e: Tensor, y: Tensor) -> Tensor:
+def _estimate(c: Tensor, ls: Tensor, y: Tensor) -> Tensor:
     """The scale ``a`` of rows ``c`` with targets ``y``: the median of −c_j/e_j over the (at
-    most 8) entries of largest probability ``e`` (float64) that are not the target, where
-    c_j = −e_j·a up to one rounding."""
-    masked = e.scatter(1, y[:, None], -1.0)
+    most 8) entries of largest log-probability ``ls`` that are not the target, where
+    c_j = −e_j·a up to one rounding (e_j = exp(ls_j) as the backward computes it, half
+    dtypes in float32)."""
+    masked = ls.scatter(1, y[:, None], float("-inf"))
     top = masked.topk(min(8, c.shape[1] - 1), dim=1).indices
-    est = -(c.gather(1, top).double() / e.gather(1, top))
+    e = torch.exp(ls.gather(1, top).to(torch.promote_types(ls.dtype, torch.float32))).double()
+    est = -(c.gather(1, top).double() / e)
     a = est.median(1).values
     return torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).to(c.dtype)
 
 
-def _analyse(z: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row of ``c`` [n, V] (nonzero rows): the best target, scale, and the number of
-    entries its reconstruction misses (V + 1 where no candidate applies)."""
+def _analyse(z: Tensor, c: Tensor, neg: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row of ``c`` [n, V] (nonzero rows with ``neg``/``pos`` negative/positive entries):
+    the best target, scale, and the number of entries its reconstruction misses (V + 1 where
+    no candidate applies)."""
     n, v = c.shape
-    # the probabilities as the backward computes them (exp of log_softmax, half dtypes in fp32)
     ls = torch.log_softmax(z, -1)
-    e = torch.exp(ls.to(torch.promote_types(ls.dtype, torch.float32))).double()
-    neg, pos = (c < 0).sum(1), (c > 0).sum(1)
-    lo, hi = c.argmin(1), c.argmax(1)
     # a < 0 (a loss to minimise): one negative entry, at the target; a > 0: one positive
-    first = torch.where(neg <= pos, lo, hi)
-    ties = torch.where(neg == pos, torch.where(neg <= pos, hi, lo), first)
+    first = c.argmin(1)
+    flip = (neg > pos).nonzero().squeeze(1)
+    if flip.numel():
+        first[flip] = c[flip].argmax(1)
+    tie = (neg == pos).nonzero().squeeze(1)  # V = 2, or all but two entries zero: try both
+    other = first.clone()
+    if tie.numel():
+        other[tie] = c[tie].argmax(1)
     best_m = torch.full((n,), v + 1, dtype=torch.int64)
     best_y, best_a = first.clone(), torch.zeros(n, dtype=c.dtype)
     cb = _bits(c)
-    for y, only in ((first, None), (ties, ties != first)):
-        a0 = _estimate(c, e, y)
+    for y, only in ((first, None), (other, other != first)):
+        if only is not None and not bool(only.any()):
+            continue
+        a0 = _estimate(c, ls, y)
         inf = torch.full_like(a0, float("inf"))
         # the estimate is the scale or one of its neighbours (one rounding apart)
         for a in (a0, torch.nextafter(a0, inf), torch.nextafter(a0, -inf)):
@@ -135,8 +142,9 @@ def _analyse(z: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             rows = todo.nonzero().squeeze(1)
             if rows.numel() == 0:
                 continue
-            r = reconstruct(z[rows], y[rows], a[rows], ls[rows])
-            m = (_bits(r) != cb[rows]).sum(1)
+            whole = rows.numel() == n
+            r = reconstruct(z if whole else z[rows], y[rows], a[rows], ls if whole else ls[rows])
+            m = (_bits(r) != (cb if whole else cb[rows])).sum(1)
             better = m < best_m[rows]
             sel = rows[better]
             best_m[sel], best_y[sel], best_a[sel] = m[better], y[sel], a[sel]
@@ -169,12 +177,22 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
     step = max(1, _BLOCK // v)
     for start in range(0, n, step):
         stop = min(n, start + step)
-        zero = (cb[start:stop] == 0).all(1)
-        kinds[start:stop][zero] = KIND_ZERO
-        live = (~zero).nonzero().squeeze(1) + start
+        block = c[start:stop]
+        neg, pos = (block < 0).sum(1), (block > 0).sum(1)
+        signless = (neg + pos == 0).nonzero().squeeze(1)  # zeros (or -0.0: not zero bits)
+        if signless.numel():
+            zero = (cb[start:stop][signless] == 0).all(1)
+            kinds[start + signless[zero]] = KIND_ZERO
+        # a·(e_y − p) has the sign of −a everywhere but at the target: a cheap, exact filter
+        # (MSE or random rows, with mixed signs, do not pass it)
+        keep = (torch.minimum(neg, pos) <= 1) & (neg + pos > 0)
+        live = keep.nonzero().squeeze(1)
         if live.numel() == 0:
             continue
-        y, a, m = _analyse(z[live], c[live])
+        whole = live.numel() == stop - start
+        zl, cl = (z[start:stop], block) if whole else (z[start:stop][live], block[live])
+        y, a, m = _analyse(zl, cl, neg[live], pos[live])
+        live = live + start
         ok = m * _MAX_MISMATCH <= v
         kinds[live[ok]] = KIND_CE
         target[live[ok]], scale[live[ok]] = y[ok], a[ok]
