@@ -18,10 +18,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="runs/language_model", help="run directory")
     p.add_argument("--small", action="store_true", help="the seconds-long configuration")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace")
+    p.add_argument("--gradients", default="recompute", help="see train.py --help")
+    p.add_argument("--cotangent-codec", default="auto", help="see train.py --help")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     common = ["--no-progress"] if args.no_progress else []
-    train_argv = ["--out", args.out, *common]
+    train_argv = ["--out", args.out, *common, "--gradients", args.gradients]
+    train_argv += ["--cotangent-codec", args.cotangent_codec]
     train_argv += ["--small"] if args.small else []
     train_argv += ["--overwrite"] if args.overwrite else []
     analyze_argv = ["--run", args.out, *common]

@@ -5,7 +5,9 @@ recorded by ExPLAIND's Trainer callback.
     python -m examples.language_model.train --out runs/lm --small    # seconds (the tests' set-up)
 
 The model computes its loss inside forward (the Trainer passes labels=), so the callback is
-told which submodule produces the per-token logits: ``output="lm_head"``. Gradient clipping is
+told which submodule produces the per-token logits: ``output="lm_head"``. The trace keeps no
+per-step gradients (``gradients="recompute"``) and stores each cross-entropy cotangent as its
+target and scale (``cotangent_codec="auto"``); both are rebuilt exactly at replay. Gradient clipping is
 off (``max_grad_norm=0``): clipping rescales the gradient after the backward, so the gradient
 the optimizer applies is no longer the one that came through the model output (see README.md).
 The configuration goes to config.json, held-out losses before and after to train.json.
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 
 import explaind_trace
+from explaind_trace.options import COTANGENT_CODECS, GRADIENT_MODES
 
 from .corpus import Language, Sentences, sequence_loss
 from .model import build_model, gpt2_config
@@ -88,13 +91,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add_size_args(p)
     p.add_argument(
         "--gradients",
-        default="stored",
-        help="how the trace keeps each step's gradient (explaind_trace.RecordOptions)",
+        default="recompute",
+        choices=GRADIENT_MODES,
+        help="recompute (default): no per-step gradients, rebuilt at replay from the recorded "
+        "forwards and checked against a fingerprint; stored: every gradient kept",
     )
     p.add_argument(
         "--cotangent-codec",
-        default="generic",
-        help="how the trace stores output cotangents (explaind_trace.RecordOptions)",
+        default="auto",
+        choices=COTANGENT_CODECS,
+        help="auto (default): cross-entropy cotangents stored as target + scale and rebuilt "
+        "from the replayed logits, lossless; generic: every cotangent by the tensor codec",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-record", action="store_true", help="train without recording")
@@ -189,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     callbacks = []
     if not args.no_record:
-        record = {"cotangent_codec": args.cotangent_codec}
-        if args.gradients != "stored":  # the option's default, named only when changed
-            record["gradients"] = args.gradients
+        record = {"gradients": args.gradients, "cotangent_codec": args.cotangent_codec}
         callbacks.append(
             ExplaindTrainerCallback(
                 str(trace),
