@@ -8,6 +8,7 @@ of what it captures (4 bytes x parameters for the gradient + the input batch byt
 
     python bench/bench_record.py                 # both models, 300 steps, 3 alternations
     python bench/bench_record.py --steps 50 --repeats 1 --models cnn
+    python bench/bench_record.py --record-option cotangent_codec=auto   # any RecordOptions field
 """
 
 from __future__ import annotations
@@ -63,13 +64,27 @@ def train(model, opt, x, y, batch: int, steps: int) -> None:
         opt.step()
 
 
+#: extra RecordOptions fields for the recorded runs (--record-option KEY=VALUE)
+RECORD_OPTIONS: dict[str, object] = {}
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    if not key or not value:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value  # a plain string
+
+
 def run(name: str, *, steps: int, recorded: bool, checkpoint_every: int, workdir: str, tag: str):
     model, opt, x, y, batch = SETUPS[name](seed=0)
     path = os.path.join(workdir, f"{name}-{tag}.lmdb")
     cpu0, main0 = time.process_time(), time.thread_time()
     start = time.perf_counter()
     if recorded:
-        with et.record(model, opt, store=path, checkpoint_every=checkpoint_every):
+        with et.record(model, opt, store=path, checkpoint_every=checkpoint_every, **RECORD_OPTIONS):
             train(model, opt, x, y, batch, steps)
     else:
         train(model, opt, x, y, batch, steps)
@@ -136,6 +151,7 @@ def bench(name: str, *, steps: int, repeats: int, checkpoint_every: int) -> dict
         "recorded_ms_per_step": 1000 * statistics.median(recorded) / steps,
         "raw_fp32_bytes_per_step": raw_per_step,
         "stored_bytes_per_step": stored_per_step,
+        "stored_bytes_per_step_by_kind": info.get("bytes_per_step"),
         "disk_bytes_per_step": (info["bytes_on_disk"] or 0) / steps,
         "compression_ratio": raw_per_step / stored_per_step,
         "trace_compression_ratio": info["compression_ratio"],
@@ -153,7 +169,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    ap.add_argument(
+        "--record-option",
+        type=_option,
+        action="append",
+        default=[],
+        help="a RecordOptions field for the recorded runs, KEY=VALUE (repeatable)",
+    )
     args = ap.parse_args(argv)
+    RECORD_OPTIONS.update(dict(args.record_option))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = {
@@ -164,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        "record_options": dict(RECORD_OPTIONS),
         "models": {},
     }
     for name in args.models:

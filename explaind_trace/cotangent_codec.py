@@ -258,7 +258,8 @@ class EncodedCotangent:
             raise TraceCorruptError(f"{where}: not a {CODEC} cotangent map")
         name, shape = obj["dtype"], obj["shape"]
         if (
-            name not in _FLOATS
+            not isinstance(name, str)
+            or name not in _FLOATS
             or not isinstance(shape, list)
             or not 2 <= len(shape) <= codec.MAX_DEPTH
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
@@ -267,7 +268,9 @@ class EncodedCotangent:
             raise TraceCorruptError(
                 f"{where}: its dtype {name!r:.40} or shape {shape!r:.80} is not that of logits"
             )
-        if obj["hash"] not in ("xxh3-64", "blake2b-64") or not isinstance(obj["digest"], bytes):
+        if not isinstance(obj["hash"], str) or obj["hash"] not in ("xxh3-64", "blake2b-64"):
+            raise TraceCorruptError(f"{where}: its checksum is malformed")
+        if not isinstance(obj["digest"], bytes):
             raise TraceCorruptError(f"{where}: its checksum is malformed")
         self.where, self.dtype_name, self.shape = where, name, tuple(shape)
         self.dtype = codec.DTYPES[name]

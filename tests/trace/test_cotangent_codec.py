@@ -213,3 +213,55 @@ def test_damaged_maps_are_refused_before_decoding() -> None:
     val = codec.encode_tensor(torch.tensor([1], dtype=torch.int32))
     with pytest.raises(TraceCorruptError, match="residual position"):
         cc.EncodedCotangent({**good, "res_idx": pos, "res_val": val}, where="t")
+
+
+def test_a_field_damaged_into_another_valid_value_is_caught_by_the_checksum() -> None:
+    """A record written without checksums can be damaged into values that still decode (a
+    target moved, a scale changed): the rebuilt cotangent then fails its own checksum."""
+    z = _logits([8, 30], torch.float32, 2.0, 11)
+    c = _cotangent(z, "mean", torch.Generator().manual_seed(12))
+    good = cc.encode_cotangent(z, c)
+    e = cc.EncodedCotangent(good, where="t")
+    target, scale = e.target.clone(), e.scale.clone()
+    target[0] = (target[0] + 1) % 30
+    scale[3] = scale[3] * 2
+    for change in ({"target": codec.encode_tensor(target)}, {"scale": codec.encode_tensor(scale)}):
+        damaged = cc.EncodedCotangent({**good, **change}, where="t: step 2, forward 0")
+        with pytest.raises(CotangentDecodeError, match="checksum mismatch"):
+            damaged.resolve(z)
+
+
+_hostile_leaf = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=6)
+    | st.binary(max_size=24)
+)
+_hostile_tensor = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from([*codec.DTYPES, "object"]),
+        "shape": st.lists(st.integers(-2, 1 << 41), max_size=3) | _hostile_leaf,
+        "codec": st.sampled_from([*codec.CODECS, "pickle"]),
+        "data": st.binary(max_size=64) | _hostile_leaf,
+    }
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    key=st.sampled_from(sorted(cc._KEYS)),
+    value=_hostile_leaf | _hostile_tensor | st.lists(_hostile_leaf, max_size=4),
+)
+def test_hostile_fields_end_in_trace_corrupt_errors(key: str, value) -> None:
+    z = _logits([6, 12], torch.float32, 2.0, 13)
+    c = _cotangent(z, "partial", torch.Generator().manual_seed(14))
+    good = cc.encode_cotangent(z, c)
+    hostile = {**good, key: value}
+    try:
+        enc = cc.EncodedCotangent(hostile, where="t")
+        got = enc.resolve(z)
+    except TraceCorruptError:
+        return
+    assert _bytes(got) == _bytes(c)  # a value that decodes gives the recorded cotangent
