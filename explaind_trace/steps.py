@@ -17,7 +17,7 @@ a forward::
      "slots": [{"dtype", "shape"}],        # batched inputs (row shape), rows in sample/*
      "args": tree, "kwargs": tree,         # see trees.py
      "tensors": [tensor],                  # constant (non-batched) inputs
-     "output": tree, "cotangents": [tensor | None],
+     "output": tree, "cotangents": [tensor | codec map | None],  # cotangent_codec.py
      "rng_state": tensor, "cuda_rng_state": tensor | None,
      "training": bool, "mode_overrides": {module: bool},
      "buffers": {name: tensor} | None, "grad_scale": float}
