@@ -28,8 +28,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     train_argv += ["--small"] if args.small else []
     train_argv += ["--overwrite"] if args.overwrite else []
     analyze_argv = ["--run", args.out, *common]
-    if args.small:
+    if args.small:  # the route and threads pinned: bit-for-bit comparable runs
         analyze_argv += ["--n-explain", "2", "--step-windows", "3"]
+        analyze_argv += ["--training-mode", "rules", "--cpu-threads", "1"]
     return {"train": train.main(train_argv), "analyze": analyze.main(analyze_argv)}
 
 

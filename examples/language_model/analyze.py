@@ -47,6 +47,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=2, help="Gauss-Legendre nodes per step")
     p.add_argument("--top", type=int, default=10, help="training sentences per explanation")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--training-mode",
+        default="auto",
+        help="the kernel's training-side route (KernelConfig.training_mode); auto times them",
+    )
+    p.add_argument(
+        "--cpu-threads",
+        default="auto",
+        help="KernelConfig.cpu_threads: auto (timed), or a number (bitwise reproducible runs "
+        "pin this and --training-mode: timed choices may sum in another order)",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -139,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         output_names=["sequence loss"],
         step_windows=args.step_windows,
         quadrature=f"gauss:{args.nodes}",
+        training_mode=args.training_mode,
+        cpu_threads=args.cpu_threads if args.cpu_threads == "auto" else int(args.cpu_threads),
         progress=not args.no_progress,
     )
     kernel_s = time.perf_counter() - start

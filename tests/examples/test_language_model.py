@@ -76,6 +76,7 @@ def test_the_held_out_losses_are_explained_exactly(run) -> None:
     # embeddings + blocks + final norm partition the parameters: they add up to the path
     assert summary["layers"] == ["embeddings", "block 0", "block 1", "final norm"]
     assert summary["layers_match_path"] <= FP32_REL * moved
+    assert summary["training_routes"] == {"rules": 6}  # pinned by --small: GPT-2's rules hold
 
 
 def test_recompute_and_codec_give_the_stored_runs_kernel_bit_for_bit(run, tmp_path) -> None:
