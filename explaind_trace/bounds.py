@@ -5,9 +5,10 @@ the hyperparameters of every param group. ``HeaderBounds`` decodes the tensors o
 against it: a gradient, parameter or optimizer-state tensor must have its parameter's shape
 (or at most its size), a buffer its buffer's shape, an RNG state at most 1 MiB of bytes;
 tensors the header says nothing about (input rows, cotangents, constant inputs) at most
-``free_bytes`` (a cotangent stored by the cotangent codec: its declared shape and each of its
-fields, see ``cotangent_codec.EncodedCotangent``). A record that declares anything else is damaged: ``TraceCorruptError``
-naming the trace, the record key and the field, before its data is decompressed.
+``free_bytes`` (a cotangent stored by the cotangent codec: its declared shape and each of
+its fields, see ``cotangent_codec.EncodedCotangent``). A record that declares anything else
+is damaged: ``TraceCorruptError`` naming the trace, the record key and the field, before its
+data is decompressed.
 """
 
 from __future__ import annotations

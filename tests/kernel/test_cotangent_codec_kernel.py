@@ -48,13 +48,17 @@ class TokenLM(nn.Module):
         return self.head(torch.tanh(self.mix(torch.cat([h, prev], -1))))
 
 
-def _classifier_run(codec: str, store: str) -> tuple[nn.Module, torch.Tensor]:
+def _classifier_run(
+    codec: str, store: str, gradients: str = "stored"
+) -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(0)
     model = Classifier()
     opt = torch.optim.AdamW(model.parameters(), lr=0.02, weight_decay=0.1)
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(40, 5, generator=g), torch.randint(0, 12, (40,), generator=g)
-    with explaind_trace.record(model, opt, store=store, cotangent_codec=codec, checkpoint_every=3):
+    with explaind_trace.record(
+        model, opt, store=store, cotangent_codec=codec, checkpoint_every=3, gradients=gradients
+    ):
         for t in range(7):
             idx = torch.arange(8 * t, 8 * t + 8) % 40
             opt.zero_grad()
@@ -64,13 +68,15 @@ def _classifier_run(codec: str, store: str) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(3, 5, generator=g)
 
 
-def _lm_run(codec: str, store: str) -> tuple[nn.Module, torch.Tensor]:
+def _lm_run(codec: str, store: str, gradients: str = "stored") -> tuple[nn.Module, torch.Tensor]:
     torch.manual_seed(2)
     model = TokenLM()
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     g = torch.Generator().manual_seed(3)
     corpus = torch.randint(0, 11, (12, 7), generator=g)
-    with explaind_trace.record(model, opt, store=store, cotangent_codec=codec, checkpoint_every=4):
+    with explaind_trace.record(
+        model, opt, store=store, cotangent_codec=codec, checkpoint_every=4, gradients=gradients
+    ):
         for t in range(6):
             seq = corpus[torch.arange(3 * t, 3 * t + 3) % 12]
             labels = seq[:, 1:].clone()
@@ -81,6 +87,30 @@ def _lm_run(codec: str, store: str) -> tuple[nn.Module, torch.Tensor]:
             loss.backward()
             opt.step()
     return model, torch.randint(0, 11, (2, 6), generator=g)
+
+
+def _kernel(store: str, model: nn.Module, test_x: torch.Tensor, mode: str) -> KernelResult:
+    return compute_kernel(
+        store,
+        model,
+        test_x,
+        dtype="float64",
+        keep=KEEP,
+        progress=False,
+        training_mode=mode,
+        cpu_threads=1,
+    )
+
+
+def _assert_same(g: KernelResult, a: KernelResult) -> None:
+    x_all, y_all = _numeric(g), _numeric(a)
+    assert x_all.keys() == y_all.keys()
+    for key in x_all:
+        x, y = x_all[key], y_all[key]
+        if isinstance(x, np.ndarray):
+            assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), key
+        else:
+            assert x == y, key
 
 
 def _numeric(r: KernelResult) -> dict[str, object]:
@@ -117,28 +147,29 @@ def test_kernel_results_equal_the_generic_codecs_bitwise(run, mode: str) -> None
         with pytest.raises(CotangentDecodeError, match="does not match the recorded one"):
             fwd.cotangent.resolve(out.float())
     results = [
-        compute_kernel(
-            store,
-            model,
-            test_x,
-            dtype="float64",
-            keep=KEEP,
-            progress=False,
-            training_mode=mode,
-            cpu_threads=1,
-        )
+        _kernel(store, model, test_x, mode)
         for store, model in (
             (f"memory://codec-kernel-{name}-g", model_g),
             (f"memory://codec-kernel-{name}-a", model_a),
         )
     ]
-    g, a = (_numeric(r) for r in results)
-    assert g.keys() == a.keys()
-    for key in g:
-        x, y = g[key], a[key]
-        if isinstance(x, np.ndarray):
-            assert x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes(), key
-        else:
-            assert x == y, key
+    _assert_same(*results)
     assert results[0].trace_id != results[1].trace_id  # two traces, one answer
     assert kinds["cotangents"] > 0
+
+
+@pytest.mark.parametrize("run", [_classifier_run, _lm_run])
+def test_recompute_with_the_codec_equals_stored_gradients_with_the_generic_codec(run) -> None:
+    """No gradient and no cotangent stored as such: the recompute replay rebuilds each
+    cotangent from its own reforward, then the gradient; the kernel's results are those of
+    the stored, generic recording, bit for bit."""
+    name = f"{run.__name__}-recompute"
+    model_g, test_x = run("generic", f"memory://codec-kernel-{name}-g")
+    model_a, _ = run("auto", f"memory://codec-kernel-{name}-a", gradients="recompute")
+    with explaind_trace.open_trace(f"memory://codec-kernel-{name}-a") as trace:
+        assert trace.progress["kind_bytes"]["gradients"] == 0
+        assert isinstance(trace.step(1).forwards[0].cotangent, cc.DeferredCotangent)
+    _assert_same(
+        _kernel(f"memory://codec-kernel-{name}-g", model_g, test_x, "per_sample"),
+        _kernel(f"memory://codec-kernel-{name}-a", model_a, test_x, "per_sample"),
+    )
