@@ -74,7 +74,7 @@ def cotangent_resolver(problem):
 class SegmentPrefetcher:
     """Iterates segments last-first; `enabled=False` reads them inline. `resolve(step,
     buffers_before)`, when given, is called on every replayed step before it is handed out
-    (`KernelProblem.resolve_cotangents`)."""
+    (`cotangent_resolver`)."""
 
     def __init__(
         self,

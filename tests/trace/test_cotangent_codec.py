@@ -112,8 +112,11 @@ def test_roundtrip_is_bitwise(
 
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_cross_entropy_rows_are_stored_as_targets_and_scales(dtype: torch.dtype) -> None:
-    """mean/sum/class weights, [B, V] and a per-token [B, T, V] with ignore_index rows: every
-    row is zero or (target, scale), with an empty residual on this CPU."""
+    """mean/sum/class weights, [B, V] and a per-token [B, T, V] with ignore_index rows: the
+    zero rows are found exactly and (nearly) every other row is (target, scale). Measured on
+    this CPU: every row, with an empty residual; asserted loosely (90% of the rows), as the
+    scale is estimated (to within one rounding, then its neighbours are tried), which is
+    measured, not proven, to find the recorded one."""
     g = torch.Generator().manual_seed(0)
     for loss, shape in [("mean", [32, 97]), ("sum", [16, 10]), ("weight", [16, 10]),
                         ("ignore", [4, 12, 50])]:  # fmt: skip
@@ -121,8 +124,9 @@ def test_cross_entropy_rows_are_stored_as_targets_and_scales(dtype: torch.dtype)
         c = _cotangent(z, loss, g)
         e = cc.EncodedCotangent(cc.encode_cotangent(z, c), where="t")
         kinds = e.kinds.tolist()
-        assert set(kinds) <= {cc.KIND_ZERO, cc.KIND_CE}, (loss, kinds)
-        assert kinds.count(cc.KIND_ZERO) == int((c.reshape(-1, shape[-1]) == 0).all(1).sum())
+        zero = int((c.reshape(-1, shape[-1]) == 0).all(1).sum())
+        assert kinds.count(cc.KIND_ZERO) == zero
+        assert kinds.count(cc.KIND_CE) >= 0.9 * (len(kinds) - zero), (loss, kinds)
         assert _bytes(e.resolve(z)) == _bytes(c)
 
 
