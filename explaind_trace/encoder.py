@@ -19,6 +19,7 @@ forwards); the rest of ``stored_bytes`` is record structure
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +32,8 @@ from .packing import PackedTensors
 from .rowids import RowIds
 
 __all__ = ["TensorEncoder", "GilPacer", "yield_gil", "KINDS", "payload_bytes"]
+
+logger = logging.getLogger(__name__)
 
 #: the kinds ``TensorEncoder.kind_bytes`` counts (see the module docstring)
 KINDS = ("inputs", "cotangents", "gradients", "fingerprints", "checkpoints", "buffers", "rng")
@@ -86,6 +89,7 @@ class TensorEncoder:
     ) -> None:
         self.lossy = "bf16" if grad_codec == "bf16" else None
         self.cotangent_codec = cotangent_codec
+        self._codec_failed = False  # warned once that the cotangent codec failed
         self.kind_bytes = dict.fromkeys(KINDS, 0)
         self.level = level
         self.checksums = checksums
@@ -105,11 +109,23 @@ class TensorEncoder:
     def cotangent(self, output: torch.Tensor | None, c: torch.Tensor) -> dict[str, Any]:
         """A cotangent: by the cotangent codec from its output (``cotangent_codec="auto"``
         and the output kept), else by the tensor codec."""
-        if output is None or self.cotangent_codec != "auto":
-            encoded = self.tensor(c)
-        else:
-            encoded = encode_cotangent(output, c, level=self.level)
+        encoded = None
+        if output is not None and self.cotangent_codec == "auto":
+            try:
+                encoded = encode_cotangent(output, c, level=self.level)
+            except (RuntimeError, ValueError, IndexError, MemoryError) as e:
+                # the codec is an optimisation: the run stays recorded, this cotangent as is
+                if not self._codec_failed:
+                    logger.warning(
+                        "the cotangent codec failed (%s: %s); storing cotangents it cannot "
+                        "encode with the tensor codec",
+                        type(e).__name__,
+                        e,
+                    )
+                    self._codec_failed = True
             self.pace()
+        if encoded is None:
+            encoded = self.tensor(c)
         return self.count("cotangents", encoded)
 
     def tensor(self, t: torch.Tensor, *, lossy: bool = False) -> dict[str, Any]:

@@ -124,3 +124,18 @@ def test_an_output_changed_in_place_after_its_forward_falls_back_to_the_tensor_c
 def test_the_option_is_checked() -> None:
     with pytest.raises(ValueError, match="cotangent_codec must be one of"):
         et.RecordOptions(cotangent_codec="ce")
+
+
+def test_a_failing_codec_leaves_the_run_recorded_with_the_tensor_codec(monkeypatch, caplog) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("explaind_trace.encoder.encode_cotangent", broken)
+    generic, _ = _mlp_run("generic")
+    auto, _ = _mlp_run("auto")
+    assert "the cotangent codec failed (RuntimeError: boom)" in caplog.text
+    with et.open_trace(generic) as g, et.open_trace(auto) as a:
+        assert a.finished and a.num_steps == g.num_steps
+        for t in range(a.num_steps):
+            fa, fg = a.step(t).forwards[0], g.step(t).forwards[0]
+            assert _raw(fa.cotangent) == _raw(fg.cotangent)
