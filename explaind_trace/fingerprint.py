@@ -128,7 +128,11 @@ def likely_cause(
                 f"the difference is {lam:.4g}·θ: an L2 term on the parameters in the loss "
                 "(not through the model output)"
             )
-    return "a gradient hook, or a loss term that does not come through the recorded model output"
+    return (
+        "a gradient hook, or a loss term that does not come through the recorded model output "
+        "(or the model passed for replay differs from the trained one outside its trained "
+        "parameters, e.g. in frozen weights)"
+    )
 
 
 def encode(fps: Mapping[str, Mapping[str, Any]], tensor: Any) -> dict[str, Any]:

@@ -7,11 +7,14 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .ddp import check_rank, check_rank_steps, rank_specs
 from .errors import ExplaindError, TraceCorruptError
 from .reader import TraceReader, open_trace
+
+if TYPE_CHECKING:
+    import torch
 from .stores import Store, open_store
 
 __all__ = [
@@ -31,13 +34,27 @@ NEEDS_MODEL = (
 )
 
 
-def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) -> dict[str, Any]:
+VERIFY_NOTE = (
+    "records only: θ is not rebuilt here, its gradients are recomputed from the recorded "
+    "forwards, which needs the model; θ and every gradient (against its fingerprint) are "
+    "verified when the kernel replays the trace, or by trace.check_drift(model=...)"
+)
+
+
+def describe(
+    spec: Store | str | os.PathLike[str],
+    *,
+    check_drift: bool = True,
+    model: torch.nn.Module | None = None,
+) -> dict[str, Any]:
     """Facts about the trace at ``spec``: steps, checkpoints, sizes, compression, drift.
 
     ``compression_ratio`` is the raw size of what the trace records per step (gradients
     as fp32 plus the input batches as given) over the bytes it stored. ``check_drift``
-    replays the whole trace (can take a while on long runs). A ``Store`` instance is left
-    open (it is the caller's).
+    replays the whole trace (can take a while on long runs); a trace recorded with
+    ``gradients="recompute"``/``"auto"`` only with ``model`` (the traced architecture: each
+    gradient is recomputed and checked), else ``drift_note`` says so. A ``Store`` instance
+    is left open (it is the caller's).
     """
     with _opened(spec) as trace:
         meta = trace.meta
@@ -77,10 +94,10 @@ def describe(spec: Store | str | os.PathLike[str], *, check_drift: bool = True) 
             "gradients_switch_reason": prog.get("gradients_switch_reason"),
             "drift": None,
         }
-        if trace.needs_model:  # replay recomputes gradients: only with the model
+        if trace.needs_model and model is None:  # replay recomputes gradients: needs a model
             info["drift_note"] = NEEDS_MODEL
         elif check_drift and trace.num_steps > 0:
-            report = trace.check_drift()
+            report = trace.check_drift(model=model)
             info["drift"] = {
                 "exact": report.exact,
                 "max_abs_diff": report.max_abs_diff,
@@ -275,22 +292,32 @@ class VerifyReport:
         return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
 
 
-def verify_trace(spec: Store | str | os.PathLike[str]) -> VerifyReport:
+def verify_trace(
+    spec: Store | str | os.PathLike[str], *, model: torch.nn.Module | None = None
+) -> VerifyReport:
     """Read back and check every record of the trace at ``spec`` (a DDP trace: every rank's).
 
     Each record is decoded in full (checksums, tensor sizes, structure); a record that does
     not read is listed in ``damaged`` with the reason, and the scan goes on; a rank's store
     that does not open, or belongs to another run, is reported as damaged for that rank.
     Raises only when rank 0's store cannot be opened at all (its header or progress record
-    is unreadable).
+    is unreadable). A trace recorded with ``gradients="recompute"``/``"auto"``: with
+    ``model`` its replay runs too (every gradient recomputed and checked against its
+    fingerprint; a mismatch raises ``GradientMismatchError``), without it ``note`` says that
+    θ was not checked.
     """
     t0 = time.perf_counter()
     store = open_store(spec, readonly=True)
     try:
         trace = TraceReader(store, name=str(spec) if not isinstance(spec, Store) else repr(store))
         report = VerifyReport(trace=trace.name, stores=[_verify_store(trace)])
-        if trace.needs_model:
-            report.note = "records only (θ " + NEEDS_MODEL.removeprefix("not checked here: ") + ")"
+        if trace.needs_model and model is None:
+            report.note = VERIFY_NOTE
+        elif trace.needs_model and report.ok:
+            drift = trace.check_drift(model=model)
+            report.note = "θ rebuilt with the model: every gradient matched its fingerprint, " + (
+                "bitwise at every checkpoint" if drift.exact else "with drift"
+            )
         if trace.meta.world_size > 1:
             for r, where in enumerate(rank_specs(trace, spec), start=1):
                 report.stores.append(_verify_rank(trace, r, where))

@@ -41,13 +41,16 @@ __all__ = [
     "to_device",
     "tree_to",
     "tree_leaves",
+    "STATE_LOCK",
 ]
 
 Pytree = Any
 
-#: held while a forward runs in its recorded RNG state: the global RNG is shared by every
-#: thread (the kernel replays a segment ahead in a thread while its sweep replays forwards)
-RNG_LOCK = threading.RLock()
+#: held while a forward runs in its recorded RNG state, and by whoever changes torch's other
+#: process-wide switches that change a forward's bits (the kernel's math-attention sections
+#: set the SDPA backend flags): the global RNG and those flags are shared by every thread,
+#: and the kernel replays a segment ahead in a thread while its sweep evaluates the model
+STATE_LOCK = threading.RLock()
 
 
 def to_device(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -152,10 +155,10 @@ def recorded_mode(
 ) -> Iterator[None]:
     """Inside: ``module``'s training flags and the RNG state (CPU; CUDA on a CUDA ``device``)
     as when ``forward`` was recorded. Afterwards every module's flag and the RNG state are
-    what they were before. Holds ``RNG_LOCK`` throughout, so that two threads replaying
+    what they were before. Holds ``STATE_LOCK`` throughout, so that two threads replaying
     forwards never see each other's RNG state."""
     flags = [(m, m.training) for m in module.modules()]
-    with RNG_LOCK:
+    with STATE_LOCK:
         saved_cpu = torch.get_rng_state()
         saved_cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
         try:

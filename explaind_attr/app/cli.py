@@ -128,14 +128,19 @@ def _samples_from_trace(trace: str, ids: Sequence[Any]) -> dict[Any, Any]:
 def _cmd_info(args: argparse.Namespace) -> int:
     from explaind_trace.info import describe, format_info
 
+    model = None
+    if args.model:
+        from . import loading
+
+        model = loading.load_model(args.model)
     if args.verify:
         from explaind_trace.info import format_verify, verify_error, verify_trace
 
-        report = verify_trace(args.path)
+        report = verify_trace(args.path, model=model)
         print(format_verify(report))
         if not report.ok:
             raise verify_error(report)
-    print(format_info(describe(args.path)))
+    print(format_info(describe(args.path) if model is None else describe(args.path, model=model)))
     return 0
 
 
@@ -326,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         action="store_true",
         help="read back every record; list the damaged ones and the last intact step",
+    )
+    p.add_argument(
+        "--model",
+        metavar="MODULE:FACTORY",
+        help="the traced model: a trace recorded with gradients='recompute' or 'auto' is "
+        "then replayed, each gradient recomputed and checked (without it, records only)",
     )
     p.set_defaults(func=_cmd_info)
 

@@ -16,18 +16,26 @@ import contextlib
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from explaind_trace.reforward import STATE_LOCK
+
 from .registry import Call, tensor_leaves
 
 
+@contextlib.contextmanager
 def math_attention():
     """A context in which scaled_dot_product_attention runs its composite (math) kernel, which
-    torch.func can batch and differentiate twice; the fused CPU/CUDA kernels can do neither."""
+    torch.func can batch and differentiate twice; the fused CPU/CUDA kernels can do neither.
+
+    The backend flags are process-wide: the section holds explaind_trace.reforward's
+    STATE_LOCK, so that a forward replayed bit for bit in another thread (the prefetcher's
+    recomputed gradients and codec cotangents) never runs under them."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel([SDPBackend.MATH])
     except ImportError:  # pragma: no cover - torch < 2.3
-        return contextlib.nullcontext()
+        yield
+        return
+    with STATE_LOCK, sdpa_kernel([SDPBackend.MATH]):
+        yield
 
 
 def batch_dim(module: nn.Module) -> int:

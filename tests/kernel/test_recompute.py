@@ -4,12 +4,16 @@ of the same seeded run recorded with stored gradients."""
 from __future__ import annotations
 
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
+import torch
 
 import explaind_trace as et
 from explaind_kernel import compute_kernel
+from explaind_kernel.persample.local import math_attention
 
 from .models import SETUPS, train
 
@@ -66,3 +70,50 @@ def test_kernel_on_recompute_trace_with_clipping_names_the_step() -> None:
     # the sweep replays the last segment first: [5, 6) is where it finds the first mismatch
     with pytest.raises(et.GradientMismatchError, match="step 5, parameter .*clipping"):
         compute_kernel(store, fresh, test_x, progress=False)
+
+
+class _Attention(torch.nn.Module):
+    """Linear → scaled_dot_product_attention → linear: the fused CPU kernel and the math one
+    give different bits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.out = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.out(h.mean(1))
+
+
+def test_recompute_replay_in_a_thread_never_runs_under_the_kernels_math_attention() -> None:
+    """The kernel's prefetch thread recomputes gradients while its sweep sits in
+    math_attention() (process-wide SDPA flags): the replay waits for the section to end."""
+    torch.manual_seed(0)
+    model = _Attention()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))
+    store = "memory://kernel-recompute-sdpa"
+    with et.record(model, opt, store=store, gradients="recompute", checkpoint_every=4):
+        for i in range(3):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(
+                model(x[4 * i : 4 * i + 4]), y[4 * i : 4 * i + 4]
+            ).backward()
+            opt.step()
+    outcome: list = []
+
+    def replay() -> None:
+        try:
+            with et.open_trace(store) as trace:
+                outcome.append([rs.index for rs in trace.replay(model=_Attention())])
+        except Exception as e:  # handed to the test thread
+            outcome.append(e)
+
+    with math_attention():
+        worker = threading.Thread(target=replay)
+        worker.start()
+        time.sleep(0.3)  # the replay is waiting for the lock, not running under MATH
+    worker.join(timeout=60)
+    assert outcome == [[0, 1, 2]]
