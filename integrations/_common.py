@@ -35,6 +35,19 @@ class TraceTarget:
                 f"{type(self.store).__name__}"
             )
 
+    def warn_if_clipping(self, clip: Any, setting: str) -> None:
+        """Say at the start that a ``gradients="recompute"`` trace cannot rebuild clipped
+        gradients (its replay would stop at the first clipped step)."""
+        if self.options.gradients == "recompute" and clip:
+            logger.warning(
+                "%s=%s clips gradients, which a gradients='recompute' trace cannot recompute: "
+                "replay raises GradientMismatchError at the first clipped step. Record with "
+                "gradients='auto' (gradients stored from the first checkpoint step where they "
+                "differ) or 'stored', or turn clipping off.",
+                setting,
+                clip,
+            )
+
     @classmethod
     def build(
         cls, store: Any, options: explaind_trace.RecordOptions | None, keywords: dict[str, Any]

@@ -213,6 +213,7 @@ class ExplaindTrainerCallback(TrainerCallback, SessionOwner):
                 "callback with a new store for each train()."
             )
         check_training_args(args)
+        self.target.warn_if_clipping(getattr(args, "max_grad_norm", None), "max_grad_norm")
         model, optimizer = kwargs.get("model"), kwargs.get("optimizer")
         if model is None or optimizer is None:
             raise CallbackStateError(

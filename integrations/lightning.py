@@ -199,6 +199,7 @@ class ExplaindCallback(pl.Callback, SessionOwner):
                 "for each fit."
             )
         check_trainer(trainer)
+        self.target.warn_if_clipping(trainer.gradient_clip_val, "gradient_clip_val")
         if getattr(pl_module, "_compiler_ctx", None):
             raise UnsupportedSetupError(
                 "the LightningModule was compiled with torch.compile; the recorder's hooks must "

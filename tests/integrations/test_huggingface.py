@@ -216,3 +216,34 @@ def test_callback_records_one_run_only(bert_run, tmp_path) -> None:
     )
     with pytest.raises(CallbackStateError, match="already recorded a run"), cb:
         trainer.train()
+
+
+def test_recompute_mode_under_the_trainer(tmp_path, caplog) -> None:
+    """gradients='recompute' through the callback (loss inside the model, output=, dropout,
+    2 micro-batches per step): replay with the model rebuilds θ bit for bit; the Trainer's
+    default clipping is named at the start."""
+    path = str(tmp_path / "r.lmdb")
+    cb = ExplaindTrainerCallback(
+        path, output="classifier", checkpoint_every=2, gradients="recompute"
+    )
+    trainer = transformers.Trainer(
+        model=_bert(),
+        args=_args(tmp_path, max_grad_norm=0.0),
+        train_dataset=TokenData(),
+        callbacks=[cb],
+    )
+    with cb:
+        trainer.train()
+    with et.open_trace(path) as trace:
+        assert trace.needs_model and trace.step(0).grads == {}
+        drift = trace.check_drift(model=_bert(seed=1))
+        assert drift.exact and set(drift.checkpoints) == {2, 3}
+    cb = ExplaindTrainerCallback(
+        str(tmp_path / "c.lmdb"), output="classifier", gradients="recompute"
+    )
+    trainer = transformers.Trainer(
+        model=_bert(), args=_args(tmp_path, max_steps=1), train_dataset=TokenData(), callbacks=[cb]
+    )
+    with caplog.at_level("WARNING"), cb:
+        trainer.train()
+    assert "max_grad_norm=1.0 clips gradients" in caplog.text
