@@ -47,20 +47,24 @@ def test_kernel_on_recompute_trace_equals_stored(setup) -> None:
     assert np.abs(results[1].completeness_residual).max() > 0  # a real result, not all zeros
 
 
-def test_kernel_on_auto_trace_with_l2_is_exact_again() -> None:
+@pytest.mark.parametrize(
+    "tamper,cause", [({"l2": 1e-2}, "L2 term"), ({"clip": 0.05}, "gradient clipping")]
+)
+def test_kernel_on_auto_trace_is_exact_again(tamper, cause) -> None:
     setup = dataclasses.replace(SETUPS[0], steps=12)
     results = []
     for mode in ("stored", "auto"):
-        store = f"memory://kernel-auto-l2-{mode}"
-        fresh, test_x, _ = train(setup, store, l2=1e-2, gradients=mode, checkpoint_every=5)
+        store = f"memory://kernel-auto-{cause}-{mode}"
+        fresh, test_x, _ = train(setup, store, gradients=mode, checkpoint_every=5, **tamper)
         results.append(compute_kernel(store, fresh, test_x, outputs="all", **FIXED))
         if mode == "auto":
             with et.open_trace(store) as trace:
                 assert trace.gradients_stored_from == 0
-                assert "L2 term" in trace.progress["gradients_switch_reason"]
+                assert cause in trace.progress["gradients_switch_reason"]
     _equal_results(*results)
     scale = np.abs(results[1].fT).max()
     assert np.abs(results[1].completeness_residual).max() <= 1e-4 * scale
+    assert np.abs(results[1].nondata).max() > 0  # the clipped / L2 part, kept apart
 
 
 def test_kernel_on_recompute_trace_with_clipping_names_the_step() -> None:
