@@ -35,21 +35,7 @@ import explaind_trace as et  # noqa: E402
 from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
 from explaind_trace import codec  # noqa: E402
 from explaind_trace.cotangents import resolve_forwards  # noqa: E402
-
-
-class TokenLM(nn.Module):
-    """Embedding, one causal mixing layer, a vocabulary head: logits [B, T, V]."""
-
-    def __init__(self, vocab: int, d: int = 64) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.mix = nn.Linear(2 * d, d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.emb(tokens)
-        prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
-        return self.head(torch.tanh(self.mix(torch.cat([h, prev], -1))))
+from tests.kernel.models import TokenLM  # noqa: E402
 
 
 def p97(args):
@@ -72,7 +58,7 @@ def p97(args):
 def lm(args):
     torch.manual_seed(0)
     v, b, t = args.vocab, args.batch, args.seq
-    model = TokenLM(v)
+    model = TokenLM(v, d=64)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(1)
     corpus = torch.randint(0, v, (64, t + 1), generator=g)

@@ -146,3 +146,18 @@ def train(
             opt.step()
             sched.step()
     return fresh, test_x, model
+
+
+class TokenLM(nn.Module):
+    """Embedding, a causal mix of the previous token, a vocabulary head: [B, T, V]."""
+
+    def __init__(self, vocab: int = 11, d: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
+        return self.head(torch.tanh(self.mix(torch.cat([h, prev], -1))))

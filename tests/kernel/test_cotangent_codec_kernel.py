@@ -19,6 +19,8 @@ from explaind_trace import cotangent_codec as cc
 from explaind_trace.errors import CotangentDecodeError
 from explaind_trace.reforward import reforward
 
+from .models import TokenLM
+
 KEEP = KeepOptions(sample_component=True, sample_window=True, component_window=True)
 
 
@@ -31,21 +33,6 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-class TokenLM(nn.Module):
-    """Embedding, a causal mix of the previous token, a vocabulary head: [B, T, V]."""
-
-    def __init__(self, vocab: int = 11, d: int = 8) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab, d)
-        self.mix = nn.Linear(2 * d, d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.emb(tokens)
-        prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
-        return self.head(torch.tanh(self.mix(torch.cat([h, prev], -1))))
 
 
 def _classifier_run(
