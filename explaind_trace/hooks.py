@@ -27,6 +27,7 @@ __all__ = [
     "OutputCapture",
     "GradTracker",
     "prune_pending",
+    "autocast_state",
 ]
 
 
@@ -66,6 +67,16 @@ def current_grad_scale(scaler: Any) -> torch.Tensor | None:
     if isinstance(t, torch.Tensor):
         return t.detach().clone()
     return torch.tensor(float(scaler.get_scale()))
+
+
+def autocast_state() -> dict[str, str] | None:
+    """``{device type: dtype name}`` of the autocast regions active now (None: none), so that
+    a forward can be run again under the same casts (``reforward``)."""
+    out = {}
+    for kind in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(kind):
+            out[kind] = codec.dtype_name(torch.get_autocast_dtype(kind))
+    return out or None
 
 
 def dense_grads(params: dict[str, torch.nn.Parameter]) -> list[tuple[str, torch.Tensor]]:

@@ -210,6 +210,7 @@ def _as_record(cf: Any) -> ForwardRecord:
         mode_overrides=dict(cf.mode_overrides),
         buffers=None,
         grad_scale=cf.grad_scale,
+        autocast=dict(cf.autocast or {}),
     )
 
 

@@ -35,6 +35,7 @@ from .header import encode_header
 from .hooks import (
     GradTracker,
     OutputCapture,
+    autocast_state,
     current_grad_scale,
     find_batch_size,
     in_backward,
@@ -339,6 +340,7 @@ class Recorder:
             mode_overrides=self._modules.mode_overrides(),
             buffers=self._forward_buffers(),
             user_ids=ids,
+            autocast=autocast_state(),
             buffers_in=self._buffers.snapshot() if self._gradients.auto else None,
         )
         self._stack[-1] = OutputCapture(

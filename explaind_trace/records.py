@@ -111,6 +111,8 @@ class ForwardRecord:
     buffers: dict[str, torch.Tensor] | None
     grad_scale: float
     batch_size: int = 0
+    #: the autocast regions the forward ran in, {device type: dtype name} (empty: none)
+    autocast: dict[str, str] = field(default_factory=dict)
     content_ids: list[str] = field(default_factory=list)  # keys of the stored rows
     rank: int = 0  # DDP: the rank that ran this forward
 
@@ -160,6 +162,7 @@ class CapturedForward:
     mode_overrides: dict[str, bool]
     buffers: Mapping[str, torch.Tensor] | None
     user_ids: list[int | str] | None
+    autocast: dict[str, str] | None = None  # {device type: dtype name} of active autocast
     #: the buffers this forward ran with (``buffers`` or the last ones recorded before it);
     #: not stored, for the recorder's own gradient check (gradients="auto")
     buffers_in: Mapping[str, torch.Tensor] | None = None

@@ -11,7 +11,8 @@ below. A forward runs again bit for bit on the device it was recorded on when it
 - training flag of the root and of every submodule whose flag differed (``mode_overrides``),
 - inputs (rebuilt from the stored rows, moved to the parameters' device; floating inputs in
   the parameters' dtype: a model computes in its parameters' dtype, and the kernel calls this
-  in its compute dtype).
+  in its compute dtype),
+- autocast region (``reforward`` only: the kernel's own replays stay in its compute dtype).
 
 The model is called through ``torch.func.functional_call``, so the user's model object keeps
 its parameters and buffers; its training flags are set for the call and restored afterwards,
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import codec
 from .errors import TraceMismatchError
 from .records import ForwardRecord
 
@@ -176,6 +178,14 @@ def recorded_mode(
                 m.training = flag
 
 
+def recorded_autocast(forward: ForwardRecord, device: torch.device) -> Any:
+    """The autocast region ``forward`` ran in on ``device``'s type (a no-op context when none)."""
+    name = (getattr(forward, "autocast", None) or {}).get(device.type)
+    if name is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=codec.DTYPES[name])
+
+
 def placement(params: Mapping[str, Tensor]) -> tuple[torch.device, torch.dtype]:
     """The device and floating dtype of ``params`` (of the first floating parameter)."""
     first = next(iter(params.values()), None)
@@ -207,5 +217,5 @@ def reforward(
     kwargs = tree_to(dict(forward.kwargs), device, dtype)
     bufs = {k: to_device(v, device, dtype).clone() for k, v in buffers.items()}
     with OutputTap(model, output_module) as tap, recorded_mode(model, forward, device):
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), recorded_autocast(forward, device):
             return functional_output(model, params, bufs, args, kwargs, tap)

@@ -20,7 +20,8 @@ a forward::
      "output": tree, "cotangents": [tensor | codec map | None],  # cotangent_codec.py
      "rng_state": tensor, "cuda_rng_state": tensor | None,
      "training": bool, "mode_overrides": {module: bool},
-     "buffers": {name: tensor} | None, "grad_scale": float}
+     "buffers": {name: tensor} | None, "grad_scale": float,
+     "autocast": {device type: dtype name}}  # only when the forward ran under autocast
 
 ``sample/{content id}``: ``{"rows": [tensor]}``, one row per batched input slot; each
 distinct sample is stored once. ``skip/{n:08d}``: ``{"index", "before_step", "reason",
@@ -126,6 +127,7 @@ def _encode_forward(
         "mode_overrides": f.mode_overrides,
         "buffers": None if f.buffers is None else enc.count("buffers", enc.buffers(f.buffers)),
         "grad_scale": f.grad_scale,
+        **({"autocast": f.autocast} if f.autocast else {}),
     }
 
 
@@ -315,10 +317,22 @@ def decode_forward(
         mode_overrides=dict(f.get("mode_overrides") or {}),
         buffers=None if f.get("buffers") is None else buffer_map(f["buffers"], f"{where}, buffers"),
         grad_scale=float(f.get("grad_scale", 1.0)),
+        autocast=_autocast(f.get("autocast"), where),
         batch_size=b,
         content_ids=cids,
         rank=rank,
     )
+
+
+def _autocast(raw: Any, where: str) -> dict[str, str]:
+    """A forward's autocast regions, ``{device type: dtype name}``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(
+        k in ("cpu", "cuda") and v in codec.DTYPES for k, v in raw.items()
+    ):
+        raise TraceCorruptError(f"{where}: a forward's autocast state is malformed")
+    return dict(raw)
 
 
 def decode_forwards(

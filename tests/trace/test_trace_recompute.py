@@ -283,3 +283,27 @@ def test_cli_info_with_the_model_replays_and_checks(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "every gradient matched its fingerprint, bitwise at every checkpoint" in out
     assert "replay drift  exact (bitwise at every checkpoint)" in out
+
+
+def test_recompute_under_autocast() -> None:
+    """A forward run under torch.autocast (here CPU bf16) is run again under the same casts:
+    θ rebuilt bit for bit (without the recorded autocast state every gradient differs)."""
+    torch.manual_seed(0)
+    model = th.MLP(bn=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = th.data()
+    store = f"memory://{th.unique()}"
+    thetas = []
+    with et.record(model, opt, store=store, gradients="recompute", checkpoint_every=3):
+        for i in range(5):
+            thetas.append(th.snapshot(model))
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x[8 * i : 8 * i + 8])
+            nn.functional.cross_entropy(out.float(), y[8 * i : 8 * i + 8]).backward()
+            opt.step()
+    thetas.append(th.snapshot(model))
+    with et.open_trace(store) as trace:
+        assert trace.step(0).forwards[0].autocast == {"cpu": "bfloat16"}
+        for rs in trace.replay(model=th.MLP(bn=False)):
+            assert all(torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in rs.params)
