@@ -11,7 +11,8 @@ Reads the run written by train.py and
    evaluated at θ_T read from the trace, float64;
 3. reads off the three views the issue asks for: per training sentence (are the sentences
    that lowered a held-out sentence's loss most those of its own rule?), per layer
-   (embeddings, each transformer block, the final norm) and per step window;
+   (embeddings, each transformer block, the final norm) and per step window, and the data
+   term per window split into the sentences of the held-out sentence's own rule and the rest;
 4. writes the HTML report (training sentences shown as text, grouped by rule) and
    RUN/analysis/language_model.json, layers_by_window.csv, layers.png.
 """
@@ -103,6 +104,20 @@ def same_rule_share(result, rules_train: dict, rules_test: list[int], top: int) 
     return {"top": top, "share": shares, "chance": chance}
 
 
+def rule_split_by_window(result, rules_train: dict, rules_test: list[int]) -> dict:
+    """Per step window, the training data's contribution to the held-out losses split into
+    the sentences of the held-out sentence's own rule and all the others (mean over the
+    explained sentences; the two add up to the data term of the window)."""
+    sample_rule = np.asarray([rules_train[s] for s in result.sample_ids])
+    sw = result.sample_window[:, 0]  # [N, S, W]
+    own = [sw[n][sample_rule == r].sum(axis=0) for n, r in enumerate(rules_test)]
+    other = [sw[n][sample_rule != r].sum(axis=0) for n, r in enumerate(rules_test)]
+    return {
+        "own_rule": np.mean(own, axis=0).tolist(),
+        "other_rules": np.mean(other, axis=0).tolist(),
+    }
+
+
 def plot(path: Path, edges, names, by_window, terms) -> None:
     from matplotlib.figure import Figure
 
@@ -118,7 +133,7 @@ def plot(path: Path, edges, names, by_window, terms) -> None:
     for name, row in terms.items():
         ax_t.step(e, np.append(row / w, row[-1] / w[-1]), where="post", label=name)
     ax_t.axhline(0, color="0.6", lw=0.8)
-    ax_t.set(xlabel="step", title="by term: training data vs the rest")
+    ax_t.set(xlabel="step", title="by training sentences (mean over sentences)")
     ax_t.legend(fontsize="small")
     fig.savefig(path)
 
@@ -150,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         output_names=["sequence loss"],
         step_windows=args.step_windows,
         quadrature=f"gauss:{args.nodes}",
+        keep=explaind_kernel.KeepOptions(sample_window=True),  # per (sentence, window) too
         training_mode=args.training_mode,
         cpu_threads=args.cpu_threads if args.cpu_threads == "auto" else int(args.cpu_threads),
         progress=not args.no_progress,
@@ -173,13 +189,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # 3. views: per training sentence, per layer, per step window
     shares = same_rule_share(result, rules_train, rules_test, args.top)
+    shares["by_window"] = rule_split_by_window(result, rules_train, rules_test)
     by_window = layer_windows(result, groups)  # [N, G, W]
     mean_layers = by_window.mean(axis=0)
     windowed = explaind_attr.step_attribution(result, edges="windows")
     per_term = dict(zip(windowed.terms, np.moveaxis(windowed.values.mean(axis=(0, 1)), -1, 0)))
+    split = shares["by_window"]
     terms = {
-        "training data": per_term["data"],
-        "rest": sum(v for k, v in per_term.items() if k != "data"),
+        "data: sentences of its own rule": np.asarray(split["own_rule"]),
+        "data: the other rules": np.asarray(split["other_rules"]),
+        "rest (weight decay, …)": sum(v for k, v in per_term.items() if k != "data"),
     }
     edges = [int(e) for e in result.window_edges]
     with open(out / "layers_by_window.csv", "w", newline="") as fh:
@@ -223,6 +242,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             np.abs(by_window.sum(axis=(1, 2)) - result.components[:, 0].sum(axis=1)).max()
         ),
         "same_rule": shares,
+        # own rule + other rules = the data term of each window (a partition of the samples)
+        "rule_split_matches_data": float(
+            np.abs(
+                np.asarray(shares["by_window"]["own_rule"])
+                + np.asarray(shares["by_window"]["other_rules"])
+                - per_term["data"]
+            ).max()
+        ),
         "training_routes": result.extra.get("training_routes"),
         "report": str(report.html),
         "figure": str(figure),
@@ -234,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(
         f"top-{args.top} loss-lowering training sentences with the held-out sentence's rule: "
         f"{np.mean(shares['share']):.2f} (chance {np.mean(shares['chance']):.2f})"
+    )
+    print(
+        "data contribution per step window, own rule / other rules: "
+        + " ".join(f"{a:+.3f}/{b:+.3f}" for a, b in zip(split["own_rule"], split["other_rules"]))
     )
     print(
         "per layer (Δ loss, mean over sentences): "

@@ -76,6 +76,8 @@ def test_the_held_out_losses_are_explained_exactly(run) -> None:
     # embeddings + blocks + final norm partition the parameters: they add up to the path
     assert summary["layers"] == ["embeddings", "block 0", "block 1", "final norm"]
     assert summary["layers_match_path"] <= FP32_REL * moved
+    # the data term per window, split by the held-out sentence's rule, adds up again
+    assert summary["rule_split_matches_data"] <= FP32_REL * moved
     assert summary["training_routes"] == {"rules": 6}  # pinned by --small: GPT-2's rules hold
 
 
