@@ -107,7 +107,9 @@ def compute_kernel_sharded(
                 samples,
                 extra={"world_size": world, "sharding": "exact adjoint scan"},
             )
-            return shard.reduce(local)
+            result = shard.reduce(local)
+            shard.release()  # not on an error: the barrier would wait for the failed rank
+            return result
 
 
 class _Shard:
@@ -120,6 +122,28 @@ class _Shard:
         held = [r for r, p in enumerate(parts) if p]
         self.first, self.last = held[0], held[-1]  # the ranks holding step 0 and step T-1
         self.size = sum(int(np.prod(problem.param_shapes[n])) for n in problem.param_names)
+        # every collective's work handle and tensors, released only by `release` (see there)
+        self._held: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def _wait(self, work: Any, *tensors: Any) -> None:
+        """Wait for a collective and keep its work handle and tensors referenced until
+        `release`, so that the backend's worker thread never drops their last reference."""
+        work.wait()
+        self._held.append((work, tensors))
+
+    def release(self) -> None:
+        """Drop the collectives' handles, after a barrier, on the calling (main) thread.
+
+        A gloo worker thread that drops the last reference to a work's tensors needs the GIL
+        for their Python objects; if that happens while the interpreter is shutting down, the
+        thread is killed inside C++ and the process aborts ("terminate called without an
+        active exception"). Torch keeps the process group and its worker threads alive past
+        `destroy_process_group` once `torch._dynamo` has been imported (torch.func does), so
+        a rank that returns and exits quickly hit this intermittently. Holding every handle
+        here makes the worker's release a plain count decrement, and this thread frees them.
+        """
+        dist.barrier(self.group)
+        self._held.clear()
 
     def chunk(self, plan: RunPlan, samples: SampleIndex, start: int, stop: int) -> ChunkPiece:
         """Inputs [start, stop): phase 1 on this rank's steps, the backward scan of the exact
@@ -132,19 +156,14 @@ class _Shard:
             self.mine,
         )
         rows = (stop - start) * plan.width
-        # Sharded sweeps read the trace in their own thread (prefetch=False, whatever the
-        # config asks; the config is recorded as asked). Known problem on torch 2.14, CPU,
-        # gloo: with the background reader thread beside gloo a rank intermittently aborted
-        # in C++ ("terminate called without an active exception"), 4 of 14 sharded test runs;
-        # 0 of 6 with it off. Prefetch changes no number, only overlap.
         piece = (
-            ChunkSweep(problem, plan, samples, start, stop).run(mine, prefetch=False)
+            ChunkSweep(problem, plan, samples, start, stop).run(mine)
             if mine
             else self._empty(start, stop, rows)
         )
         incoming = torch.zeros(rows, self.size, dtype=problem.dtype, device=self.comm)
         if rank < world - 1:
-            dist.recv(incoming, src=rank + 1, group=group)
+            self._wait(dist.irecv(incoming, src=rank + 1, group=group), incoming)
         e_in = self._unflat(incoming.to(problem.device), rows)
         if rank > 0:
             if mine:
@@ -152,20 +171,21 @@ class _Shard:
                 if rank < world - 1:
                     moved = ChunkSweep(
                         problem, plan, samples, start, stop, mode="propagate", carry_in=e_in
-                    ).run(mine, prefetch=False)
+                    ).run(mine)
                     start_carry = start_carry + self._flat(moved.carry, rows)
             else:
                 start_carry = incoming.to(problem.device)
-            dist.send(start_carry.to(self.comm).contiguous(), dst=rank - 1, group=group)
+            out = start_carry.to(self.comm).contiguous()
+            self._wait(dist.isend(out, dst=rank - 1, group=group), out)
         if mine and rank < world - 1:
             corr = ChunkSweep(
                 problem, plan, samples, start, stop, mode="correct", carry_in=e_in
-            ).run(mine, prefetch=False)
+            ).run(mine)
             piece.sums.add(corr.sums)
         if piece.scores is not None:  # Σ over ranks of Σ_t J̄⊙Δθ, then Σ_rows |·|
             for n, v in piece.scores.items():
                 t = v.to(self.comm)
-                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+                self._wait(dist.all_reduce(t, group=group, async_op=True), t)
                 piece.scores[n] = t
             piece.reduce_scores()
         return piece
@@ -208,7 +228,7 @@ class _Shard:
     def _allreduce(self, arr: np.ndarray) -> np.ndarray:
         # a copy: on CPU the tensor would share `arr`'s memory and all_reduce writes in place
         t = torch.from_numpy(np.array(arr, dtype=np.float64, order="C", copy=True)).to(self.comm)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        self._wait(dist.all_reduce(t, group=self.group, async_op=True), t)
         return t.cpu().numpy()
 
     def _all_ids(self, ids: list[str]) -> list[list[str]]:
@@ -216,14 +236,14 @@ class _Shard:
         raw = msgpack.packb(ids, use_bin_type=True)
         n = torch.tensor([len(raw)], dtype=torch.int64, device=comm)
         sizes = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(sizes, n, group=group)
+        self._wait(dist.all_gather(sizes, n, group=group, async_op=True), sizes, n)
         longest = int(max(s.item() for s in sizes))
         buf = torch.zeros(longest, dtype=torch.uint8, device=comm)
         buf[: len(raw)] = (
             torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(comm) if raw else buf[:0]
         )
         bufs = [torch.zeros(longest, dtype=torch.uint8, device=comm) for _ in range(world)]
-        dist.all_gather(bufs, buf, group=group)
+        self._wait(dist.all_gather(bufs, buf, group=group, async_op=True), bufs, buf)
         return [
             msgpack.unpackb(b[: int(s.item())].cpu().numpy().tobytes(), raw=False)
             for b, s in zip(bufs, sizes)
