@@ -188,6 +188,7 @@ class _Shard:
                 self._wait(dist.all_reduce(t, group=group, async_op=True), t)
                 piece.scores[n] = t
             piece.reduce_scores()
+        self.release()  # the chunk's adjoint buffers are not kept past it
         return piece
 
     def _empty(self, start: int, stop: int, rows: int) -> ChunkPiece:
