@@ -51,7 +51,21 @@ def cnn_setup(seed: int):
     return model, opt, x, y, 64
 
 
-SETUPS = {"transformer": transformer_setup, "cnn": cnn_setup}
+def sdpa_setup(seed: int):
+    """Issue #12's small model: ~8k parameters, one layer, attention through
+    F.scaled_dot_product_attention, AdamW, batch 64 (per-step fixed cost dominates)."""
+    from bench.bench_kernel_speed import SDPATransformer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 25, (2048, 6), generator=g)
+    y = x.sum(1) % 25
+    torch.manual_seed(seed)
+    model = SDPATransformer()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    return model, opt, x, y, 64
+
+
+SETUPS = {"transformer": transformer_setup, "cnn": cnn_setup, "sdpa": sdpa_setup}
 
 
 def train(model, opt, x, y, batch: int, steps: int) -> None:
