@@ -61,6 +61,10 @@ class PackedTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._layout)
 
+    def numel(self) -> int:
+        """Elements of all tensors together (without making views)."""
+        return sum(f.numel() for f in self._flats)
+
 
 def copy_named(named: list[tuple[str, torch.Tensor]]) -> Mapping[str, torch.Tensor]:
     """CPU copies of the named tensors (same values, row-major): one copy per dtype when all
@@ -68,23 +72,47 @@ def copy_named(named: list[tuple[str, torch.Tensor]]) -> Mapping[str, torch.Tens
     on the device, which would need as much device memory again)."""
     if not all(t.is_cpu and t.layout is torch.strided for _, t in named):
         return {n: cpu_copy(t) for n, t in named}
-    groups: dict[torch.dtype, list[torch.Tensor]] = {}  # flat tensor i: the i-th dtype seen
-    sizes: list[int] = []
-    layout: dict[str, tuple[int, int, torch.Size]] = {}
-    index: dict[torch.dtype, int] = {}
-    for name, t in named:
-        i = index.setdefault(t.dtype, len(index))
-        if i == len(sizes):
-            groups[t.dtype] = []
-            sizes.append(0)
-        groups[t.dtype].append(t)
-        layout[name] = (i, sizes[i], t.shape)
-        sizes[i] += t.numel()
+    plan = _plan(named)
     with torch.no_grad():
         # one C++ call per dtype (contiguous row-major, concatenated into new memory); it
         # returns a view of a lone tensor, which needs its own copy
         flats = [
-            _flatten_dense_tensors(parts) if len(parts) > 1 else parts[0].reshape(-1).clone()
-            for parts in groups.values()
+            _flatten_dense_tensors([named[j][1] for j in idx])
+            if len(idx) > 1
+            else named[idx[0]][1].reshape(-1).clone()
+            for idx in plan.groups
         ]
-    return PackedTensors(flats, layout)
+    return PackedTensors(flats, plan.layout)
+
+
+class _Plan:
+    """Which flat copy each named tensor goes to, and where (see ``_plan``)."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        index: dict[torch.dtype, int] = {}  # flat tensor i: the i-th dtype seen
+        self.groups: list[list[int]] = []
+        sizes: list[int] = []
+        self.layout: dict[str, tuple[int, int, torch.Size]] = {}
+        for j, (name, t) in enumerate(named):
+            i = index.setdefault(t.dtype, len(index))
+            if i == len(sizes):
+                self.groups.append([])
+                sizes.append(0)
+            self.groups[i].append(j)
+            self.layout[name] = (i, sizes[i], t.shape)
+            sizes[i] += t.numel()
+
+
+_plans: dict[tuple[tuple[str, torch.dtype, torch.Size], ...], _Plan] = {}
+
+
+def _plan(named: list[tuple[str, torch.Tensor]]) -> _Plan:
+    """The packing plan of these names, dtypes and shapes; the same every step of a run
+    (gradients keep their parameter's dtype and shape), so it is made once and kept."""
+    key = tuple((n, t.dtype, t.shape) for n, t in named)
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= 64:
+            _plans.clear()
+        plan = _plans[key] = _Plan(named)
+    return plan

@@ -41,6 +41,7 @@ from . import codec, fingerprint
 from .cotangent_codec import EncodedCotangent, deferred_tree, is_encoded
 from .encoder import TensorEncoder
 from .errors import TraceCorruptError
+from .packing import PackedTensors
 from .records import CapturedForward, CapturedStep, ForwardRecord, SkipRecord, StepRecord
 from .schema import sample_key, skip_key, step_key
 from .state import decode_tensors, encode_checkpoint
@@ -134,7 +135,12 @@ def _encode_forward(
 def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
     """The stored records of one step: new samples, the step, and its checkpoint if any."""
     out: list[tuple[str, Any]] = []
-    enc.raw_bytes += sum(4 * g.numel() for g in s.grads.values()) + s.grad_bytes
+    grads = s.grads
+    enc.raw_bytes += s.grad_bytes + 4 * (
+        grads.numel()
+        if isinstance(grads, PackedTensors)
+        else sum(g.numel() for g in grads.values())
+    )
     rec = {
         "index": s.index,
         "grads": enc.count("gradients", enc.tensors(s.grads, lossy=True)),
