@@ -315,3 +315,28 @@ def test_options_are_checked_when_the_callback_is_made() -> None:
         ExplaindCallback("a.lmdb", sample_ids=[1, 2])
     cb = ExplaindCallback("a.lmdb")
     assert cb.recorder is None and not cb.recording
+
+
+@pytest.mark.parametrize(
+    "kind", ["fp32-accumulate", "16-mixed-explicit", "16-mixed-overflow", "bf16-mixed"]
+)
+def test_recompute_mode_under_lightning(tmp_path, kind: str) -> None:
+    """gradients='recompute' under Lightning (closure-driven steps; batch norm and dropout):
+    replay with the model rebuilds θ bit for bit, also under fp16 autocast with a GradScaler
+    (2**16 overflows on the first iteration: a skip record) and bf16 autocast."""
+    kw: dict = {}
+    if kind == "fp32-accumulate":
+        kw = {"accumulate_grad_batches": 2}
+    elif kind == "bf16-mixed":
+        kw = {"precision": "bf16-mixed"}
+    else:
+        scale = 2.0**8 if kind == "16-mixed-explicit" else 2.0**16
+        kw = {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=_scaler(scale))]}
+    cb_kw = {"gradients": "recompute", "checkpoint_every": 3}
+    model, trainer, _, path = _fit(tmp_path, cb_kw=cb_kw, **kw)
+    with et.open_trace(path) as trace:
+        assert trace.needs_model and trace.num_steps > 0
+        assert bool(trace.skips()) == (kind == "16-mixed-overflow")
+        drift = trace.check_drift(model=LitMLP())
+        assert drift.exact and max(drift.checkpoints) == trace.num_steps
+        assert_final_is_model(trace, model)

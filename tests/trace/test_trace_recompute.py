@@ -307,3 +307,19 @@ def test_recompute_under_autocast() -> None:
         assert trace.step(0).forwards[0].autocast == {"cpu": "bfloat16"}
         for rs in trace.replay(model=th.MLP(bn=False)):
             assert all(torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in rs.params)
+
+
+def test_likely_cause_of_each_kind_of_difference() -> None:
+    g = torch.Generator().manual_seed(0)
+    want, theta = torch.randn(500, generator=g), torch.randn(500, generator=g)
+    fp = fingerprint.fingerprints({"w": want})["w"]
+
+    def cause(got: torch.Tensor) -> str:
+        return fingerprint.likely_cause(fp, got, theta, "w")
+
+    assert "gradient clipping" in cause(want / 0.3)  # the optimizer saw 0.3 × the output's
+    assert "0.02·θ: an L2 term" in cause(want - 0.02 * theta)
+    noise = torch.randn(500, generator=g)
+    assert "last bits" in cause(want * (1 + 1e-7 * noise))
+    assert "differ slightly" in cause(want * (1 + 1e-3 * noise))
+    assert "a gradient hook" in cause(want + 0.5 * noise)
