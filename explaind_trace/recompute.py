@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from . import fingerprint
 from .cotangent_codec import DeferredCotangent
-from .errors import GradientMismatchError, RecordingError, TraceMismatchError
+from .errors import GradientMismatchError, RecordingError, TraceError, TraceMismatchError
 from .hooks import dense_grads
 from .packing import copy_named
 from .records import ForwardRecord
@@ -282,6 +282,8 @@ class StepGradients:
             self.checking = True
             try:
                 cause = self.check(model, t, grads, params, forwards)
+            except (RuntimeError, TypeError, ValueError, TraceError) as e:  # never stop training
+                cause = f"step {t}: the check could not run ({type(e).__name__}: {e})"
             finally:
                 self.checking = False
             if cause is not None:

@@ -323,3 +323,22 @@ def test_likely_cause_of_each_kind_of_difference() -> None:
     assert "last bits" in cause(want * (1 + 1e-7 * noise))
     assert "differ slightly" in cause(want * (1 + 1e-3 * noise))
     assert "a gradient hook" in cause(want + 0.5 * noise)
+
+
+def test_auto_check_that_cannot_run_stores_gradients_and_training_goes_on(monkeypatch) -> None:
+    from explaind_trace import recompute
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no functional call for this model")
+
+    monkeypatch.setattr(recompute, "step_gradients", broken)
+    store = f"memory://{th.unique()}"
+    thetas = _record(th.SETUPS[0], store, "auto")  # training finishes
+    with et.open_trace(store) as trace:
+        assert trace.gradients_stored_from == 0 and not trace.needs_model
+        assert (
+            "could not run (RuntimeError: no functional call"
+            in trace.progress["gradients_switch_reason"]
+        )
+        final = trace.params_at(STEPS)
+        assert all(torch.equal(final[n], thetas[STEPS][n]) for n in trace.param_names)
