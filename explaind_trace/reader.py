@@ -266,6 +266,7 @@ class TraceReader:
     def _recompute(self, model: torch.nn.Module | None) -> GradientRecompute | None:
         if model is None or self.gradients == "stored":
             return None
+        self.check_model(model)  # names what differs (class, shapes, dtypes) before any step
         return GradientRecompute(model, output_module=self.meta.output_module, where=self.name)
 
     def replay(

@@ -342,3 +342,11 @@ def test_auto_check_that_cannot_run_stores_gradients_and_training_goes_on(monkey
         )
         final = trace.params_at(STEPS)
         assert all(torch.equal(final[n], thetas[STEPS][n]) for n in trace.param_names)
+
+
+def test_replay_with_a_model_of_another_dtype_is_refused() -> None:
+    store = f"memory://{th.unique()}"
+    _record(th.SETUPS[0], store)
+    with et.open_trace(store) as trace:
+        with pytest.raises(et.TraceMismatchError, match="dtype float64, the trace has float32"):
+            next(iter(trace.replay(model=th.MLP().double())))
