@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-import explaind_trace
+from explaind_trace.info import describe
 from explaind_trace.options import COTANGENT_CODECS, GRADIENT_MODES
 
 from .corpus import Language, Sentences, sequence_loss
@@ -231,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cotangent_codec": args.cotangent_codec,
         "train_seconds": train_s,
         "seconds_per_step": train_s / max(1, trainer.state.global_step),
-        "trace_bytes": _size(trace) if not args.no_record else 0,
+        "trace_bytes": describe(str(trace), check_drift=False)["bytes_on_disk"]
+        if not args.no_record
+        else 0,
         "held_out_loss_before": loss_before,
         "held_out_loss_after": loss_after,
     }
@@ -244,11 +246,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.no_record:
         print(f"trace: {trace} ({summary['trace_bytes'] / 2**20:.2f} MiB)")
     return summary
-
-
-def _size(trace: Path) -> int:
-    with explaind_trace.open_trace(str(trace)) as reader:
-        return int(reader.store.nbytes() or 0)
 
 
 if __name__ == "__main__":

@@ -87,16 +87,23 @@ def _chromium(browser: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_demo_report_renders_in_a_real_browser(tmp_path) -> None:
-    browser = _browser()
-    summary = run_demo(tmp_path / "demo", quick=True, progress=False)
-    html = summary.report.read_text(encoding="utf-8")
-    checked = summary.report.with_name("checked.html")
+def rendered(browser: str, report) -> tuple[int, int, int]:
+    """(images, images that loaded, characters of text) of `report` in headless Chromium."""
+    html = report.read_text(encoding="utf-8")
+    checked = report.with_name("checked.html")
     checked.write_text(html.replace("</body>", _CHECK + "</body>"), encoding="utf-8")
     proc = _chromium(browser, "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
     found = re.search(r"images=(\d+) loaded=(\d+) text=(\d+)", proc.stdout)
     assert found, proc.stderr[-2000:]
     images, loaded, text = (int(g) for g in found.groups())
+    return images, loaded, text
+
+
+def test_demo_report_renders_in_a_real_browser(tmp_path) -> None:
+    browser = _browser()
+    summary = run_demo(tmp_path / "demo", quick=True, progress=False)
+    html = summary.report.read_text(encoding="utf-8")
+    images, loaded, text = rendered(browser, summary.report)
     assert images == html.count("<img") and images >= 5
     assert loaded == images, f"{images - loaded} of {images} images did not load"
     assert text > 1000  # the page has its text

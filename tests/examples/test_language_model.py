@@ -5,7 +5,6 @@ checked against the real model at θ_T, and the report rendered in a real browse
 from __future__ import annotations
 
 import json
-import re
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from examples.language_model.corpus import IGNORE, Language, sequence_loss  # no
 from explaind_trace.cotangent_codec import DeferredCotangent  # noqa: E402
 
 from .conftest import FP32_REL, assert_complete  # noqa: E402
-from .test_demo import _CHECK, _browser, _chromium  # noqa: E402
+from .test_demo import _browser, rendered  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +121,7 @@ def test_the_report_renders_in_a_real_browser(run) -> None:
     html = report.read_text(encoding="utf-8")
     assert summary["completeness_line"] in html
     assert "&lt;bos&gt;" in html  # training sentences shown as text
-    checked = report.with_name("checked.html")
-    checked.write_text(html.replace("</body>", _CHECK + "</body>"), encoding="utf-8")
-    proc = _chromium(browser, "--virtual-time-budget=10000", "--dump-dom", checked.as_uri())
-    found = re.search(r"images=(\d+) loaded=(\d+) text=(\d+)", proc.stdout)
-    assert found, proc.stderr[-2000:]
-    images, loaded, text = (int(g) for g in found.groups())
+    images, loaded, text = rendered(browser, report)
     assert images == html.count("<img") and images >= 3
     assert loaded == images, f"{images - loaded} of {images} images did not load"
     assert text > 1000

@@ -29,7 +29,8 @@ from explaind_kernel.persample import (  # noqa: E402
 )
 from explaind_kernel.train_rows import rule_grads  # noqa: E402
 
-TOL = 1e-12
+from .test_persample import _assert_rows_equal  # noqa: E402  (tolerance 1e-12 of the largest)
+
 CPU = torch.device("cpu")
 VOCAB, LEN, ROWS = 13, 6, 3
 
@@ -79,13 +80,6 @@ def _side(fm, x, **kw) -> jacobian.TestSide:
         keys=keys,
         **kw,
     )
-
-
-def _assert_rows_equal(got, ref) -> None:
-    scale = max(float(v.abs().max()) for v in ref.values())
-    for k in ref:
-        assert got[k].shape == ref[k].shape, k
-        assert float((got[k] - ref[k]).abs().max()) <= TOL * scale, k
 
 
 @pytest.mark.parametrize("output_module", [None, "lm_head"])
