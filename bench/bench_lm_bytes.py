@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -110,7 +111,9 @@ def bench(preset: str, steps: int, repeats: int, kernel_repeats: int, workdir: s
             seconds[mode[0]].append(s["train_seconds"])
             if mode[0] not in bytes_by_mode:
                 bytes_by_mode[mode[0]] = s
-                dirs[mode[0]] = f"{workdir}/{preset}-{mode[0]}{r}"
+                dirs[mode[0]] = f"{workdir}/{preset}-{mode[0]}{r}"  # kept for the kernel
+            else:
+                shutil.rmtree(f"{workdir}/{preset}-{mode[0]}{r}")  # bytes are read: free disk
             print(f"{preset} round {r} {mode[0]}: {s['train_seconds']:.2f} s", flush=True)
         print(f"{preset} round {r} plain: {seconds['plain'][-1]:.2f} s", flush=True)
     vocab = cfg["numbers"] + 3 + 6
@@ -151,7 +154,7 @@ def bench(preset: str, steps: int, repeats: int, kernel_repeats: int, workdir: s
             "overhead_ratios": ratios,
             "median_overhead_ratio": statistics.median(ratios),
         }
-    if kernel_repeats:
+    if kernel_repeats and preset == "example":
         pair = {m: dirs[m] for m in ("stored", "recompute+codec") if m in dirs}
         times = kernel_times(workdir, pair, kernel_repeats, n=2)
         res["kernel_seconds"] = times
@@ -170,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         "--kernel-repeats",
         type=int,
         default=0,
-        help="also time the kernel (2 held-out sentences) on the stored and the recompute + "
-        "codec traces, alternated, this many times",
+        help="also time the kernel (2 held-out sentences) on the example's stored and "
+        "recompute + codec traces, alternated, this many times",
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lm_bytes.json"))
     args = ap.parse_args(argv)
