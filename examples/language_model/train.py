@@ -103,6 +103,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="auto (default): cross-entropy cotangents stored as target + scale and rebuilt "
         "from the replayed logits, lossless; generic: every cotangent by the tensor codec",
     )
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=0.0,
+        help="gradient clipping (default 0: off, see README.md); with --gradients recompute a "
+        "clipped run is refused at replay, naming the step; auto stores gradients from there",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--no-record", action="store_true", help="train without recording")
     p.add_argument("--overwrite", action="store_true", help="replace an existing trace in --out")
@@ -158,7 +165,7 @@ def training_args(cfg: dict[str, Any], out: Path, progress: bool):
         weight_decay=cfg["weight_decay"],
         warmup_steps=cfg["warmup"],
         lr_scheduler_type="linear",
-        max_grad_norm=0.0,  # clipping off: the optimizer's gradient is the output-path one
+        max_grad_norm=cfg["max_grad_norm"],  # 0: off, the optimizer sees the output-path gradient
         use_cpu=True,
         report_to=[],
         save_strategy="no",

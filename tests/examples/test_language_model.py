@@ -101,6 +101,34 @@ def test_recompute_and_codec_give_the_stored_runs_kernel_bit_for_bit(run, tmp_pa
     assert compared >= 15
 
 
+def test_gradient_clipping_is_named_and_auto_mode_stays_exact(tmp_path) -> None:
+    """Why the example turns clipping off. Recomputed gradients cannot be the clipped ones:
+    replay refuses the trace, naming the step and the cause. The auto mode stores gradients
+    from there and the kernel is exact again, but the clipping correction is a non-data term
+    larger than the whole change of the loss: nothing a training sentence explains."""
+    from examples.language_model import analyze, train
+    from explaind_trace.errors import GradientMismatchError
+
+    clip = ["--small", "--no-progress", "--max-grad-norm", "0.1"]
+    recompute = tmp_path / "recompute"
+    train.main([*clip, "--out", str(recompute)])
+    cfg = json.loads((recompute / "config.json").read_text())
+    with et.open_trace(str(recompute / "trace.lmdb")) as trace:
+        with pytest.raises(GradientMismatchError, match=r"step 0, .*gradient clipping"):
+            trace.check_drift(model=train.model_of(cfg))
+    auto = tmp_path / "auto"
+    train.main([*clip, "--out", str(auto), "--gradients", "auto"])
+    with et.open_trace(str(auto / "trace.lmdb")) as trace:
+        assert trace.gradients_stored_from == 0
+    summary = analyze.main(
+        ["--run", str(auto), "--n-explain", "2", "--step-windows", "3", "--no-progress"]
+    )
+    assert_complete(summary["completeness_max_abs"], summary["max_abs_fT"])
+    assert summary["decomposition_vs_real_max_abs"] <= FP32_REL * summary["max_abs_fT"]
+    moved = max(abs(v) for v in summary["loss_change"])
+    assert summary["terms_max_abs"]["nondata"] > moved
+
+
 def test_the_outputs_are_written(run) -> None:
     out, _, summary = run
     analysis = out / "analysis"
