@@ -9,9 +9,10 @@ below. A forward runs again bit for bit on the device it was recorded on when it
   copy, never on the caller's tensors),
 - RNG state (CPU, and CUDA when the parameters live on a CUDA device),
 - training flag of the root and of every submodule whose flag differed (``mode_overrides``),
-- inputs (rebuilt from the stored rows, moved to the parameters' device; floating inputs in
-  the parameters' dtype: a model computes in its parameters' dtype, and the kernel calls this
-  in its compute dtype),
+- inputs (rebuilt from the stored rows) and buffers, moved to the parameters' device, in
+  their recorded dtypes (a bf16 model may keep a float32 buffer, such as rotary
+  frequencies); only parameters in another dtype than the model's own (a float64 replay)
+  take the floating inputs and buffers into their dtype,
 - autocast region (``reforward`` only: the kernel's own replays stay in its compute dtype).
 
 The model is called through ``torch.func.functional_call``, so the user's model object keeps
@@ -55,14 +56,15 @@ Pytree = Any
 STATE_LOCK = threading.RLock()
 
 
-def to_device(t: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """``t`` on ``device``; a floating tensor also in ``dtype`` (others keep their dtype)."""
-    if t.is_floating_point():
+def to_device(t: Tensor, device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """``t`` on ``device``; a floating tensor also in ``dtype`` unless it is None (others
+    keep their dtype)."""
+    if t.is_floating_point() and dtype is not None:
         return t.to(device=device, dtype=dtype)
     return t.to(device=device)
 
 
-def tree_to(value: Pytree, device: torch.device, dtype: torch.dtype) -> Pytree:
+def tree_to(value: Pytree, device: torch.device, dtype: torch.dtype | None) -> Pytree:
     """``to_device`` on every tensor of a tensor / tuple / list / dict tree."""
     if isinstance(value, Tensor):
         return to_device(value, device, dtype)
@@ -186,13 +188,12 @@ def recorded_autocast(forward: ForwardRecord, device: torch.device) -> Any:
     return torch.autocast(device.type, dtype=codec.DTYPES[name])
 
 
-def placement(params: Mapping[str, Tensor]) -> tuple[torch.device, torch.dtype]:
-    """The device and floating dtype of ``params`` (of the first floating parameter)."""
+def _device(params: Mapping[str, Tensor]) -> torch.device:
+    """The device of ``params`` (of the first one)."""
     first = next(iter(params.values()), None)
     if first is None:
         raise TraceMismatchError("reforward needs the parameters to run the model at; got none")
-    floating = next((p for p in params.values() if p.is_floating_point()), first)
-    return first.device, floating.dtype
+    return first.device
 
 
 def reforward(
@@ -206,16 +207,21 @@ def reforward(
 ) -> Any:
     """The recorded output tree (of ``output_module`` when the trace names one) of one
     recorded forward, run again at ``params`` with the recorded RNG state, train/eval flag,
-    mode overrides and a clone of ``buffers``, on the params' device and dtype; global RNG
-    and module modes are restored afterwards; never touches the user's model object's
-    parameters (functional_call).
+    mode overrides, autocast region and a clone of ``buffers``, on the params' device and
+    dtype (inputs and buffers keep their recorded dtypes unless ``params`` are in another
+    dtype than the model's own); global RNG and module modes are restored afterwards; never
+    touches the user's model object's parameters (functional_call).
 
     ``grad=True`` builds the autograd graph (the caller passes parameters that require
     grad); ``grad=False`` runs under ``torch.no_grad()``."""
-    device, dtype = placement(params)
-    args = tree_to(tuple(forward.args), device, dtype)
-    kwargs = tree_to(dict(forward.kwargs), device, dtype)
-    bufs = {k: to_device(v, device, dtype).clone() for k, v in buffers.items()}
+    device = _device(params)
+    own = dict(model.named_parameters())
+    cast = next(  # parameters in another dtype than the model's own: a replay in that dtype
+        (p.dtype for n, p in params.items() if n in own and p.dtype != own[n].dtype), None
+    )
+    args = tree_to(tuple(forward.args), device, cast)
+    kwargs = tree_to(dict(forward.kwargs), device, cast)
+    bufs = {k: to_device(v, device, cast).clone() for k, v in buffers.items()}
     with OutputTap(model, output_module) as tap, recorded_mode(model, forward, device):
         with torch.set_grad_enabled(grad), recorded_autocast(forward, device):
             return functional_output(model, params, bufs, args, kwargs, tap)

@@ -350,3 +350,42 @@ def test_replay_with_a_model_of_another_dtype_is_refused() -> None:
     with et.open_trace(store) as trace:
         with pytest.raises(et.TraceMismatchError, match="dtype float64, the trace has float32"):
             next(iter(trace.replay(model=th.MLP().double())))
+
+
+class _Bf16WithFp32Buffer(nn.Module):
+    """bf16 parameters and a float32 buffer (as HF keeps rotary frequencies): the replay
+    must not cast the buffer to the parameters' dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("freq", torch.linspace(0.1, 3.3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * (self.freq * 1.37).exp().to(x.dtype)
+
+
+def test_recompute_keeps_the_recorded_dtypes_of_inputs_and_buffers() -> None:
+    torch.manual_seed(0)
+    model = _Bf16WithFp32Buffer().to(torch.bfloat16)
+    model.freq = model.freq.float()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = th.data()
+    x = x.to(torch.bfloat16)
+    store = f"memory://{th.unique()}"
+    thetas = []
+    with et.record(model, opt, store=store, gradients="recompute"):
+        for i in range(4):
+            thetas.append(th.snapshot(model))
+            opt.zero_grad()
+            nn.functional.cross_entropy(
+                model(x[8 * i : 8 * i + 8]).float(), y[8 * i : 8 * i + 8]
+            ).backward()
+            opt.step()
+    thetas.append(th.snapshot(model))
+    fresh = _Bf16WithFp32Buffer().to(torch.bfloat16)
+    fresh.freq = fresh.freq.float()
+    with et.open_trace(store) as trace:
+        assert trace.checkpoint(0).buffers["freq"].dtype == torch.float32
+        for rs in trace.replay(model=fresh):
+            assert all(torch.equal(rs.next_params[n], thetas[rs.index + 1][n]) for n in rs.params)
