@@ -37,6 +37,8 @@ from .errors import (
 )
 
 _LAZY = {
+    "cotangent_codec": ("DeferredCotangent",),
+    "cotangents": ("resolve_forwards",),
     "optimizers": ("register_optimizer", "supported_optimizers"),
     "options": ("RecordOptions",),
     "reader": ("TraceReader", "open_trace"),
@@ -66,6 +68,8 @@ __all__ = [
     "ForwardRecord",
     "SkipRecord",
     "ReplayStep",
+    "DeferredCotangent",
+    "resolve_forwards",
     "Checkpoint",
     "DriftReport",
     "register_optimizer",
@@ -111,6 +115,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .cotangent_codec import DeferredCotangent
+    from .cotangents import resolve_forwards
     from .optimizers import register_optimizer, supported_optimizers
     from .options import RecordOptions
     from .reader import TraceReader, open_trace
