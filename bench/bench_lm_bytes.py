@@ -1,7 +1,7 @@
 """Bytes per step of the language-model example's trace, and its recording overhead.
 
-Trains examples/language_model (a tiny GPT-2 under the Hugging Face Trainer, ~105k parameters,
-batch 16 × context 24 × vocabulary 57) once per recording mode — stored gradients or
+Trains examples/language_model (a tiny GPT-2 under the Hugging Face Trainer, ~109k parameters,
+batch 16 × context 32 × vocabulary 106) once per recording mode — stored gradients or
 recomputed ones, generic or loss-aware cotangent codec, whichever this version has — and
 compares what the trace stores per step with the raw fp32 size of what the kernel needs from
 a step: the gradient (4 × parameters) plus the logits cotangent (4 × batch × context ×

@@ -26,8 +26,8 @@ IGNORE = -100  # the label of padding positions (Hugging Face's ignore_index)
 class Language:
     """Token layout: numbers 0..M-1, then <pad>, <bos>, <eos>, then one token per rule."""
 
-    numbers: int = 48
-    context: int = 24
+    numbers: int = 97
+    context: int = 32
     min_terms: int = 6
 
     def __post_init__(self) -> None:

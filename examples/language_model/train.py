@@ -34,8 +34,8 @@ from .corpus import Language, Sentences, sequence_loss
 from .model import build_model, gpt2_config
 
 FULL = {
-    "numbers": 48,
-    "context": 24,
+    "numbers": 97,
+    "context": 32,
     "layers": 2,
     "d_model": 64,
     "heads": 4,
