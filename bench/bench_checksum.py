@@ -1,14 +1,19 @@
 """Checksum cost: recording with per-record checksums on vs off, and `explaind info --verify`.
 
 One process, the same seeded training three ways per repeat (plain, recorded with
-checksums, recorded without), interleaved so machine load hits all three alike; medians
-over the repeats. Reports wall and CPU ratios against plain training, the writer thread's
+checksums, recorded without), interleaved so machine load hits all three alike (the order
+reversed on every other repeat); medians over the repeats. Reports wall and CPU ratios against plain training, the writer thread's
 CPU per step, stored bytes per step for both recordings, the throughput of
 ``verify_trace`` (what `explaind info --verify` runs: read, checksum and decode every
 record) in MB/s of stored bytes, and the raw hashing speed of the candidate checksums.
 
-    python bench/bench_checksum.py                      # cnn and transformer, 200 steps, 3 repeats
+``--verify-mb N`` also records a transformer trace of at least N MB (with and without
+checksums) and times ``verify_trace`` on it: MB/s of stored bytes over every record, the
+trace read from the page cache (it was just written), so decoding, not the disk, is timed.
+
+    python bench/bench_checksum.py                      # every bench_record model, 200 steps, 5 repeats
     python bench/bench_checksum.py --steps 50 --repeats 1 --models cnn
+    python bench/bench_checksum.py --models sdpa --verify-mb 300
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def bench(name: str, *, steps: int, repeats: int, checkpoint_every: int) -> dict
         for v in VARIANTS:  # warm-up
             run(name, v, steps=10, checkpoint_every=checkpoint_every, path=f"{tmp}/w-{v}.lmdb")
         for r in range(repeats):
-            for v in VARIANTS:
+            for v in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
                 path = f"{tmp}/{r}-{v}.lmdb"
                 runs[v].append(
                     run(name, v, steps=steps, checkpoint_every=checkpoint_every, path=path)
@@ -112,6 +117,34 @@ def bench(name: str, *, steps: int, repeats: int, checkpoint_every: int) -> dict
     return out
 
 
+def verify_large(megabytes: float, *, checkpoint_every: int) -> dict:
+    """Record a transformer trace of at least ``megabytes`` MB with and without checksums
+    (steps from a 10-step probe of the bytes per step), then time ``verify_trace`` on each."""
+    out: dict = {"model": "transformer", "target_mb": megabytes}
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = run("transformer", "checksums", steps=10, checkpoint_every=checkpoint_every,
+                    path=f"{tmp}/probe.lmdb")  # fmt: skip
+        steps = int(megabytes * 1e6 / probe["stored_bytes_per_step"]) + 1
+        out["steps"] = steps
+        for v in ("checksums", "no-checksums"):
+            path = f"{tmp}/large-{v}.lmdb"
+            rec = run("transformer", v, steps=steps, checkpoint_every=checkpoint_every, path=path)
+            runs = []
+            for _ in range(2):  # the first read also warms the page cache
+                rep = verify_trace(path)
+                assert rep.ok, rep.damaged
+                runs.append({"seconds": rep.seconds, "mb_per_s": rep.mb_per_s})
+            out[v] = {
+                "stored_mb": rep.bytes / 1e6,
+                "records": rep.records,
+                "record_seconds": rec["seconds"],
+                "verify_runs": runs,
+                "verify_mb_per_s": max(r["mb_per_s"] for r in runs),
+            }
+            print(f"verify {v}: {rep.bytes / 1e6:.0f} MB, {runs}", flush=True)
+    return out
+
+
 def hashing() -> dict:
     """GB/s of each candidate checksum over 50 KB and 8 MiB of random bytes."""
     algos = {
@@ -139,11 +172,12 @@ def hashing() -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "checksum.json"))
     ap.add_argument("--note", default="", help="say how loaded the machine was")
+    ap.add_argument("--verify-mb", type=float, default=0, help="also verify a trace this large")
     args = ap.parse_args(argv)
     results = {
         "benchmark": "checksum cost (recording, bytes per step, verify throughput)",
@@ -154,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "note": args.note,
+        "load_average_before": os.getloadavg(),
         "hashing_gb_per_s": hashing(),
         "models": {},
     }
@@ -161,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         results["models"][name] = bench(
             name, steps=args.steps, repeats=args.repeats, checkpoint_every=args.checkpoint_every
         )
+    if args.verify_mb > 0:
+        results["verify_large"] = verify_large(
+            args.verify_mb, checkpoint_every=args.checkpoint_every
+        )
+    results["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

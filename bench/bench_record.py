@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
+        "load_average_before": os.getloadavg(),
         "python": platform.python_version(),
         "record_options": dict(RECORD_OPTIONS),
         "models": {},
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         results["models"][name] = bench(
             name, steps=args.steps, repeats=args.repeats, checkpoint_every=args.checkpoint_every
         )
+    results["load_average_after"] = os.getloadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

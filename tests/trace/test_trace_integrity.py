@@ -131,6 +131,11 @@ def test_progress_and_first_checkpoint_are_checked_at_open() -> None:
     MemoryStore(name)._data.pop("ckpt/00000000")
     with pytest.raises(TraceCorruptError, match=r"record 'ckpt/00000000' \(the state every replay"):
         et.open_trace(f"memory://{name}")
+    # a missing progress record does not make a trace with steps look empty
+    name = _trace()
+    MemoryStore(name)._data.pop("progress")
+    with pytest.raises(TraceCorruptError, match="record 'progress' is missing but step records"):
+        et.open_trace(f"memory://{name}")
 
 
 def test_check_model_compares_the_recorded_class() -> None:
