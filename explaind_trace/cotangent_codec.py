@@ -11,6 +11,8 @@ logits, ``(y, a)`` determine the whole row. Per row the codec stores a kind:
 - ``wide ce``: the same for half-precision logits whose loss ran in float32 (autocast, or a
   model's ``logits.float()``): the row is the float32 cotangent rounded, rebuilt that way
   (the float32 scale is the middle of the interval every entry of the row bounds it to);
+- ``transposed ce``: a row of [B, T, V] logits whose loss took ``logits.transpose(1, 2)``
+  (class dimension 1, where torch's softmax rounds otherwise), rebuilt in that layout;
 - ``generic``: the row itself, by the generic tensor codec (label smoothing, MSE, anything
   without the structure, or a reconstruction that differs in more than a quarter of the row).
 
@@ -30,6 +32,7 @@ Encoded leaf (a msgpack-ready map; its ``codec`` key tells it from a plain tenso
      "res_idx": int64 [m] (flat positions in the n_ce × V block of ce rows),
      "res_val": int [m] (XOR of the bit patterns), "generic": dtype [n_generic, V]}
 
+The arithmetic (rebuilding rows, fitting targets and scales) is in ``cotangent_rows.py``.
 Pure: torch and the tensor codec, no I/O. Decoding checks every field before allocating.
 """
 
@@ -42,6 +45,21 @@ import torch
 from torch import Tensor
 
 from . import codec
+from .cotangent_rows import (
+    CE_KINDS,
+    INTS,
+    KIND_CE,
+    KIND_CE_T,
+    KIND_CE_WIDE,
+    KIND_GENERIC,
+    KIND_ZERO,
+    bits,
+    fit,
+    fit_transposed,
+    rebuild_rows,
+    reconstruct,
+    scale_dtype,
+)
 from .errors import CotangentDecodeError, TraceCorruptError
 from .trees import build_tree, output_tree
 
@@ -56,6 +74,7 @@ __all__ = [
     "KIND_CE",
     "KIND_GENERIC",
     "KIND_CE_WIDE",
+    "KIND_CE_T",
     "encode_cotangent",
     "is_encoded",
     "EncodedCotangent",
@@ -65,22 +84,14 @@ __all__ = [
 ]
 
 CODEC = "ce-v1"
-#: row kinds; KIND_CE_WIDE: a half-precision row whose loss ran in float32 (the logits cast up,
-#: the float32 cotangent rounded back), rebuilt in float32 and rounded
-KIND_ZERO, KIND_CE, KIND_GENERIC, KIND_CE_WIDE = 0, 1, 2, 3
 _HALF = {"float16", "bfloat16"}
 _KEYS = frozenset(
     ("codec", "dtype", "shape", "hash", "digest", "kinds", "target", "scale")
     + ("res_idx", "res_val", "generic")
 )
 _FLOATS = {"float64", "float32", "float16", "bfloat16"}
-_INTS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 _BLOCK = 1 << 22  # elements analysed at once (bounds the encoder's temporaries)
 _MAX_MISMATCH = 4  # a ce row differs from its reconstruction in at most V / this entries
-
-
-def _bits(t: Tensor) -> Tensor:
-    return t.view(_INTS[t.element_size()])
 
 
 def _digest(data: bytes | Any, alg: str) -> bytes:
@@ -95,111 +106,6 @@ def _digest(data: bytes | Any, alg: str) -> bytes:
 
 
 _HASH = "xxh3-64" if xxhash is not None else "blake2b-64"
-
-
-def reconstruct(
-    logits: Tensor, target: Tensor, scale: Tensor, log_probs: Tensor | None = None
-) -> Tensor:
-    """The cross-entropy cotangent of rows ``logits`` [n, V] with targets [n] and scales [n]
-    (the NLL gradient at the target), by torch's CPU backward arithmetic in the logits' dtype
-    (``log_probs``: ``log_softmax(logits, -1)`` when already at hand)."""
-    ls = torch.log_softmax(logits, -1) if log_probs is None else log_probs
-    go = torch.zeros_like(ls).scatter_(-1, target[:, None], scale[:, None].to(ls.dtype))
-    return torch._log_softmax_backward_data(go, ls, -1, logits.dtype)
-
-
-def _scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype scales are stored in: float64 for float64 logits, else float32 (which holds
-    every half-precision value and the float32 scale of a wide row exactly)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _rebuild(z: Tensor, y: Tensor, a: Tensor, wide: bool, ls: Tensor | None = None) -> Tensor:
-    """``reconstruct`` in the logits' dtype, or (``wide``) in float32 rounded to it."""
-    if wide:
-        return reconstruct(z.float(), y, a.float(), ls).to(z.dtype)
-    return reconstruct(z, y, a.to(z.dtype), ls)
-
-
-def _estimate_wide(c: Tensor, ls: Tensor, y: Tensor) -> Tensor:
-    """The float32 scale ``a`` of half-precision rows ``c`` whose float32 cotangent was
-    rounded: each entry j ≠ y bounds it, −e_j·a ∈ c_j ± half an ulp of c_j; the middle of
-    the intersection over the row (ls: float32 log-probabilities)."""
-    e = torch.exp(ls).double()
-    cd = c.double()
-    half = (torch.nextafter(c.abs(), torch.full_like(c, float("inf"))).double() - cd.abs()) / 2
-    valid = (c != 0) & (e > 0) & torch.isfinite(half)
-    valid.scatter_(1, y[:, None], False)
-    lo = torch.where(valid, -(cd + half) / e, float("-inf")).amax(1)
-    hi = torch.where(valid, -(cd - half) / e, float("inf")).amin(1)
-    mid = torch.where(torch.isfinite(lo) & torch.isfinite(hi), (lo + hi) / 2, 0.0)
-    return mid.float()
-
-
-def _estimate(c: Tensor, ls: Tensor, y: Tensor) -> Tensor:
-    """The scale ``a`` of rows ``c`` with targets ``y``: the median of −c_j/e_j over the (at
-    most 8) entries of largest log-probability ``ls`` that are not the target, where
-    c_j = −e_j·a up to one rounding (e_j = exp(ls_j) as the backward computes it, half
-    dtypes in float32)."""
-    masked = ls.scatter(1, y[:, None], float("-inf"))
-    top = masked.topk(min(8, c.shape[1] - 1), dim=1).indices
-    e = torch.exp(ls.gather(1, top).to(torch.promote_types(ls.dtype, torch.float32))).double()
-    est = -(c.gather(1, top).double() / e)
-    a = est.median(1).values
-    return torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).to(c.dtype)
-
-
-def _analyse(
-    z: Tensor, c: Tensor, neg: Tensor, pos: Tensor, *, wide: bool = False
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row of ``c`` [n, V] (nonzero rows with ``neg``/``pos`` negative/positive entries):
-    the best target, scale (float64) and the number of entries its reconstruction misses
-    (V + 1 where no candidate applies); ``wide``: as a float32 loss on half logits."""
-    n, v = c.shape
-    ls = torch.log_softmax(z.float() if wide else z, -1)
-    # a < 0 (a loss to minimise): one negative entry, at the target; a > 0: one positive
-    first = c.argmin(1)
-    flip = (neg > pos).nonzero().squeeze(1)
-    if flip.numel():
-        first[flip] = c[flip].argmax(1)
-    tie = (neg == pos).nonzero().squeeze(1)  # V = 2, or all but two entries zero: try both
-    other = first.clone()
-    if tie.numel():
-        other[tie] = c[tie].argmax(1)
-    best_m = torch.full((n,), v + 1, dtype=torch.int64)
-    best_y, best_a = first.clone(), torch.zeros(n, dtype=torch.float64)
-    cb = _bits(c)
-    for y, only in ((first, None), (other, other != first)):
-        if only is not None and not bool(only.any()):
-            continue
-        a0 = _estimate_wide(c, ls, y) if wide else _estimate(c, ls, y)
-        inf = torch.full_like(a0, float("inf"))
-        # the estimate is the scale or one of its neighbours (one rounding apart)
-        for a in (a0, torch.nextafter(a0, inf), torch.nextafter(a0, -inf)):
-            todo = best_m > 0 if only is None else (best_m > 0) & only
-            rows = todo.nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            whole = rows.numel() == n
-            zr, lr = (z, ls) if whole else (z[rows], ls[rows])
-            r = _rebuild(zr, y[rows], a[rows], wide, lr)
-            m = (_bits(r) != (cb if whole else cb[rows])).sum(1)
-            better = m < best_m[rows]
-            sel = rows[better]
-            best_m[sel], best_y[sel], best_a[sel] = m[better], y[sel], a[sel].double()
-    return best_y, best_a, best_m
-
-
-def _rebuild_rows(z: Tensor, rows: Tensor, target: Tensor, scale: Tensor, kinds: Tensor) -> Tensor:
-    """The reconstruction of logits rows ``z[rows]`` (``target``/``scale``/``kinds`` indexed
-    like ``z``'s rows), each by its kind's arithmetic."""
-    out = torch.empty(rows.numel(), z.shape[1], dtype=z.dtype)
-    wide = kinds[rows] == KIND_CE_WIDE
-    for flag, sel in ((False, (~wide).nonzero().squeeze(1)), (True, wide.nonzero().squeeze(1))):
-        if sel.numel():
-            r = rows[sel]
-            out[sel] = _rebuild(z[r], target[r], scale[r], flag)
-    return out
 
 
 def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> dict[str, Any]:
@@ -224,12 +130,15 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
     target = torch.zeros(n, dtype=torch.int64)
     scale = torch.zeros(n, dtype=torch.float64)
     missed = torch.zeros(n, dtype=torch.bool)  # a ce row whose reconstruction is not exact
-    cb = _bits(c)
+    misses = torch.full((n,), v + 1, dtype=torch.int64)  # entries the row's rebuild misses
+    negs, poss = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    cb = bits(c)
     step = max(1, _BLOCK // v)
     for start in range(0, n, step):
         stop = min(n, start + step)
         block = c[start:stop]
         neg, pos = (block < 0).sum(1), (block > 0).sum(1)
+        negs[start:stop], poss[start:stop] = neg, pos
         signless = (neg + pos == 0).nonzero().squeeze(1)  # zeros (or -0.0: not zero bits)
         if signless.numel():
             zero = (cb[start:stop][signless] == 0).all(1)
@@ -242,32 +151,46 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
             continue
         whole = live.numel() == stop - start
         zl, cl = (z[start:stop], block) if whole else (z[start:stop][live], block[live])
-        y, a, m = _analyse(zl, cl, neg[live], pos[live])
+        y, a, m = fit(zl, cl, neg[live], pos[live])
         ok = m * _MAX_MISMATCH <= v
         wide_rows = torch.zeros(0, dtype=torch.int64)
         if name in _HALF and bool((m > 0).any()):  # maybe a float32 loss on half logits
             rest = (m > 0).nonzero().squeeze(1)
-            yw, aw, mw = _analyse(zl[rest], cl[rest], neg[live][rest], pos[live][rest], wide=True)
+            yw, aw, mw = fit(zl[rest], cl[rest], neg[live][rest], pos[live][rest], wide=True)
             win = (mw < m[rest]) & (mw * _MAX_MISMATCH <= v)
             ok[rest[win]] = False
             wide_rows = live[rest[win]] + start
             kinds[wide_rows] = KIND_CE_WIDE
             target[wide_rows], scale[wide_rows] = yw[win], aw[win]
             missed[wide_rows[mw[win] > 0]] = True
+            misses[wide_rows] = mw[win]
         live = live + start
         kinds[live[ok]] = KIND_CE
         target[live[ok]], scale[live[ok]] = y[ok], a[ok]
         missed[live[ok & (m > 0)]] = True
-    ce = ((kinds == KIND_CE) | (kinds == KIND_CE_WIDE)).nonzero().squeeze(1)
+        misses[live[ok]] = m[ok]
+    shape = tuple(cotangent.shape)
+    if len(shape) == 3:  # maybe a loss on logits.transpose(1, 2): the whole leaf at once
+        signed = (torch.minimum(negs, poss) <= 1) & (negs + poss > 0)
+        rows = (signed & (misses > 0)).nonzero().squeeze(1)
+        if rows.numel() * 2 > int(signed.sum()):
+            yt, at_, mt = fit_transposed(z, c, rows, negs, poss, shape)
+            win = (mt < misses[rows]) & (mt * _MAX_MISMATCH <= v)
+            sel = rows[win]
+            kinds[sel], target[sel], scale[sel] = KIND_CE_T, yt[win], at_[win]
+            missed[sel] = mt[win] > 0
+    ce = torch.isin(kinds, torch.tensor(CE_KINDS, dtype=kinds.dtype)).nonzero().squeeze(1)
     if ce.numel() == 0 and bool((kinds == KIND_GENERIC).all()):
         return codec.encode_tensor(cotangent, level=level)
     # the XOR residual of the ce rows that missed (positions in the n_ce × V block)
     pos = missed[ce].nonzero().squeeze(1)
     idx, diff = [torch.zeros(0, dtype=torch.int64)], [torch.zeros(0, dtype=cb.dtype)]
+    cache: dict[str, Tensor] = {}
     for start in range(0, pos.numel(), step):
         at = pos[start : start + step]
         rows = ce[at]
-        x = torch.bitwise_xor(_bits(_rebuild_rows(z, rows, target, scale, kinds)), cb[rows])
+        rebuilt = rebuild_rows(z, rows, target, scale, kinds, shape, cache)
+        x = torch.bitwise_xor(bits(rebuilt), cb[rows])
         nz = x.nonzero()
         idx.append(at[nz[:, 0]] * v + nz[:, 1])
         diff.append(x[nz[:, 0], nz[:, 1]])
@@ -282,7 +205,7 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
         "digest": _digest(codec.tensor_u8(c), _HASH),
         "kinds": t(kinds),
         "target": t(target[ce]),
-        "scale": t(scale[ce].to(_scale_dtype(c.dtype))),
+        "scale": t(scale[ce].to(scale_dtype(c.dtype))),
         "res_idx": t(idx_t),
         "res_val": t(diff_t),
         "generic": t(gen),
@@ -349,17 +272,20 @@ class EncodedCotangent:
             obj[key], where=f"{where}, {key}", max_bytes=limit, **kw
         )
         self.kinds = dec("kinds", shape=(n,), dtype="uint8")
-        if bool((self.kinds > KIND_CE_WIDE).any()):
-            raise TraceCorruptError(f"{where}: a row kind is not zero, ce, generic or wide ce")
+        if bool((self.kinds > KIND_CE_T).any()):
+            raise TraceCorruptError(f"{where}: a row kind is not one of the codec's")
         if name not in _HALF and bool((self.kinds == KIND_CE_WIDE).any()):
             raise TraceCorruptError(f"{where}: a wide ce row in {name} logits")
-        n_ce = int(((self.kinds == KIND_CE) | (self.kinds == KIND_CE_WIDE)).sum())
+        if len(shape) != 3 and bool((self.kinds == KIND_CE_T).any()):
+            raise TraceCorruptError(f"{where}: a transposed ce row in logits of shape {shape}")
+        ce_rows = torch.isin(self.kinds, torch.tensor(CE_KINDS, dtype=torch.uint8))
+        n_ce = int(ce_rows.sum())
         n_gen = int((self.kinds == KIND_GENERIC).sum())
         self.target = dec("target", shape=(n_ce,), dtype="int64")
-        self.scale = dec("scale", shape=(n_ce,), dtype=codec.dtype_name(_scale_dtype(self.dtype)))
+        self.scale = dec("scale", shape=(n_ce,), dtype=codec.dtype_name(scale_dtype(self.dtype)))
         self.generic = dec("generic", shape=(n_gen, v), dtype=name)
         self.res_idx = dec("res_idx", dtype="int64")
-        self.res_val = dec("res_val", dtype=codec.dtype_name(_INTS[self.dtype.itemsize]))
+        self.res_val = dec("res_val", dtype=codec.dtype_name(INTS[self.dtype.itemsize]))
         m = self.res_idx.shape
         if len(m) != 1 or tuple(self.res_val.shape) != tuple(m):
             raise TraceCorruptError(f"{where}: its residual positions and values do not pair up")
@@ -394,11 +320,12 @@ class EncodedCotangent:
                     "forward in the recorded dtype with a model of the traced architecture."
                 )
             z = z.cpu().contiguous().reshape(-1, v)
-            ce = ((self.kinds == KIND_CE) | (self.kinds == KIND_CE_WIDE)).nonzero().squeeze(1)
+            ce = torch.isin(self.kinds, torch.tensor(CE_KINDS, dtype=torch.uint8))
+            ce = ce.nonzero().squeeze(1)
             n = self.kinds.shape[0]
             target = torch.zeros(n, dtype=torch.int64).index_copy_(0, ce, self.target)
             scale = torch.zeros(n, dtype=self.scale.dtype).index_copy_(0, ce, self.scale)
-            r = _bits(_rebuild_rows(z, ce, target, scale, self.kinds)).reshape(-1)
+            r = bits(rebuild_rows(z, ce, target, scale, self.kinds, self.shape)).reshape(-1)
             r[self.res_idx] = torch.bitwise_xor(r[self.res_idx], self.res_val)
             c[ce] = r.view(self.dtype).reshape(-1, v)
         c[self.kinds == KIND_GENERIC] = self.generic
