@@ -67,10 +67,11 @@ class KernelConfig:
                    means fp32; set for the run by runtime.torch_runtime, then restored).
     progress:      show a tqdm progress bar.
     prefetch:      read and replay the trace in a background thread while computing.
-    cpu_threads:   torch intra-op threads while computing on CPU: "auto" (default) calibrates
-                   once per shape — one thread unless all threads are clearly faster on the
-                   run's [rows, parameters] work (runtime.auto_cpu_threads; small models on
-                   few cores run much faster on one) —, an int, or None to leave torch's
+    cpu_threads:   torch intra-op threads while computing on CPU: "auto" (default) is one
+                   thread on a busy machine (load average above the cores) and otherwise
+                   calibrates once per shape — one thread unless all threads are clearly
+                   faster on the run's [rows, parameters] work (runtime.auto_cpu_threads;
+                   small models on few cores run much faster on one) —, an int, or None to leave torch's
                    setting as is. Restored afterwards; the count used is in result.extra.
     """
 

@@ -8,18 +8,22 @@ path, `compare_quadrature` and the demo all enter `torch_runtime`, so they run a
 >>> with torch_runtime("cpu", cpu_threads=1):
 ...     result = compute(...)
 
-`auto_cpu_threads` picks the count for `cpu_threads="auto"` (the kernel's default): a short
-calibration (about 0.1 s, once per shape and process) times the kernel's typical operations —
-an elementwise pass and a matrix product over [rows, parameters] — on one thread and on all
-the threads torch would use, and keeps one thread unless all are clearly (20%) faster: small
-per-op work does not pay for the threads' synchronisation, and on a busy machine waiting for
-the slowest thread costs more than it gains.
+`auto_cpu_threads` picks the count for `cpu_threads="auto"` (the kernel's default). On a busy
+machine — a one-minute load average above the threads torch would use, less the one this
+process adds — it keeps one thread without measuring: each of the kernel's many small
+operations waits for its slowest thread, and a thread that shares its core with another
+process makes that wait a time slice (measured on 2 busy cores: 2 threads 8.5× slower than 1
+on the bench's small Transformer). Otherwise a short calibration (about 0.1 s, once per shape
+and process) times the kernel's typical operations — an elementwise pass and a matrix product
+over [rows, parameters] — on one thread and on all of them, and keeps one thread unless all
+are clearly (20%) faster: small per-op work does not pay for the threads' synchronisation.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Iterator
 
@@ -81,10 +85,22 @@ def _time_ops(threads: int, rows: int, params: int, repeats: int = 3) -> float:
     return best
 
 
+def _load_average() -> float | None:
+    """The one-minute load average, or None where the platform has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
 def auto_cpu_threads(rows: int, params: int) -> int:
     """The intra-op thread count for CPU work on [rows, params] tensors (see module docs)."""
     most = torch.get_num_threads()
     if most <= 1:
+        return 1
+    load = _load_average()
+    if load is not None and load > most - 1:
+        log.info("cpu_threads=auto: 1 (machine busy: load average %.2f on %d threads)", load, most)
         return 1
     rows = max(1, min(int(rows), 512))
     params = max(1, min(int(params), 16384))

@@ -47,3 +47,21 @@ def test_auto_equals_the_explicit_choice_bitwise(setup) -> None:
     assert explicit.extra["training_routes"] == routes
     for f in FIELDS:
         assert np.array_equal(getattr(auto, f), getattr(explicit, f)), f
+
+
+def test_auto_threads_is_one_on_a_busy_machine(monkeypatch) -> None:
+    import explaind_kernel.runtime as runtime
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (3.5, 1.0, 1.0))
+
+    def no_timing(*a, **k):  # a busy machine is not measured
+        raise AssertionError("calibrated on a busy machine")
+
+    monkeypatch.setattr(runtime, "_time_ops", no_timing)
+    assert auto_cpu_threads(64, 1000) == 1
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (0.5, 1.0, 1.0))
+    monkeypatch.setattr(runtime, "_time_ops", lambda threads, *a: 1.0 / threads)
+    runtime._CHOSEN.clear()
+    assert auto_cpu_threads(64, 1000) == 4  # quiet: measured, and all threads are faster here
+    runtime._CHOSEN.clear()
