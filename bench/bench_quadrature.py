@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
     fT_in = np.abs(results[0].fT).max(1)
     report = {
-        "config": vars(args),
+        # file names only: a result file names no path of the machine it ran on
+        "config": {**vars(args), "trace": Path(args.trace).name, "out": Path(args.out).name},
         "machine": {
             "platform": platform.platform(),
             "torch": torch.__version__,

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rows": int(res.f0.size),
             }
     result = {
-        "config": {**vars(args), "p": P, "threads_per_process": 1},
+        "config": {**vars(args), "out": Path(args.out).name, "p": P, "threads_per_process": 1},
         "kernel_1_process_s": t_single,
         "kernel_2_processes_s": t_two,
         "speedup": t_single / t_two,
