@@ -22,14 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import explaind_trace  # noqa: E402
-from bench.bench_kernel_speed import MODELS, REDUCED  # noqa: E402
+from bench.bench_kernel_speed import MODELS, REDUCED, record_run  # noqa: E402
 from explaind_kernel import compute_kernel  # noqa: E402
 
 ROUTES = ("rules", "per_sample", "jvp")
@@ -46,13 +44,7 @@ def _record(name: str, workdir: str, quick: bool, steps: int | None, inputs: int
     n_steps = steps or n_steps
     test_x = test_x[:inputs] if inputs else test_x
     store = os.path.join(workdir, f"{name}.trace")
-    g = torch.Generator().manual_seed(1)
-    with explaind_trace.record(model, opt, store=store):
-        for _ in range(n_steps):
-            idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    record_run(model, opt, x, y, steps=n_steps, batch=batch, store=store)
     return store, fresh, test_x
 
 

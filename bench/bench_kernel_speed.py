@@ -154,6 +154,18 @@ def work(res, f: float, params: int, batch: int, probes: int | None) -> dict[str
     }
 
 
+def record_run(model, opt, x, y, *, steps: int, batch: int, store: str, generator=None) -> None:
+    """Record `steps` cross-entropy steps on random batches of (x, y) into `store` (batches
+    drawn from `generator`, by default one seeded with 1)."""
+    g = generator if generator is not None else torch.Generator().manual_seed(1)
+    with explaind_trace.record(model, opt, store=store):
+        for _ in range(steps):
+            idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
 def run_model(
     name: str, *, quick: bool, threads: int, repeats: int, workdir: str, reduced: bool
 ) -> dict:
@@ -165,13 +177,7 @@ def run_model(
         test_x = test_x[:n]
     params = sum(p.numel() for p in model.parameters())
     store = os.path.join(workdir, f"{name}.trace")
-    g = torch.Generator().manual_seed(1)
-    with explaind_trace.record(model, opt, store=store):
-        for _ in range(steps):
-            idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
+    record_run(model, opt, x, y, steps=steps, batch=batch, store=store)
     f = forward_flops(fresh_copy(fresh, model), test_x[:1])
     out: dict = {"params": params, "steps": steps, "batch": batch, "test_inputs": len(test_x)}
     for cname in configs:
@@ -248,12 +254,7 @@ def _scaling_run(d: int, batch: int, inputs: int, steps: int, threads: int) -> d
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "s.trace")
-        with explaind_trace.record(model, opt, store=store):
-            for _ in range(steps):
-                idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-                opt.zero_grad()
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+        record_run(model, opt, x, y, steps=steps, batch=batch, store=store, generator=g)
         t0 = time.perf_counter()
         res = compute_kernel(
             store, SDPATransformer(d=d, mlp=d), x[:inputs], progress=False, cpu_threads=threads
