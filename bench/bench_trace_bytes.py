@@ -6,6 +6,7 @@ AdamW, batch 512, as bench_record.py) is recorded with
 - ``gradients="stored"`` (the default), generic cotangent codec;
 - ``gradients="recompute"``, generic cotangent codec;
 - ``gradients="recompute"``, ``cotangent_codec="auto"`` (the cross-entropy codec);
+- ``gradients="auto"`` with that codec (one extra forward and backward per checkpoint);
 
 and the stored bytes per step (progress ``stored_bytes`` / steps: checkpoints every 100 steps,
 first-time samples, RNG states, cotangents, fingerprints, record structure) are set against
@@ -49,6 +50,7 @@ MODES = {
     "stored": {"gradients": "stored"},
     "recompute": {"gradients": "recompute"},
     "recompute+codec": {"gradients": "recompute", "cotangent_codec": "auto"},
+    "auto+codec": {"gradients": "auto", "cotangent_codec": "auto"},
 }
 
 
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=300, help="steps of the bytes runs")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--checkpoint-every", type=int, default=100)
-    ap.add_argument("--time-steps", type=int, default=40, help="steps of the timed runs")
+    ap.add_argument("--time-steps", type=int, default=100, help="steps of the timed runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernel-steps", type=int, default=12)
     ap.add_argument("--kernel-every", type=int, default=6)
