@@ -42,6 +42,9 @@ from .sweep import ChunkSweep
 
 log = logging.getLogger(__name__)
 
+#: the collective handles of the latest sharded chunk (see `_Shard.release`)
+_LAST: list[tuple[Any, tuple[Any, ...]]] = []
+
 
 def split_segments(segments: list[tuple[int, int]], world: int) -> list[list[tuple[int, int]]]:
     """Contiguous runs of segments, balanced by step count, one per rank (some may be empty)."""
@@ -132,18 +135,21 @@ class _Shard:
         self._held.append((work, tensors))
 
     def release(self) -> None:
-        """Drop the collectives' handles, after a barrier, on the calling (main) thread.
+        """After a barrier, drop the handles held since the previous release, on this thread.
 
         A gloo worker thread that drops the last reference to a work's tensors needs the GIL
         for their Python objects; if that happens while the interpreter is shutting down, the
         thread is killed inside C++ and the process aborts ("terminate called without an
         active exception"). Torch keeps the process group and its worker threads alive past
         `destroy_process_group` once `torch._dynamo` has been imported (torch.func does), so
-        a rank that returns and exits quickly hit this intermittently. Holding every handle
-        here makes the worker's release a plain count decrement, and this thread frees them.
+        a rank that returned and exited quickly hit this intermittently. Held handles make the
+        worker's own release a count decrement. The handles of the latest chunk stay held (in
+        `_LAST`) until the next release or the interpreter's exit, on the main thread: by then
+        their workers are long past them; the older ones are dropped here.
         """
         dist.barrier(self.group)
-        self._held.clear()
+        _LAST[:] = self._held
+        self._held = []
 
     def chunk(self, plan: RunPlan, samples: SampleIndex, start: int, stop: int) -> ChunkPiece:
         """Inputs [start, stop): phase 1 on this rank's steps, the backward scan of the exact
