@@ -28,7 +28,10 @@ def _race(path: str, barrier) -> tuple[str, str, int]:
                 time.sleep(0.02)  # the other process reads while this one writes
     except et.TraceExistsError as e:
         # the loser: other processes read the trace while it is being written
-        for _ in range(200):
+        # until the winner's header is committed (its writer thread may be slow to get a
+        # core on a loaded machine: a fixed 2 s of retries failed once under load 5 on 2 cores)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
             try:
                 with et.open_trace(path) as trace:
                     trace.step(0) if trace.num_steps else None
