@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import explaind_trace as et  # noqa: E402
+from bench.bench_record import train  # noqa: E402  (the same seeded batches)
 from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
 from explaind_kernel import compute_kernel  # noqa: E402
 
@@ -60,16 +61,6 @@ def setup(seed: int = 0):
     model = ModularAdditionTransformer(P, d_model=128, n_heads=4, d_mlp=512)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
     return model, opt, x, y
-
-
-def train(model, opt, x, y, *, batch: int, steps: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 _names = iter(range(10**9))
