@@ -102,18 +102,7 @@ def test_grad_scaler_skips_in_recompute_mode() -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     x, y = th.data()
     store = f"memory://{th.unique()}"
-    thetas = []
-    with et.record(model, opt, store=store, scaler=scaler, gradients="recompute"):
-        for i in range(5):
-            opt.zero_grad()
-            thetas.append(th.snapshot(model))
-            loss = nn.functional.cross_entropy(model(x[8 * i : 8 * i + 8]), y[8 * i : 8 * i + 8])
-            if i == 2:
-                loss = loss * float("inf")
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-    thetas.append(th.snapshot(model))
+    thetas = th.train_with_skip(model, opt, scaler, x, y, store, gradients="recompute")
     live = [thetas[t] for t in (0, 1, 3, 4, 5)]
     with et.open_trace(store) as trace:
         assert trace.num_steps == 4 and len(trace.skips()) == 1

@@ -376,19 +376,9 @@ def test_grad_scaler_skipped_step_is_recorded_as_skipped() -> None:
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     x, y = th.data()
     store = _store()
-    thetas, outs = [], []
+    outs = []
     model.register_forward_hook(lambda m, a, o: outs.append(o.detach().clone()))
-    with et.record(model, opt, store=store, scaler=scaler):
-        for i in range(5):
-            opt.zero_grad()
-            thetas.append(th.snapshot(model))
-            loss = nn.functional.cross_entropy(model(x[8 * i : 8 * i + 8]), y[8 * i : 8 * i + 8])
-            if i == 2:
-                loss = loss * float("inf")
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-    thetas.append(th.snapshot(model))
+    thetas = th.train_with_skip(model, opt, scaler, x, y, store)
     assert torch.equal(thetas[2]["fc1.weight"], thetas[3]["fc1.weight"])  # the step was skipped
     with et.open_trace(store) as trace:
         assert trace.num_steps == 4

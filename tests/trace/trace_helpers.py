@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import explaind_trace as et
+
 _names = itertools.count()
 
 
@@ -136,3 +138,21 @@ def train(
             model.train()
     if thetas is not None:
         thetas.append(snapshot(model))
+
+
+def train_with_skip(model: nn.Module, opt, scaler, x, y, store: str, **record_options: Any):
+    """Five GradScaler steps recorded into ``store``, the third overflowing (an infinite loss,
+    so the scaler skips that optimizer step); returns θ before each step and after the last."""
+    thetas = []
+    with et.record(model, opt, store=store, scaler=scaler, **record_options):
+        for i in range(5):
+            opt.zero_grad()
+            thetas.append(snapshot(model))
+            loss = nn.functional.cross_entropy(model(x[8 * i : 8 * i + 8]), y[8 * i : 8 * i + 8])
+            if i == 2:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    thetas.append(snapshot(model))
+    return thetas
