@@ -11,6 +11,8 @@ from .errors import InputError
 from .quadrature import Quadrature
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+#: the values of KernelConfig.training_mode (training_side.py routes them)
+TRAINING_MODES = ("auto", "rules", "forward_ad", "per_sample", "jvp", "vmap")
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,9 @@ class KernelConfig:
     device:        "cuda", "cpu", ... (None: CUDA when available, else CPU).
     memory_budget: bytes the per-chunk adjoint state may take; test inputs are chunked to fit.
     block_rows:    rows held at once on the training side (batch rows, or adjoint rows for jvp).
-    training_mode: "auto" | "rules" | "per_sample" | "jvp" — how K(x; i, τ) is contracted
-                   (see training_side.py; "vmap" is an older name of "rules"); auto times the
-                   routes on the first forward and keeps the fastest.
+    training_mode: "auto" | "rules" | "forward_ad" | "per_sample" | "jvp" — how K(x; i, τ) is
+                   contracted (see training_side.py; "vmap" is an older name of "rules"); auto
+                   times the routes on the first forward and keeps the fastest.
     step_windows:  number of equal step windows for windowed views (or explicit edges).
     keep:          which joint slices to keep (see KeepOptions).
     allow_tf32:    permit TF32 matmuls and cuDNN convolutions on CUDA (off by default: fp32
@@ -112,10 +114,10 @@ class KernelConfig:
             raise InputError(f"kink_probes must be an integer ≥ 1, got {self.kink_probes!r}")
         if self.memory_budget <= 0:
             raise InputError(f"memory_budget must be positive bytes, got {self.memory_budget!r}")
-        if self.training_mode not in ("auto", "rules", "per_sample", "jvp", "vmap"):
+        if self.training_mode not in TRAINING_MODES:
             raise InputError(
-                "training_mode must be 'auto', 'rules', 'per_sample', 'jvp' or 'vmap', "
-                f"got {self.training_mode!r}"
+                "training_mode must be 'auto', 'rules', 'forward_ad', 'per_sample', 'jvp' or "
+                f"'vmap', got {self.training_mode!r}"
             )
         if self.block_rows < 1:
             raise InputError(f"block_rows must be ≥ 1, got {self.block_rows!r}")

@@ -1,21 +1,25 @@
 """Training side: per-sample kernel values K(x; i, τ) = c_{i,τ} · (J(x_i; θ_τ) Z_τ).
 
 Each recorded forward is replayed *batched* at θ_τ with the recorded RNG state, module modes and
-buffers, so dropout masks and batch-norm batch statistics are those of training. Two routes give
+buffers, so dropout masks and batch-norm batch statistics are those of training. The routes give
 the same numbers (tested against each other):
 
 * "per_sample": G_i = J(x_i)ᵀ c_i from one backward vmapped over one-hot row cotangents
   (`is_grads_batched`), in blocks of rows (memory block × parameters); then K = G·Zᵀ. Costs one
   full-batch backward per batch row, O(B²), but splits K by parameter tensor for free.
-* "jvp": the batch's output tangents along each adjoint row, J·Z_r, by the double-backward
-  trick (d/du ⟨Jᵀu, Z_r⟩ = J·Z_r, which works in train mode with batch norm and dropout); then
-  K[:, r] = c · (J·Z_r). Costs O(R) passes for R explained rows and no B × P memory.
+* "forward_ad": the batch's output tangents along each adjoint row, J·Z_r, by forward-mode
+  AD of the replay (train_forward.py: torch.func.jvp vmapped over blocks of rows); then
+  K[:, r] = c · (J·Z_r). About R forward-tangent passes of the batch, no B × P memory, exact
+  whatever couples the samples (train-mode batch norm, dropout).
+* "jvp": the same tangents by the double-backward trick (train_jvp.py; d/du ⟨Jᵀu, Z_r⟩ =
+  J·Z_r) where an op has no forward-mode formula; O(R) passes, slower than "forward_ad".
 
 * "rules": per-sample gradients from persample's layer rules on one replayed forward and
   one backward (train_rows.py): one batch backward's cost plus a matrix product per tensor,
   checked per sample every `check_every`-th forward; when a parameter has no rule or the check
   fails (samples interact, e.g. through train-mode batch norm) the forward, and the rest of
-  the run, go through a batched route. "vmap" is an older name of this route.
+  the run, go through "forward_ad" ("per_sample" when K is split by parameter tensor; "jvp"
+  where forward-mode AD cannot run the model). "vmap" is an older name of this route.
 
 "auto" measures: on the first forward of a run it times each route that applies (the results
 of the chosen one are returned, so auto equals the explicit choice of the route it reports in
@@ -35,12 +39,15 @@ from torch import Tensor
 
 from explaind_trace.reforward import tree_leaves, tree_to
 
+from .config import TRAINING_MODES
 from .errors import InputError
 from .functional import FunctionalModel
 from .persample.local import math_attention
+from .train_forward import forward_products
+from .train_jvp import jvp_products
 from .train_rows import rows_check, rule_grads
 
-ROUTES = ("auto", "rules", "per_sample", "jvp", "vmap")
+ROUTES = TRAINING_MODES
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,14 @@ class TrainingSide:
                 self._count("rules")
                 return got
             mode = self._batched_route(forward, z_grad, per_param)
+        if mode == "forward_ad" and per_param:
+            mode = "per_sample"  # K by parameter tensor: the per-sample route splits it for free
+        if mode == "forward_ad":
+            got = self._forward_ad(params, buffers, forward, z_grad, strict=self.mode != "rules")
+            if got is not None:
+                self._count(mode)
+                return got
+            mode = "jvp"
         self._count(mode)
         return self._batched(params, buffers, forward, z_grad, per_param=per_param, mode=mode)
 
@@ -120,8 +135,30 @@ class TrainingSide:
         counts[route] = counts.get(route, 0) + 1
 
     def _batched_route(self, forward, z_grad, per_param: bool) -> str:
+        """The route for forwards the rules do not answer: forward-mode AD (R forward-tangent
+        passes of the batch, each about three forwards) unless per-sample gradients cost less
+        (B batch backwards, each about two forwards) or K is split by parameter tensor."""
         rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
-        return "jvp" if (3 * rows < len(forward.ids) and not per_param) else "per_sample"
+        cheaper = 3 * rows < 2 * len(forward.ids)
+        return "forward_ad" if (cheaper and not per_param) else "per_sample"
+
+    def _forward_ad(self, params, buffers, forward, z_grad, *, strict: bool, probe=None):
+        """K by forward-mode AD (train_forward.py). Where an op has no forward-mode formula
+        (a custom autograd.Function without jvp) this raises when `strict` (an explicit
+        choice), else returns None and the run uses the double-backward "jvp" route."""
+        if not getattr(self.fm, "training_forward_ok", True):
+            return None
+        try:
+            k, grad_sum = forward_products(
+                self.fm, params, buffers, forward, z_grad, block_rows=self.block_rows, probe=probe
+            )
+        except (RuntimeError, NotImplementedError) as e:
+            if strict:
+                raise
+            log.info("forward-mode AD cannot run this model (%s); jvp route", str(e)[:200])
+            self.fm.training_forward_ok = False  # type: ignore[attr-defined]
+            return None
+        return ForwardProducts(k, None, grad_sum)
 
     def _calibrate(self, params, buffers, forward, z_grad, per_param) -> ForwardProducts:
         """Measure every route that applies on this forward and keep the fastest for the run.
@@ -131,8 +168,8 @@ class TrainingSide:
         of each route, never a whole slow route). The chosen route then answers this forward
         in full: auto gives exactly what the explicit choice of that route gives."""
         results: dict[str, ForwardProducts] = {}
-        for route in ("rules", "jvp", "per_sample"):
-            if route == "jvp" and per_param:
+        for route in ("rules", "forward_ad", "jvp", "per_sample"):
+            if route in ("forward_ad", "jvp") and per_param:
                 continue
             t0 = time.perf_counter()
             if route == "rules":
@@ -144,10 +181,19 @@ class TrainingSide:
                 continue
             probe: dict[str, float] = {}
             try:
-                self._batched(
-                    params, buffers, forward, z_grad, per_param=per_param, mode=route, probe=probe
-                )
-            except RuntimeError as e:  # e.g. an op without a double backward (jvp)
+                if route == "forward_ad":
+                    self._forward_ad(params, buffers, forward, z_grad, strict=True, probe=probe)
+                else:
+                    self._batched(
+                        params,
+                        buffers,
+                        forward,
+                        z_grad,
+                        per_param=per_param,
+                        mode=route,
+                        probe=probe,
+                    )
+            except (RuntimeError, NotImplementedError) as e:  # an op without the derivative
                 log.info("training route %s unavailable (%s)", route, e)
                 continue
             first = probe.get("first_block", time.perf_counter()) - t0
@@ -160,6 +206,8 @@ class TrainingSide:
         log.info("training side: route %s (measured s per forward: %s)", best, self.timings)
         if best in results:
             return results[best]
+        if best == "forward_ad":
+            return self._forward_ad(params, buffers, forward, z_grad, strict=True)
         return self._batched(params, buffers, forward, z_grad, per_param=per_param, mode=best)
 
     def _rule_products(self, params, buffers, forward, z_grad, per_param):
@@ -246,7 +294,17 @@ class TrainingSide:
             probe["replay"] = time.perf_counter()
         if mode == "jvp" and not per_param:
             with torch.enable_grad():  # the sweep runs under no_grad; tangents need a graph
-                return self._jvp_products(pairs, names, leaves_p, z_grad, batch, rows, probe)
+                k, grad_sum, self._batched_ok = jvp_products(
+                    pairs,
+                    [leaves_p[n] for n in names],
+                    names,
+                    z_grad,
+                    batch,
+                    block_rows=self.block_rows,
+                    batched=self._batched_ok,
+                    probe=probe,
+                )
+            return ForwardProducts(k, None, grad_sum)
         k = torch.zeros(batch, rows, dtype=dtype, device=device)
         k_param = (
             {n: torch.zeros(batch, rows, dtype=dtype, device=device) for n in names}
@@ -274,66 +332,6 @@ class TrainingSide:
                 probe["blocks"] = -(-batch // self.block_rows)
                 break
         return ForwardProducts(k, k_param, grad_sum)
-
-    def _jvp_products(
-        self, pairs, names, leaves_p, z_grad, batch: int, rows: int, probe=None
-    ) -> ForwardProducts:
-        """K via output tangents J·Z_r of the whole batch, R rows at a time in blocks."""
-        plist = [leaves_p[n] for n in names]
-        outs = [o for o, _ in pairs]
-        cots = [c.to(o.dtype) for o, c in pairs]
-        # Σ_i G_i = Jᵀc, one plain backward
-        gsum = torch.autograd.grad(outs, plist, cots, retain_graph=True, allow_unused=True)
-        grad_sum = {
-            n: (g if g is not None else torch.zeros_like(p)) for n, g, p in zip(names, gsum, plist)
-        }
-        us = [torch.zeros_like(o, requires_grad=True) for o in outs]
-        jtu = torch.autograd.grad(outs, plist, us, create_graph=True, allow_unused=True)
-        s_rows = None
-        for n, g in zip(names, jtu):
-            if g is None:
-                continue
-            v = z_grad[n].reshape(rows, -1) @ g.reshape(-1)
-            s_rows = v if s_rows is None else s_rows + v
-        k = torch.zeros(batch, rows, dtype=cots[0].dtype, device=cots[0].device)
-        if s_rows is None or not s_rows.requires_grad:
-            return ForwardProducts(k, None, grad_sum)
-        eye = torch.eye(rows, dtype=s_rows.dtype, device=s_rows.device)
-        for start in range(0, rows, self.block_rows):
-            stop = min(rows, start + self.block_rows)
-            tangents = self._row_tangents(s_rows, us, eye[start:stop])
-            for t, c in zip(tangents, cots):
-                if t is None:
-                    continue
-                k[:, start:stop] += (t * c.unsqueeze(0)).reshape(stop - start, batch, -1).sum(-1).T
-            if probe is not None:
-                probe["first_block"] = time.perf_counter()
-                probe["blocks"] = -(-rows // self.block_rows)
-                break
-        return ForwardProducts(k, None, grad_sum)
-
-    def _row_tangents(self, s_rows: Tensor, us: list[Tensor], sel: Tensor) -> list[Tensor | None]:
-        if self._batched_ok:
-            try:
-                return list(
-                    torch.autograd.grad(
-                        s_rows, us, sel, retain_graph=True, is_grads_batched=True, allow_unused=True
-                    )
-                )
-            except RuntimeError as e:
-                log.warning("batched output tangents failed (%s); looping over rows", e)
-                self._batched_ok = False
-        per_row = [
-            torch.autograd.grad(s_rows, us, r, retain_graph=True, allow_unused=True) for r in sel
-        ]
-        return [
-            None
-            if all(row[j] is None for row in per_row)
-            else torch.stack(
-                [row[j] if row[j] is not None else torch.zeros_like(u) for row in per_row]
-            )
-            for j, u in enumerate(us)
-        ]
 
     def _block_grads(self, pairs, plist, start: int, stop: int) -> list[Tensor | None]:
         """Per-sample gradients of rows [start, stop): list over params of [b, *shape]."""
