@@ -65,3 +65,23 @@ def test_auto_threads_is_one_on_a_busy_machine(monkeypatch) -> None:
     runtime._CHOSEN.clear()
     assert auto_cpu_threads(64, 1000) == 4  # quiet: measured, and all threads are faster here
     runtime._CHOSEN.clear()
+
+
+def test_the_bench_cap_stops_a_hopeless_run() -> None:
+    """bench_auto_choices reports a run over its cap as "over cap" instead of waiting for it."""
+    import signal
+    import time
+
+    from bench.bench_auto_choices import OVER_CAP, capped
+
+    def spin() -> None:
+        while True:
+            time.sleep(0.01)
+
+    before = signal.getsignal(signal.SIGALRM)
+    t0 = time.perf_counter()
+    assert capped(0.2, spin) == OVER_CAP
+    assert time.perf_counter() - t0 < 5
+    assert capped(5.0, lambda x: x + 1, 2) == 3
+    assert signal.getsignal(signal.SIGALRM) is before
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
