@@ -7,7 +7,8 @@ thread-safe). ``raw_bytes`` counts the gradient bytes as fp32 plus the input bat
 
 Values that repeat from record to record are encoded once: a buffer mapping handed over
 again (the recorder shares one mapping of copies while the buffers are unchanged, e.g. a
-step's buffers and the next forward's) and an RNG state with the same bytes as the last.
+step's buffers and the next forward's); RNG states are stored against a shared base state
+(``rngstates.py``).
 Sample row ids come from ``RowIds``, which hashes a row again only when it is not cached.
 
 ``kind_bytes`` counts the encoded tensor payloads by kind (``KINDS``: the input rows and
@@ -29,6 +30,7 @@ import torch
 from . import codec
 from .cotangent_codec import encode_cotangent
 from .packing import PackedTensors
+from .rngstates import RngEncoder
 from .rowids import RowIds
 
 __all__ = ["TensorEncoder", "GilPacer", "yield_gil", "KINDS", "payload_bytes"]
@@ -99,7 +101,12 @@ class TensorEncoder:
         self.pace = GilPacer()
         self.row_ids = RowIds()
         self._last_buffers: tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None = None
-        self._last_by_content: dict[str, tuple[tuple[Any, ...], bytes, dict[str, Any]]] = {}
+        self.rngs = RngEncoder(level)
+        #: the trace header's parameter names, in order (set from the header when it is
+        #: written; the packed fingerprints name parameters by their position in it)
+        self.param_names: list[str] | None = None
+        #: the header's hyperparameters per param group (steps store what differs from them)
+        self.header_groups: list[dict[str, Any]] | None = None
 
     def count(self, kind: str, encoded: Any) -> Any:
         """``encoded``, its payload bytes counted under ``kind``."""
@@ -154,17 +161,14 @@ class TensorEncoder:
         self._last_buffers = (d, encoded)
         return encoded
 
-    def repeated(self, slot: str, t: torch.Tensor) -> dict[str, Any]:
-        """``tensor(t)``, reused when ``t`` has the dtype, shape and bytes ``slot`` had last."""
-        raw = codec.tensor_u8(t).tobytes()
-        key = (t.dtype, tuple(t.shape))
-        last = self._last_by_content.get(slot)
-        if last is not None and last[0] == key and last[1] == raw:
-            return last[2]
-        encoded = codec.encode_bytes(raw, codec.dtype_name(t.dtype), key[1], level=self.level)
-        self._last_by_content[slot] = (key, raw, encoded)
+    def rng(self, slot: str, state: torch.Tensor, out: list[tuple[str, Any]]) -> dict[str, Any]:
+        """A forward's RNG state against the current base of ``slot`` (``rngstates.py``); a
+        new base record is appended to ``out``."""
+        field, base = self.rngs.encode(slot, state, out)
+        if base is not None:
+            self.count("rng", base)
         self.pace()
-        return encoded
+        return self.count("rng", field)
 
     def pack(self, items: list[tuple[str, Any]]) -> list[tuple[str, bytes]]:
         """msgpack each ``(key, map)``; counts the stored bytes."""

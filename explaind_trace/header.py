@@ -1,6 +1,6 @@
 """The trace header (the ``meta`` record): encoded and decoded side by side.
 
-{"format": "explaind-trace", "schema_version": 1,
+{"format": "explaind-trace", "schema_version": 2,
  "library_version", "torch_version", "created",   # who wrote it, when
  "model_class": "pkg.Module",
  "params": [{"name", "shape", "dtype"}],          # trainable, named_parameters() order

@@ -383,6 +383,7 @@ def _verify_store(trace: TraceReader) -> StoreReport:
         report.damaged[LISTING] = _one_line(e)
         listed = [
             *(k for k in _listable(store, "sample/")),
+            *(k for k in _listable(store, "rng/")),
             *(f"step/{t:08d}" for t in range(trace.num_steps)),
         ]
     for key in listed:
@@ -396,6 +397,8 @@ def _verify_store(trace: TraceReader) -> StoreReport:
         committed.add(key)
     for key in sorted(k for k in committed if k.startswith("sample/")):
         _check(report, key, lambda k=key: trace.sample(k.split("/", 1)[1]))
+    for key in sorted(k for k in committed if k.startswith("rng/")):
+        _check(report, key, lambda k=key: trace.rng_bases(int(k.split("/", 1)[1])))
     ckpts = set(trace.checkpoint_steps)
     every = trace.meta.checkpoint_every
     for t in range(0, trace.num_steps, every) if rank == 0 else ():  # ranks > 0: forwards

@@ -25,6 +25,7 @@ from .optimizers import qualified_name
 from .recompute import GradientRecompute
 from .records import Checkpoint, ForwardRecord, SkipRecord, StepRecord
 from .replay import DriftReport, ReplayStep, replay_steps
+from .rngstates import RngBases
 from .samples import SampleRows
 from .schema import FINAL, META, PROGRESS, ckpt_key, key_index, skip_key, step_key
 from .state import decode_state
@@ -78,6 +79,8 @@ class TraceReader:
         self.samples = SampleRows(
             store, self._raw_forwards, name=self.name, sealed=self.sealed, bounds=self.bounds
         )
+        #: the base RNG states forwards are stored against (``rngstates.py``)
+        self.rng_bases = RngBases(self._get, self.bounds.rng, name=self.name)
         self._drift: DriftReport | None = None
         self._ranks: list[TraceReader] = []  # DDP: readers of ranks 1..world_size-1
         # buffers_at: the buffers of each step of two segments, the last one asked for and its
@@ -161,7 +164,12 @@ class TraceReader:
     def _forwards(self, raw: dict[str, Any]) -> list[ForwardRecord]:
         where = self._where(step_key(raw.get("index", -1)))
         return decode_forwards(
-            raw, self.samples.rows, rank=self.meta.rank, where=where, bounds=self.bounds
+            raw,
+            self.samples.rows,
+            rank=self.meta.rank,
+            where=where,
+            bounds=self.bounds,
+            rng_of=self.rng_bases,
         )
 
     def step_update(
@@ -202,7 +210,13 @@ class TraceReader:
         raw = self._get(skip_key(n))
         where = self._where(skip_key(n))
         return decode_skip(
-            raw, n, self.samples.rows, rank=self.meta.rank, where=where, bounds=self.bounds
+            raw,
+            n,
+            self.samples.rows,
+            rank=self.meta.rank,
+            where=where,
+            bounds=self.bounds,
+            rng_of=self.rng_bases,
         )
 
     def sample(self, sample_id: str) -> torch.Tensor | tuple[torch.Tensor, ...]:

@@ -17,7 +17,9 @@ from typing import cast
 
 import numpy as np
 
-__all__ = ["RowIds"]
+__all__ = ["RowIds", "ID_BYTES"]
+
+ID_BYTES = 16  # digest bytes of a content id (its hex string has twice as many characters)
 
 _WHOLE_ROW = 64  # rows up to this many bytes are their own fingerprint
 _SAMPLES = 16  # otherwise: this many 4-byte pieces, evenly spaced over the row
@@ -56,7 +58,9 @@ class RowIds:
             pace()
             chunk = missing[start : start + _CHUNK]
             # blake2b releases the GIL while hashing a row of 2 KiB or more
-            hashed = [hashlib.blake2b(rows[i], digest_size=16, key=key).hexdigest() for i in chunk]
+            hashed = [
+                hashlib.blake2b(rows[i], digest_size=ID_BYTES, key=key).hexdigest() for i in chunk
+            ]
             for i, cid in zip(chunk, hashed):
                 found[i] = cid
                 self._remember(key, fingerprints[i], rows[i], cid)

@@ -16,7 +16,7 @@ import torch
 from . import codec
 from .errors import TraceCorruptError
 from .schema import sample_key
-from .steps import decode_sample
+from .steps import content_ids, decode_sample
 from .stores import Store
 
 if TYPE_CHECKING:
@@ -110,6 +110,6 @@ class SampleRows:
         index: dict[str, str] = {}
         for f in self._forwards():
             if f.get("ids") is not None:
-                for uid, cid in zip(f["ids"], f["rows"]):
+                for uid, cid in zip(f["ids"], content_ids(f, self.name)):
                     index.setdefault(uid, cid)
         return index

@@ -15,6 +15,8 @@ key                           what it holds                    encode + decode
                               forwards, buffers of step t
 ``sample/{content id}``       the input rows of one sample     ``steps.py``
 ``skip/{n:08d}``              forwards of a discarded step     ``steps.py``
+``rng/{n:08d}``               a base RNG state that forwards   ``rngstates.py``
+                              store their state against
 ``ckpt/{t:08d}``, ``final``   the state record (θ, buffers,    ``state.py``
                               optimizer state)
 ============================  ===============================  ==============================
@@ -22,8 +24,13 @@ key                           what it holds                    encode + decode
 The input and output structures inside a forward are small trees (``trees.py``).
 
 Versions: a reader reads every schema version up to ``SCHEMA_VERSION`` and refuses newer
-ones with ``SchemaVersionError``. Version 1 is the only one so far; fields added since
-(``options`` in the header) are optional and read with their defaults when absent.
+ones with ``SchemaVersionError``. Version 2 made step records compact: RNG states against a
+shared base state (``rng/`` records, ``rngstates.py``), gradient fingerprints packed with 8
+samples per tensor (``fingerprint.py``), row content ids as 16-byte digests and
+hyperparameters as their changes to the header's (``steps.py``); version 1 records (whole
+RNG states, fingerprints per parameter with 32 samples, hex ids, whole hyperparameters) are
+read as before. Fields added within a version (``options`` in the header) are optional and
+read with their defaults when absent.
 """
 
 from __future__ import annotations
@@ -40,11 +47,12 @@ __all__ = [
     "ckpt_key",
     "skip_key",
     "sample_key",
+    "rng_key",
     "key_index",
     "library_version",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT = "explaind-trace"
 META = "meta"
 PROGRESS = "progress"
@@ -73,6 +81,10 @@ def skip_key(n: int) -> str:
 
 def sample_key(content_id: str) -> str:
     return f"sample/{content_id}"
+
+
+def rng_key(n: int) -> str:
+    return f"rng/{n:08d}"
 
 
 def key_index(key: str) -> int:

@@ -4,7 +4,9 @@
 
     {"index": t,
      "grads": {param name: tensor},        # params without a gradient are absent
-     "groups": [{hyperparameter: value}],  # per param group, as used by this step
+     "group_changes": [{hyperparameter: value}],  # per param group, those whose value
+                                           # differs from the header's (else "groups":
+                                           # [{hyperparameter: value}] whole, as used)
      "tensor_hyperparams": [{key: dtype}], # which hyperparameters were tensors
      "forwards": [forward],                # the forwards whose gradients this step used
      "buffers": {name: tensor} | None,     # after the forwards; None: unchanged
@@ -13,7 +15,8 @@
 
 a forward::
 
-    {"batch_size": B, "rows": [content id] * B, "ids": [user id] * B | None,
+    {"batch_size": B, "rows": bytes,         # the B content ids' 16-byte digests side by side
+     "ids": [user id] * B | None,
      "slots": [{"dtype", "shape"}],        # batched inputs (row shape), rows in sample/*
      "args": tree, "kwargs": tree,         # see trees.py
      "tensors": [tensor],                  # constant (non-batched) inputs
@@ -34,6 +37,7 @@ import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import numpy as np
 import torch
 
@@ -43,6 +47,8 @@ from .encoder import TensorEncoder
 from .errors import TraceCorruptError
 from .packing import PackedTensors
 from .records import CapturedForward, CapturedStep, ForwardRecord, SkipRecord, StepRecord
+from .rngstates import decode_rng
+from .rowids import ID_BYTES
 from .schema import sample_key, skip_key, step_key
 from .state import decode_tensors, encode_checkpoint
 from .trees import build_tree
@@ -60,9 +66,15 @@ __all__ = [
     "decode_forwards",
     "decode_skip",
     "decode_sample",
+    "content_ids",
 ]
 
 Rows = Callable[[str], list[torch.Tensor]]  # content id -> the stored rows of that sample
+Bases = Callable[[int], torch.Tensor]  # n -> the base RNG state rng/{n:08d} (rngstates.py)
+
+
+def _no_bases(n: int) -> torch.Tensor:
+    raise TraceCorruptError(f"a forward's RNG state refers to base rng/{n:08d}, none given")
 
 
 # -- encode --------------------------------------------------------------------------------
@@ -106,7 +118,7 @@ def _encode_forward(
     outputs = f.outputs or [None] * len(f.cotangents)
     return {
         "batch_size": f.batch_size,
-        "rows": rows,
+        "rows": b"".join(bytes.fromhex(c) for c in rows),
         "ids": f.user_ids,
         "slots": [
             {"dtype": codec.dtype_name(t.dtype), "shape": list(t.shape[1:])} for t in f.slots
@@ -118,11 +130,9 @@ def _encode_forward(
         "cotangents": [
             None if c is None else enc.cotangent(o, c) for o, c in zip(outputs, f.cotangents)
         ],
-        "rng_state": enc.count("rng", enc.repeated("rng_state", f.rng_state)),
+        "rng_state": enc.rng("rng_state", f.rng_state, out),
         "cuda_rng_state": (
-            None
-            if f.cuda_rng_state is None
-            else enc.count("rng", enc.repeated("cuda_rng_state", f.cuda_rng_state))
+            None if f.cuda_rng_state is None else enc.rng("cuda_rng_state", f.cuda_rng_state, out)
         ),
         "training": f.training,
         "mode_overrides": f.mode_overrides,
@@ -130,6 +140,41 @@ def _encode_forward(
         "grad_scale": f.grad_scale,
         **({"autocast": f.autocast} if f.autocast else {}),
     }
+
+
+def _exact(a: Any, b: Any) -> bool:
+    return msgpack.packb(a, use_bin_type=True) == msgpack.packb(b, use_bin_type=True)
+
+
+def _encode_groups(
+    groups: list[dict[str, Any]], header: list[dict[str, Any]] | None
+) -> dict[str, Any]:
+    """``{"group_changes": [...]}``: per group, the hyperparameters whose stored bytes differ
+    from the trace header's (usually the learning rate alone); ``{"groups": groups}`` whole
+    when a group lacks a hyperparameter of the header (or there is no header)."""
+    if (
+        header is None
+        or len(header) != len(groups)
+        or any(h.keys() - g.keys() for g, h in zip(groups, header))
+    ):
+        return {"groups": groups}
+    changes = [
+        {k: v for k, v in g.items() if k not in h or not _exact(v, h[k])}
+        for g, h in zip(groups, header)
+    ]
+    return {"group_changes": changes}
+
+
+def _decode_groups(raw: dict[str, Any], bounds: HeaderBounds | None, where: str) -> Any:
+    """A step record's per-group hyperparameters, whole (see ``_encode_groups``)."""
+    if "group_changes" not in raw:
+        return raw["groups"]
+    changes = raw["group_changes"]
+    if bounds is None or not isinstance(changes, list) or len(changes) != len(bounds.groups):
+        raise TraceCorruptError(f"{where}: its hyperparameter changes do not fit the header")
+    if not all(isinstance(c, dict) for c in changes):
+        raise TraceCorruptError(f"{where}: its hyperparameter changes are malformed")
+    return [{**h, **c} for h, c in zip(bounds.groups, changes)]
 
 
 def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
@@ -144,14 +189,14 @@ def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
     rec = {
         "index": s.index,
         "grads": enc.count("gradients", enc.tensors(s.grads, lossy=True)),
-        "groups": s.groups,
+        **_encode_groups(s.groups, enc.header_groups),
         "tensor_hyperparams": s.tensor_hyperparams,
         "forwards": [_encode_forward(enc, f, out) for f in s.forwards],
         "buffers": None if s.buffers is None else enc.count("buffers", enc.buffers(s.buffers)),
     }
     if s.fingerprints is not None:
         rec["fingerprints"] = enc.count(
-            "fingerprints", fingerprint.encode(s.fingerprints, enc.tensor)
+            "fingerprints", fingerprint.encode(s.fingerprints, enc.tensor, enc.param_names)
         )
     enc.pace()
     out.append((step_key(s.index), rec))
@@ -191,10 +236,11 @@ def decode_update(
     """Only what the optimizer needs from a step record: grads, groups, tensor-typed keys
     (checked against the trace header when ``bounds`` is given)."""
     try:
+        groups = _decode_groups(raw, bounds, where)
         if bounds is None:
-            return decode_tensors(raw["grads"]), raw["groups"], raw.get("tensor_hyperparams") or []
+            return decode_tensors(raw["grads"]), groups, raw.get("tensor_hyperparams") or []
         grads = bounds.grads(raw["grads"], f"{where}, grads")
-        groups, tkeys = bounds.groups_of(raw["groups"], raw.get("tensor_hyperparams"), where)
+        groups, tkeys = bounds.groups_of(groups, raw.get("tensor_hyperparams"), where)
         return grads, groups, tkeys
     except (KeyError, TypeError, AttributeError) as e:
         raise TraceCorruptError(f"{where} is malformed ({e!r:.200})") from e
@@ -218,7 +264,8 @@ def decode_step(
         fps = raw.get("fingerprints")
         if fps is not None:
             free = bounds.free if bounds else lambda o, at: codec.decode_tensor(o, where=at)
-            fps = fingerprint.decode(fps, where, free)
+            names = list(bounds.params) if bounds else None
+            fps = fingerprint.decode(fps, where, free, names)
         return StepRecord(
             index=t,
             grads=grads,
@@ -231,6 +278,17 @@ def decode_step(
         )
     except (KeyError, TypeError, AttributeError) as e:
         raise TraceCorruptError(f"{where}: step record {t} is malformed ({e!r:.200})") from e
+
+
+def content_ids(f: dict[str, Any], where: str) -> list[str]:
+    """The content ids of a forward's rows: stored as their 16-byte digests side by side, or
+    (before schema version 2) as a list of hex strings."""
+    rows = f["rows"]
+    if isinstance(rows, bytes) and len(rows) % ID_BYTES == 0:
+        return [rows[i : i + ID_BYTES].hex() for i in range(0, len(rows), ID_BYTES)]
+    if isinstance(rows, list) and all(isinstance(c, str) for c in rows):
+        return rows
+    raise TraceCorruptError(f"{where}: a forward's rows are malformed")
 
 
 def _check_slots(specs: Any, where: str) -> list[dict[str, Any]]:
@@ -256,14 +314,15 @@ def decode_forward(
     where: str,
     bounds: HeaderBounds | None = None,
     index: int = 0,
+    rng_of: Bases = _no_bases,
 ) -> ForwardRecord:
     """The ``index``-th forward of a record, its batched inputs rebuilt from the stored
     sample rows."""
     b = f["batch_size"]
-    cids = f["rows"]
-    if not isinstance(b, int) or isinstance(b, bool) or not isinstance(cids, list):
-        raise TraceCorruptError(f"{where}: a forward's batch size or rows are malformed")
-    if len(cids) != b or not all(isinstance(c, str) for c in cids):
+    if not isinstance(b, int) or isinstance(b, bool):
+        raise TraceCorruptError(f"{where}: a forward's batch size is malformed")
+    cids = content_ids(f, where)
+    if len(cids) != b:
         raise TraceCorruptError(f"{where}: a forward lists {len(cids)} rows for batch size {b}")
     specs = _check_slots(f["slots"], where)
     samples = [rows_of(c) for c in cids]
@@ -315,10 +374,10 @@ def decode_forward(
         kwargs=dict(kwargs),
         cotangent=deferred_tree(f["output"], cots, where),
         ids=list(ids) if ids is not None else list(cids),
-        rng_state=rng(f["rng_state"], f"{where}, rng_state"),
+        rng_state=decode_rng(f["rng_state"], rng_of, rng, f"{where}, rng_state"),
         cuda_rng_state=None
         if f.get("cuda_rng_state") is None
-        else rng(f["cuda_rng_state"], f"{where}, cuda_rng_state"),
+        else decode_rng(f["cuda_rng_state"], rng_of, rng, f"{where}, cuda_rng_state"),
         training=bool(f["training"]),
         mode_overrides=dict(f.get("mode_overrides") or {}),
         buffers=None if f.get("buffers") is None else buffer_map(f["buffers"], f"{where}, buffers"),
@@ -348,12 +407,15 @@ def decode_forwards(
     rank: int,
     where: str,
     bounds: HeaderBounds | None = None,
+    rng_of: Bases = _no_bases,
 ) -> list[ForwardRecord]:
     """The forwards of a step or skip record."""
     t = raw.get("index")
     try:
         return [
-            decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds, index=k)
+            decode_forward(
+                f, rows_of, rank=rank, where=where, bounds=bounds, index=k, rng_of=rng_of
+            )
             for k, f in enumerate(raw["forwards"])
         ]
     except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -368,6 +430,7 @@ def decode_skip(
     rank: int,
     where: str,
     bounds: HeaderBounds | None = None,
+    rng_of: Bases = _no_bases,
 ) -> SkipRecord:
     """The ``n``-th skip record."""
     try:
@@ -376,7 +439,9 @@ def decode_skip(
             before_step=int(raw["before_step"]),
             reason=str(raw.get("reason", "")),
             forwards=[
-                decode_forward(f, rows_of, rank=rank, where=where, bounds=bounds, index=k)
+                decode_forward(
+                    f, rows_of, rank=rank, where=where, bounds=bounds, index=k, rng_of=rng_of
+                )
                 for k, f in enumerate(raw["forwards"])
             ],
         )

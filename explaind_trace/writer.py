@@ -195,6 +195,8 @@ class TraceWriter:
         progress = dict(self.progress)
         if isinstance(job, _Meta):
             items = [(META, codec.pack(job.meta, checksum=self.encoder.checksums))]
+            enc.param_names = [p["name"] for p in job.meta["params"]]
+            enc.header_groups = [g["hyperparams"] for g in job.meta["optimizer"]["groups"]]
         elif isinstance(job, CapturedStep):
             items = encode_step(enc, job)
             progress["steps"] = job.index + 1

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import explaind_trace as et
+from tests.trace import trace_helpers as th
 
 DATA = Path(__file__).parent / "data" / "trace-v1-unsealed"
 DIGEST = "b1ffb54760e6f858fb8a03b8d945af1a70e6a11357c37d4167ff0df26611f0fe"
@@ -69,3 +70,53 @@ def test_a_trace_of_the_first_format_reads_value_for_value(tmp_path) -> None:
         assert reader.meta.options == et.RecordOptions(checkpoint_every=2)
         assert reader.num_steps == 3 and reader.finished and reader.check_drift().exact
         assert _digest(reader) == DIGEST
+
+
+RECOMPUTE = Path(__file__).parent / "data" / "trace-v1-recompute"
+RECOMPUTE_DIGEST = "4e7bee22d771e1dafd59208c0787f378b0c8b394521cb90e02826a1f908d0869"
+
+
+def _recompute_digest(reader: et.TraceReader) -> str:
+    """Every value of the recompute trace's steps (fingerprints, forwards, RNG states) and
+    of its replay with the model, as ``_digest`` feeds them."""
+    h = hashlib.sha256()
+
+    def feed(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            h.update(str((obj.dtype, tuple(obj.shape))).encode())
+            h.update(obj.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k in sorted(obj):
+                h.update(str(k).encode())
+                feed(obj[k])
+        elif isinstance(obj, list | tuple):
+            for o in obj:
+                feed(o)
+        else:
+            h.update(repr(obj).encode())
+
+    for t in range(reader.num_steps):
+        s = reader.step(t)
+        feed([s.groups, s.buffers, s.tensor_hyperparams])
+        feed({n: [f["bits"], f["norm"], f["at"]] for n, f in s.fingerprints.items()})
+        for f in s.forwards:
+            feed([f.args, f.kwargs, f.ids, f.rng_state, f.training, f.content_ids])
+    for rs in reader.replay(model=th.MLP(bn=True, p=0.2)):
+        feed([rs.params, rs.next_params, rs.state_before, rs.state_after])
+    return h.hexdigest()
+
+
+def test_a_recompute_trace_of_schema_version_1_reads_value_for_value(tmp_path) -> None:
+    """``data/trace-v1-recompute``, recorded by the code of commit 01b847f: 4 AdamW steps of a
+    BatchNorm + dropout MLP, gradients="recompute", cotangent_codec="auto", checkpoint every 2;
+    its fingerprints are per parameter with 32 samples, its RNG states whole, its row ids hex
+    strings and its hyperparameters whole. ``RECOMPUTE_DIGEST`` is what that commit's reader
+    gave; replay recomputes every gradient and checks it against those fingerprints."""
+    copy = tmp_path / "trace"
+    shutil.copytree(RECOMPUTE, copy)
+    with et.open_trace(f"dir://{copy}") as reader:
+        assert reader.meta.schema_version == 1 and reader.gradients == "recompute"
+        raw = reader._raw_step(1)
+        assert "groups" in raw and isinstance(raw["forwards"][0]["rows"], list)
+        assert len(next(iter(reader.step(1).fingerprints.values()))["at"]) == 32
+        assert _recompute_digest(reader) == RECOMPUTE_DIGEST
