@@ -49,9 +49,13 @@ MODES = (
 )
 
 
-def available_modes() -> list[tuple[str, str, str]]:
-    """The modes this version of explaind_trace can record."""
-    return [m for m in MODES if m[1] in GRADIENT_MODES and m[2] in COTANGENT_CODECS]
+def available_modes(names: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """The modes this version of explaind_trace can record (those in ``names`` if given)."""
+    return [
+        m
+        for m in MODES
+        if m[1] in GRADIENT_MODES and m[2] in COTANGENT_CODECS and (not names or m[0] in names)
+    ]
 
 
 def size_argv(cfg: dict) -> list[str]:
@@ -92,10 +96,21 @@ def kernel_times(workdir: str, traces: dict[str, str], repeats: int, n: int) -> 
     return times
 
 
-def bench(preset: str, steps: int, repeats: int, kernel_repeats: int, workdir: str) -> dict:
-    sizes = PRESETS[preset]
-    cfg = {**train.FULL, **sizes}
-    modes = available_modes()
+def bench(
+    preset: str,
+    steps: int,
+    repeats: int,
+    kernel_repeats: int,
+    workdir: str,
+    *,
+    modes: list[str] | None = None,
+    checkpoint_every: int | None = None,
+) -> dict:
+    sizes = dict(PRESETS[preset])
+    if checkpoint_every is not None:
+        sizes["checkpoint_every"] = checkpoint_every
+    cfg = {**train.FULL, **sizes, "steps": steps}
+    modes = available_modes(modes)
     params = None
     bytes_by_mode: dict[str, dict] = {}
     dirs: dict[str, str] = {}
@@ -176,6 +191,15 @@ def main(argv: list[str] | None = None) -> None:
         help="also time the kernel (2 held-out sentences) on the example's stored and "
         "recompute + codec traces, alternated, this many times",
     )
+    ap.add_argument(
+        "--modes", nargs="+", default=None, choices=[m[0] for m in MODES], help="default: all"
+    )
+    ap.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        help="checkpoint interval of every preset (default: the preset's, the example's own)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lm_bytes.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -203,7 +227,13 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for preset in args.presets:
             results["presets"][preset] = bench(
-                preset, args.steps, args.repeats, args.kernel_repeats, workdir
+                preset,
+                args.steps,
+                args.repeats,
+                args.kernel_repeats,
+                workdir,
+                modes=args.modes,
+                checkpoint_every=args.checkpoint_every,
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
