@@ -38,7 +38,7 @@ TANGENT_SAMPLES = 256
 _DECOMPOSITIONS = False
 
 
-def _load_decompositions() -> None:
+def load_decompositions() -> None:
     """Make one dual tensor, quietly: torch's first forward-mode use scripts its jvp
     decompositions and warns that torch.jit.script is deprecated (its own code, not ours)."""
     global _DECOMPOSITIONS
@@ -67,10 +67,9 @@ def forward_products(
     probe: dict[str, float] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """(K [B, R], {param: Σ_i G_i}) of one recorded forward against the adjoints `z_grad`
-    ({name: [R, *shape]}). With `probe`, only the first block of rows runs (K's other columns
-    stay zero) and `probe` gets the times of the replay and of that block and the number of
-    blocks (the calibration of training_mode="auto")."""
-    _load_decompositions()
+    ({name: [R, *shape]}). With `probe`, only the first two blocks of rows run (K's other
+    columns stay zero; see `mark_block`: the calibration of training_mode="auto")."""
+    load_decompositions()
     device, dtype = fm.device, fm.dtype
     names = list(z_grad)
     primals = {n: params[n].detach() for n in names}
@@ -95,8 +94,6 @@ def forward_products(
     with math_attention():  # fused attention kernels have no forward-mode formula
         grad_sum, keep = _grad_sum(outputs, primals, cots)
         live = [cots[j] for j in keep]
-        if probe is not None:
-            probe["replay"] = time.perf_counter()
 
         def contracted(p: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
             outs = outputs(p)
@@ -112,16 +109,34 @@ def forward_products(
         k = torch.zeros(batch, rows, dtype=dtype, device=device)
         step = block_size(batch, block_rows)
         batched = vmap(row, randomness="same")
-        for start in range(0, rows, step):
+        for done, start in enumerate(range(0, rows, step), 1):
             stop = min(rows, start + step)
             block = {n: z_grad[n][start:stop].to(dtype) for n in names}
             with torch.no_grad():
                 k[:, start:stop] = batched(block).T
-            if probe is not None:
-                probe["first_block"] = time.perf_counter()
-                probe["blocks"] = -(-rows // step)
+            if mark_block(probe, done, -(-rows // step)):
                 break
     return k, grad_sum
+
+
+def mark_block(probe: dict[str, float] | None, done: int, blocks: int) -> bool:
+    """The calibration's probe of a blocked route: after block `done` (from 1) of `blocks`,
+    note the time in `probe` ("first_block", then "second_block") and say whether the probe
+    has what it needs: the first block (replay and warm-up included) and, where there are
+    more, a second one, the cost of each further block."""
+    if probe is None:
+        return False
+    probe["blocks"] = blocks
+    probe["first_block" if done == 1 else "second_block"] = time.perf_counter()
+    return done >= min(2, blocks)
+
+
+def probe_seconds(probe: Mapping[str, float], t0: float) -> float:
+    """The whole route's time extrapolated from `mark_block`'s notes (started at `t0`)."""
+    first = probe.get("first_block", time.perf_counter()) - t0
+    if "second_block" not in probe:
+        return first
+    return first + (probe["second_block"] - t0 - first) * (probe["blocks"] - 1)
 
 
 def _grad_sum(outputs, primals: Mapping[str, Tensor], cots) -> tuple[dict[str, Tensor], list[int]]:

@@ -11,11 +11,12 @@ forward-mode formula. O(R) passes, no B × P memory.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+
+from .train_forward import mark_block
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ def jvp_products(
     """(K [B, R], {param: Σ_i G_i}, batched) from the replayed (output, cotangent) `pairs` and
     the parameter leaves `plist` (named `names`) they were computed from; R rows of `z_grad`
     at a time in blocks of `block_rows`. `batched` is False once a batched second backward
-    failed (rows then go one at a time). With `probe`, only the first block runs."""
+    failed (rows then go one at a time). With `probe`, only the first two blocks run
+    (train_forward.mark_block)."""
     rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
     outs = [o for o, _ in pairs]
     cots = [c.to(o.dtype) for o, c in pairs]
@@ -55,16 +57,14 @@ def jvp_products(
     if s_rows is None or not s_rows.requires_grad:
         return k, grad_sum, batched
     eye = torch.eye(rows, dtype=s_rows.dtype, device=s_rows.device)
-    for start in range(0, rows, block_rows):
+    for done, start in enumerate(range(0, rows, block_rows), 1):
         stop = min(rows, start + block_rows)
         tangents, batched = _row_tangents(s_rows, us, eye[start:stop], batched)
         for t, c in zip(tangents, cots):
             if t is None:
                 continue
             k[:, start:stop] += (t * c.unsqueeze(0)).reshape(stop - start, batch, -1).sum(-1).T
-        if probe is not None:
-            probe["first_block"] = time.perf_counter()
-            probe["blocks"] = -(-rows // block_rows)
+        if mark_block(probe, done, -(-rows // block_rows)):
             break
     return k, grad_sum, batched
 

@@ -43,7 +43,7 @@ from .config import TRAINING_MODES
 from .errors import InputError
 from .functional import FunctionalModel
 from .persample.local import math_attention
-from .train_forward import forward_products
+from .train_forward import forward_products, load_decompositions, mark_block, probe_seconds
 from .train_jvp import jvp_products
 from .train_rows import rows_check, rule_grads
 
@@ -163,13 +163,18 @@ class TrainingSide:
     def _calibrate(self, params, buffers, forward, z_grad, per_param) -> ForwardProducts:
         """Measure every route that applies on this forward and keep the fastest for the run.
 
-        The rules route runs in full; a batched route runs its replay and its first block of
-        rows, and its time is extrapolated to all blocks (so measuring costs about one forward
-        of each route, never a whole slow route). The chosen route then answers this forward
-        in full: auto gives exactly what the explicit choice of that route gives."""
+        The rules route runs in full; a batched route runs its replay and its first two blocks
+        of rows, and its time is extrapolated to all blocks (train_forward.mark_block: so
+        measuring costs about one forward of each route, never a whole slow route). "jvp"
+        computes forward_ad's tangents by a double backward: it is measured only where
+        forward_ad cannot run. The chosen route then answers this forward in full: auto gives
+        exactly what the explicit choice of that route gives."""
         results: dict[str, ForwardProducts] = {}
+        load_decompositions()  # once per process: not part of any route's time
         for route in ("rules", "forward_ad", "jvp", "per_sample"):
             if route in ("forward_ad", "jvp") and per_param:
+                continue
+            if route == "jvp" and "forward_ad" in self.timings:
                 continue
             t0 = time.perf_counter()
             if route == "rules":
@@ -196,9 +201,7 @@ class TrainingSide:
             except (RuntimeError, NotImplementedError) as e:  # an op without the derivative
                 log.info("training route %s unavailable (%s)", route, e)
                 continue
-            first = probe.get("first_block", time.perf_counter()) - t0
-            replay = probe.get("replay", t0) - t0
-            self.timings[route] = replay + (first - replay) * probe.get("blocks", 1)
+            self.timings[route] = probe_seconds(probe, t0)
         if not self.timings:
             raise InputError("no training route applies to this forward")  # pragma: no cover
         best = min(self.timings, key=self.timings.get)
@@ -263,8 +266,7 @@ class TrainingSide:
         probe: dict[str, float] | None = None,
     ) -> ForwardProducts:
         """K by one batched replay and a batched route ("per_sample" or "jvp"). With `probe`,
-        only the first block of rows runs and `probe` gets the times of the replay and of that
-        block and the number of blocks (the calibration of auto)."""
+        only the first two blocks of rows run (train_forward.mark_block: auto's calibration)."""
 
         fm = self.fm
         device, dtype = fm.device, fm.dtype
@@ -290,8 +292,6 @@ class TrainingSide:
         pairs = [(o, c) for o, c in zip(outs, cots) if c is not None and o is not None]
         batch = len(forward.ids)
         rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
-        if probe is not None:
-            probe["replay"] = time.perf_counter()
         if mode == "jvp" and not per_param:
             with torch.enable_grad():  # the sweep runs under no_grad; tangents need a graph
                 k, grad_sum, self._batched_ok = jvp_products(
@@ -315,7 +315,7 @@ class TrainingSide:
         plist = [leaves_p[n] for n in names]
         zflat = {n: z_grad[n].reshape(rows, -1) for n in names}
 
-        for start in range(0, batch, self.block_rows):
+        for done, start in enumerate(range(0, batch, self.block_rows), 1):
             stop = min(batch, start + self.block_rows)
             grads = self._block_grads(pairs, plist, start, stop)
             for n, g in zip(names, grads):
@@ -327,9 +327,7 @@ class TrainingSide:
                 if k_param is not None:
                     k_param[n][start:stop] = kn
                 grad_sum[n] += g.sum(0).reshape(grad_sum[n].shape)
-            if probe is not None:
-                probe["first_block"] = time.perf_counter()
-                probe["blocks"] = -(-batch // self.block_rows)
+            if mark_block(probe, done, -(-batch // self.block_rows)):
                 break
         return ForwardProducts(k, k_param, grad_sum)
 
