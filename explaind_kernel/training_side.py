@@ -152,7 +152,7 @@ class TrainingSide:
             k, grad_sum = forward_products(
                 self.fm, params, buffers, forward, z_grad, block_rows=self.block_rows, probe=probe
             )
-        except (RuntimeError, NotImplementedError) as e:
+        except (RuntimeError, NotImplementedError, ValueError) as e:
             if strict:
                 raise
             log.info("forward-mode AD cannot run this model (%s); jvp route", str(e)[:200])
@@ -198,7 +198,7 @@ class TrainingSide:
                         mode=route,
                         probe=probe,
                     )
-            except (RuntimeError, NotImplementedError) as e:  # an op without the derivative
+            except (RuntimeError, NotImplementedError, ValueError) as e:  # no derivative, vmap
                 log.info("training route %s unavailable (%s)", route, e)
                 continue
             self.timings[route] = probe_seconds(probe, t0)
