@@ -5,8 +5,10 @@ each route's data attributions from the first route's.
 
     python bench/bench_training_routes.py --repeats 3   # writes bench/results/training_routes.json
 
-Before the forward-mode route, `rules` / `auto` handed this model to "jvp" (the double-backward
-trick): the "jvp" column is the before figure, "forward_ad" the after.
+A route named "ROUTE@64" runs with blocks of 64 rows whatever the activations' size
+(train_blocks.BLOCK_BYTES lifted for that run): "jvp@64" is the code before the forward-mode
+route, which `rules` and `auto` handed this model to (the double-backward trick in blocks of
+`block_rows` = 64); "per_sample@64" the per-sample route as it was.
 """
 
 from __future__ import annotations
@@ -27,8 +29,29 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import explaind_kernel.train_blocks as train_blocks  # noqa: E402
 from bench.bench_kernel_speed import MODELS, REDUCED, record_run  # noqa: E402
 from explaind_kernel import compute_kernel  # noqa: E402
+
+
+def run(store: str, model, test_x, label: str):
+    """compute_kernel with the route `label` names ("ROUTE" or "ROUTE@64")."""
+    route, _, fixed = label.partition("@")
+    saved = train_blocks.BLOCK_BYTES
+    if fixed:
+        train_blocks.BLOCK_BYTES = 2**62  # every block has block_rows rows
+    try:
+        return compute_kernel(
+            store,
+            model,
+            test_x,
+            progress=False,
+            cpu_threads=1,
+            training_mode=route,
+            block_rows=int(fixed or 64),
+        )
+    finally:
+        train_blocks.BLOCK_BYTES = saved
 
 
 def measure(name: str, routes: list[str], *, repeats: int, steps: int, inputs: int) -> dict:
@@ -44,9 +67,7 @@ def measure(name: str, routes: list[str], *, repeats: int, steps: int, inputs: i
         for _ in range(repeats):
             for route in routes:
                 t0 = time.perf_counter()
-                res = compute_kernel(
-                    store, fresh(), test_x, progress=False, cpu_threads=1, training_mode=route
-                )
+                res = run(store, fresh(), test_x, route)
                 wall = time.perf_counter() - t0
                 entry = out["routes"].setdefault(route, {"training_s": [], "wall_s": []})
                 entry["training_s"].append(res.extra["work"]["seconds"]["training"])
@@ -65,7 +86,7 @@ def measure(name: str, routes: list[str], *, repeats: int, steps: int, inputs: i
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="cnn")
-    ap.add_argument("--routes", default="jvp,forward_ad,auto")
+    ap.add_argument("--routes", default="jvp@64,forward_ad,per_sample,per_sample@64,auto")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=REDUCED["cnn"][0])
     ap.add_argument("--inputs", type=int, default=REDUCED["cnn"][1])

@@ -59,7 +59,9 @@ class KernelConfig:
                    state (Adam's moments, SGD's buffer) carries the training's fp32 rounding.
     device:        "cuda", "cpu", ... (None: CUDA when available, else CPU).
     memory_budget: bytes the per-chunk adjoint state may take; test inputs are chunked to fit.
-    block_rows:    rows held at once on the training side (batch rows, or adjoint rows for jvp).
+    block_rows:    at most this many rows at once on the training side (batch rows, or adjoint
+                   rows for forward_ad and jvp); fewer where the batch's activations are large
+                   (train_blocks.py).
     training_mode: "auto" | "rules" | "forward_ad" | "per_sample" | "jvp" — how K(x; i, τ) is
                    contracted (see training_side.py; "vmap" is an older name of "rules"); auto
                    times the routes on the first forward and keeps the fastest.

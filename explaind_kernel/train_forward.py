@@ -16,7 +16,6 @@ primal replay runs once per block of rows (each block restores the recorded RNG 
 
 from __future__ import annotations
 
-import time
 import warnings
 from collections.abc import Mapping
 
@@ -29,11 +28,7 @@ from explaind_trace.reforward import tree_leaves, tree_to
 from .errors import InputError
 from .functional import FunctionalModel
 from .persample.local import math_attention
-
-#: batch rows × adjoint rows a vmapped block carries at once: tangents of [block, B, ...]
-#: activations stay a few MB per tensor, where elementwise tangent ops run at memory speed
-#: (measured on the bench CNN: blocks of 4 rows at batch 64 ran 2.4× faster than 32)
-TANGENT_SAMPLES = 256
+from .train_blocks import counting_activations, mark_block, rows_per_block
 
 _DECOMPOSITIONS = False
 
@@ -48,12 +43,6 @@ def load_decompositions() -> None:
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
         jvp(torch.sin, (torch.zeros(1),), (torch.ones(1),))
     _DECOMPOSITIONS = True
-
-
-def block_size(batch: int, block_rows: int) -> int:
-    """Adjoint rows per vmapped block: about TANGENT_SAMPLES tangent samples, at most
-    `block_rows`."""
-    return max(1, min(block_rows, TANGENT_SAMPLES // max(1, batch)))
 
 
 def forward_products(
@@ -92,7 +81,8 @@ def forward_products(
         return outs
 
     with math_attention():  # fused attention kernels have no forward-mode formula
-        grad_sum, keep = _grad_sum(outputs, primals, cots)
+        with counting_activations(fm.module) as saved:
+            grad_sum, keep = _grad_sum(outputs, primals, cots)
         live = [cots[j] for j in keep]
 
         def contracted(p: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
@@ -107,7 +97,7 @@ def forward_products(
             return total
 
         k = torch.zeros(batch, rows, dtype=dtype, device=device)
-        step = block_size(batch, block_rows)
+        step = rows_per_block(saved[0], block_rows)  # train_blocks.py
         batched = vmap(row, randomness="same")
         for done, start in enumerate(range(0, rows, step), 1):
             stop = min(rows, start + step)
@@ -117,26 +107,6 @@ def forward_products(
             if mark_block(probe, done, -(-rows // step)):
                 break
     return k, grad_sum
-
-
-def mark_block(probe: dict[str, float] | None, done: int, blocks: int) -> bool:
-    """The calibration's probe of a blocked route: after block `done` (from 1) of `blocks`,
-    note the time in `probe` ("first_block", then "second_block") and say whether the probe
-    has what it needs: the first block (replay and warm-up included) and, where there are
-    more, a second one, the cost of each further block."""
-    if probe is None:
-        return False
-    probe["blocks"] = blocks
-    probe["first_block" if done == 1 else "second_block"] = time.perf_counter()
-    return done >= min(2, blocks)
-
-
-def probe_seconds(probe: Mapping[str, float], t0: float) -> float:
-    """The whole route's time extrapolated from `mark_block`'s notes (started at `t0`)."""
-    first = probe.get("first_block", time.perf_counter()) - t0
-    if "second_block" not in probe:
-        return first
-    return first + (probe["second_block"] - t0 - first) * (probe["blocks"] - 1)
 
 
 def _grad_sum(outputs, primals: Mapping[str, Tensor], cots) -> tuple[dict[str, Tensor], list[int]]:

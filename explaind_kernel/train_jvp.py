@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .train_forward import mark_block
+from .train_blocks import mark_block
 
 log = logging.getLogger(__name__)
 

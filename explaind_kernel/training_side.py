@@ -43,7 +43,8 @@ from .config import TRAINING_MODES
 from .errors import InputError
 from .functional import FunctionalModel
 from .persample.local import math_attention
-from .train_forward import forward_products, load_decompositions, mark_block, probe_seconds
+from .train_blocks import counting_activations, mark_block, probe_seconds, rows_per_block
+from .train_forward import forward_products, load_decompositions
 from .train_jvp import jvp_products
 from .train_rows import rows_check, rule_grads
 
@@ -135,11 +136,12 @@ class TrainingSide:
         counts[route] = counts.get(route, 0) + 1
 
     def _batched_route(self, forward, z_grad, per_param: bool) -> str:
-        """The route for forwards the rules do not answer: forward-mode AD (R forward-tangent
-        passes of the batch, each about three forwards) unless per-sample gradients cost less
-        (B batch backwards, each about two forwards) or K is split by parameter tensor."""
+        """The route for forwards the rules do not answer: forward-mode AD (one forward-tangent
+        pass of the batch per adjoint row) unless per-sample gradients (one batch backward per
+        batch row) cost less or K is split by parameter tensor. On the bench CNN an adjoint
+        row cost about 2.5 times a batch row (blocks of train_blocks.py)."""
         rows = next(iter(z_grad.values())).shape[0] if z_grad else 0
-        cheaper = 3 * rows < 2 * len(forward.ids)
+        cheaper = 5 * rows < 2 * len(forward.ids)
         return "forward_ad" if (cheaper and not per_param) else "per_sample"
 
     def _forward_ad(self, params, buffers, forward, z_grad, *, strict: bool, probe=None):
@@ -265,7 +267,8 @@ class TrainingSide:
         mode: str,
         probe: dict[str, float] | None = None,
     ) -> ForwardProducts:
-        """K by one batched replay and a batched route ("per_sample" or "jvp"). With `probe`,
+        """K by one batched replay and a batched route ("per_sample" or "jvp"), in blocks of
+        rows sized to the replay's activations (train_blocks.py). With `probe`,
         only the first two blocks of rows run (train_forward.mark_block: auto's calibration)."""
 
         fm = self.fm
@@ -279,8 +282,14 @@ class TrainingSide:
 
         # the jvp route differentiates twice: fused attention kernels cannot
         twice = math_attention() if mode == "jvp" else contextlib.nullcontext()
-        with fm.recorded_mode(forward), torch.enable_grad(), twice:
+        with (
+            fm.recorded_mode(forward),
+            torch.enable_grad(),
+            twice,
+            counting_activations(fm.module) as saved,
+        ):
             out = fm({**leaves_p, **other}, bufs, args, kwargs)
+        step = rows_per_block(saved[0], self.block_rows)  # rows per vmapped block
 
         outs = tree_leaves(out)
         cots = tree_leaves(tree_to(forward.cotangent, device, dtype))
@@ -300,7 +309,7 @@ class TrainingSide:
                     names,
                     z_grad,
                     batch,
-                    block_rows=self.block_rows,
+                    block_rows=step,
                     batched=self._batched_ok,
                     probe=probe,
                 )
@@ -315,8 +324,8 @@ class TrainingSide:
         plist = [leaves_p[n] for n in names]
         zflat = {n: z_grad[n].reshape(rows, -1) for n in names}
 
-        for done, start in enumerate(range(0, batch, self.block_rows), 1):
-            stop = min(batch, start + self.block_rows)
+        for done, start in enumerate(range(0, batch, step), 1):
+            stop = min(batch, start + step)
             grads = self._block_grads(pairs, plist, start, stop)
             for n, g in zip(names, grads):
                 if g is None:
@@ -327,7 +336,7 @@ class TrainingSide:
                 if k_param is not None:
                     k_param[n][start:stop] = kn
                 grad_sum[n] += g.sum(0).reshape(grad_sum[n].shape)
-            if mark_block(probe, done, -(-batch // self.block_rows)):
+            if mark_block(probe, done, -(-batch // step)):
                 break
         return ForwardProducts(k, k_param, grad_sum)
 

@@ -188,7 +188,7 @@ def test_an_op_without_forward_mode_goes_to_jvp() -> None:
     double-backward route instead, and gives what the explicit choice of it gives."""
     model = _NoJvpNet()
     fm, params, bufs, fwd, z = _forward(model, (4,), batch=8)
-    z = {k: v[:2] for k, v in z.items()}  # 3·2 < 2·8: forward-mode is the rules' fallback
+    z = {k: v[:2] for k, v in z.items()}  # 5·2 < 2·8: forward-mode is the rules' fallback
     with pytest.raises(RuntimeError, match="jvp"):
         TrainingSide(fm, mode="forward_ad").products(params, bufs, fwd, z, per_param=False)
     fm2 = _fresh(model)
@@ -233,3 +233,20 @@ def test_kernel_with_forward_ad_equals_per_sample() -> None:
     for field in ("data", "component_data", "step_data", "nondata"):
         a, b = getattr(got, field), getattr(ref, field)
         assert np.max(np.abs(a - b)) <= TOL * np.max(np.abs(ref.data)), field
+
+
+def test_blocks_are_sized_to_the_activations() -> None:
+    """train_blocks: the leaf modules' output bytes are counted (hooks removed afterwards) and
+    a block carries about BLOCK_BYTES of them, at least one row and at most block_rows."""
+    from explaind_kernel.train_blocks import BLOCK_BYTES, counting_activations, rows_per_block
+
+    model = BNDropMLP().double()
+    hooks_before = sum(len(m._forward_hooks) for m in model.modules())
+    with counting_activations(model) as seen, torch.no_grad():
+        model(torch.randn(5, 4, dtype=torch.float64))
+    # fc1, bn, drop: 5×8; fc2, ln: 5×6; fc3: 5×3 (tanh is functional: not seen)
+    assert seen[0] == 8 * 5 * (3 * 8 + 2 * 6 + 3)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
+    assert rows_per_block(BLOCK_BYTES // 4, 64) == 4
+    assert rows_per_block(BLOCK_BYTES * 10, 64) == 1
+    assert rows_per_block(10, 64) == 64
