@@ -13,6 +13,7 @@ data is decompressed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -52,7 +53,11 @@ class HeaderBounds:
         return d
 
     def grads(self, d: Any, where: str) -> dict[str, torch.Tensor]:
-        """Gradients (or parameters): each named by the header, of its shape and dtype."""
+        """Gradients (or parameters): each named by the header, of its shape and dtype; or
+        packed (``encoder.TensorEncoder.gradients``): the header's parameters at the listed
+        positions, one flat tensor of their sizes and shared dtype."""
+        if isinstance(d, dict) and d.get("packed") == 1:
+            return self._packed_grads(d, where)
         out = {}
         for name, obj in self._map(d, where).items():
             spec = self.params.get(name)
@@ -66,6 +71,28 @@ class HeaderBounds:
         return out
 
     params_map = grads
+
+    def _packed_grads(self, d: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+        names = list(self.params)
+        of = d.get("of")
+        if (
+            not isinstance(of, list)
+            or not all(isinstance(i, int) and not isinstance(i, bool) for i in of)
+            or len(set(of)) != len(of)
+            or not all(0 <= i < len(names) for i in of)
+            or len({self.params[names[i]][1] for i in of}) > 1
+        ):
+            raise TraceCorruptError(f"{where}: the packed gradients' parameter list is malformed")
+        specs = [self.params[names[i]] for i in of]
+        sizes = [math.prod(shape) for shape, _ in specs]
+        flat = codec.decode_tensor(
+            d.get("data"),
+            where=f"{where}, packed",
+            shape=(sum(sizes),),
+            dtype=specs[0][1] if specs else None,
+        )
+        parts = torch.split(flat, sizes) if specs else []
+        return {names[i]: p.view(s) for i, p, (s, _) in zip(of, parts, specs)}
 
     def buffer_map(self, d: Any, where: str) -> dict[str, torch.Tensor]:
         """Buffers: those the header names have its shape and dtype; others are bounded."""

@@ -61,6 +61,17 @@ class PackedTensors(Mapping[str, torch.Tensor]):
     def __len__(self) -> int:
         return len(self._layout)
 
+    def flat(self) -> torch.Tensor | None:
+        """The one flat copy, when all tensors share a dtype and fill it in their order."""
+        if len(self._flats) != 1:
+            return None
+        offset = 0
+        for _, start, shape in self._layout.values():
+            if start != offset:
+                return None
+            offset += shape.numel()
+        return self._flats[0] if offset == self._flats[0].numel() else None
+
     def numel(self) -> int:
         """Elements of all tensors together (without making views)."""
         return sum(f.numel() for f in self._flats)

@@ -3,7 +3,9 @@
 ``step/{t:08d}`` (one optimizer step)::
 
     {"index": t,
-     "grads": {param name: tensor},        # params without a gradient are absent
+     "grads": {param name: tensor},        # params without a gradient are absent; or packed
+                                           # {"packed": 1, "of": [header position], "data":
+                                           # tensor} (encoder.TensorEncoder.gradients)
      "group_changes": [{hyperparameter: value}],  # per param group, those whose value
                                            # differs from the header's (else "groups":
                                            # [{hyperparameter: value}] whole, as used)
@@ -188,7 +190,7 @@ def encode_step(enc: TensorEncoder, s: CapturedStep) -> list[tuple[str, bytes]]:
     )
     rec = {
         "index": s.index,
-        "grads": enc.count("gradients", enc.tensors(s.grads, lossy=True)),
+        "grads": enc.count("gradients", enc.gradients(s.grads)),
         **_encode_groups(s.groups, enc.header_groups),
         "tensor_hyperparams": s.tensor_hyperparams,
         "forwards": [_encode_forward(enc, f, out) for f in s.forwards],
@@ -238,6 +240,8 @@ def decode_update(
     try:
         groups = _decode_groups(raw, bounds, where)
         if bounds is None:
+            if raw["grads"].get("packed") == 1:
+                raise TraceCorruptError(f"{where}: packed gradients need the trace header")
             return decode_tensors(raw["grads"]), groups, raw.get("tensor_hyperparams") or []
         grads = bounds.grads(raw["grads"], f"{where}, grads")
         groups, tkeys = bounds.groups_of(groups, raw.get("tensor_hyperparams"), where)

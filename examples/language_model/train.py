@@ -45,7 +45,7 @@ FULL = {
     "steps": 200,
     "batch_size": 16,
     "lr": 3e-3,
-    "checkpoint_every": 50,
+    "checkpoint_every": 100,
 }
 SMALL = {
     "numbers": 12,

@@ -125,3 +125,36 @@ def test_packed_fingerprints_round_trip_and_malformed_ones_are_refused() -> None
             _decode({**raw, **bad}, names)
     with pytest.raises(TraceCorruptError, match="packed gradient fingerprints are malformed"):
         _decode(raw, None)  # packed maps need the header's names
+
+
+def test_packed_gradients_read_back_bit_for_bit_and_malformed_ones_are_refused() -> None:
+    name = th.unique("grads")
+    torch.manual_seed(0)
+    model = th.MLP()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = th.data()
+    seen = []
+    opt.register_step_pre_hook(
+        lambda o, a, k: seen.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    )
+    with et.record(model, opt, store=f"memory://{name}"):
+        th.train(model, opt, None, x, y, steps=3)
+    with et.open_trace(f"memory://{name}") as trace:
+        raw = trace._raw_step(1)["grads"]
+        assert raw["packed"] == 1 and raw["of"] == list(range(len(trace.param_names)))
+        assert raw["data"]["shape"] == [sum(p.numel() for p in model.parameters())]
+        for t in range(3):
+            grads = trace.step(t).grads
+            assert grads.keys() == seen[t].keys()
+            assert all(torch.equal(grads[n], seen[t][n]) for n in grads)
+    data = MemoryStore(name)._data
+    for bad, match in (
+        ({"of": [0, 0, 1, 2, 3, 4]}, "parameter list is malformed"),
+        ({"of": [0, 1]}, r"stored shape \(\d+,\) differs from \(112,\)"),
+    ):
+        rec = codec.unpack(data["step/00000001"])
+        rec["grads"].update(bad)
+        data["step/00000001"] = codec.pack(rec)
+        with et.open_trace(f"memory://{name}") as trace:
+            with pytest.raises(TraceCorruptError, match=match):
+                trace.step_update(1)

@@ -78,7 +78,19 @@ def test_a_flipped_byte_is_caught_naming_the_trace_and_the_key() -> None:
 
 def _hostile(name: str, key: str, change) -> None:
     """Rewrite record ``key`` with a valid checksum: the decoder's own bounds must hold."""
-    _rewrite(name, key, lambda raw: codec.pack(change(codec.unpack(raw))))
+    _rewrite(name, key, lambda raw: codec.pack(change(_named_grads(name, codec.unpack(raw)))))
+
+
+def _named_grads(name: str, rec):
+    """A step record with its packed gradients (schema 2) as the per-parameter map that
+    older traces and mixed-dtype gradients store, which the hostile edits below change."""
+    grads = rec.get("grads") if isinstance(rec, dict) else None
+    if not isinstance(grads, dict) or grads.get("packed") != 1:
+        return rec
+    with et.open_trace(f"memory://{name}") as trace:
+        named = trace.bounds.grads(grads, "grads")
+    rec["grads"] = {n: codec.encode_tensor(g.clone()) for n, g in named.items()}
+    return rec
 
 
 def test_declared_shapes_are_checked_against_the_header_before_decompressing() -> None:
