@@ -71,7 +71,9 @@ def forward_products(
 
     def outputs(p: Mapping[str, Tensor]) -> list[Tensor | None]:
         bufs = {k: v.clone() for k, v in buffers.items()}
-        with fm.recorded_mode(forward):
+        # fused attention kernels have no forward-mode formula; the tangents are computed
+        # during the forward, so the math kernel (and its lock) is needed only here
+        with math_attention(), fm.recorded_mode(forward):
             outs = tree_leaves(fm({**p, **other}, bufs, args, kwargs))
         if len(outs) != len(cots):
             raise InputError(
@@ -80,32 +82,31 @@ def forward_products(
             )
         return outs
 
-    with math_attention():  # fused attention kernels have no forward-mode formula
-        with counting_activations(fm.module) as saved:
-            grad_sum, keep = _grad_sum(outputs, primals, cots)
-        live = [cots[j] for j in keep]
+    with counting_activations(fm.module) as saved:
+        grad_sum, keep = _grad_sum(outputs, primals, cots)
+    live = [cots[j] for j in keep]
 
-        def contracted(p: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
-            outs = outputs(p)
-            return tuple(outs[j] for j in keep)
+    def contracted(p: Mapping[str, Tensor]) -> tuple[Tensor, ...]:
+        outs = outputs(p)
+        return tuple(outs[j] for j in keep)
 
-        def row(tangent: Mapping[str, Tensor]) -> Tensor:
-            _, touts = jvp(contracted, (primals,), (dict(tangent),))
-            total = torch.zeros(batch, dtype=dtype, device=device)
-            for t, c in zip(touts, live):
-                total = total + (t * c.to(t.dtype)).reshape(batch, -1).sum(1)
-            return total
+    def row(tangent: Mapping[str, Tensor]) -> Tensor:
+        _, touts = jvp(contracted, (primals,), (dict(tangent),))
+        total = torch.zeros(batch, dtype=dtype, device=device)
+        for t, c in zip(touts, live):
+            total = total + (t * c.to(t.dtype)).reshape(batch, -1).sum(1)
+        return total
 
-        k = torch.zeros(batch, rows, dtype=dtype, device=device)
-        step = rows_per_block(saved[0], block_rows)  # train_blocks.py
-        batched = vmap(row, randomness="same")
-        for done, start in enumerate(range(0, rows, step), 1):
-            stop = min(rows, start + step)
-            block = {n: z_grad[n][start:stop].to(dtype) for n in names}
-            with torch.no_grad():
-                k[:, start:stop] = batched(block).T
-            if mark_block(probe, done, -(-rows // step)):
-                break
+    k = torch.zeros(batch, rows, dtype=dtype, device=device)
+    step = rows_per_block(saved[0], block_rows)  # train_blocks.py
+    batched = vmap(row, randomness="same")
+    for done, start in enumerate(range(0, rows, step), 1):
+        stop = min(rows, start + step)
+        block = {n: z_grad[n][start:stop].to(dtype) for n in names}
+        with torch.no_grad():
+            k[:, start:stop] = batched(block).T
+        if mark_block(probe, done, -(-rows // step)):
+            break
     return k, grad_sum
 
 

@@ -1,7 +1,8 @@
 """The forward-mode training route ("forward_ad", explaind_kernel/train_forward.py) against the
 per-sample route, an independent reference (one-hot row cotangents through the plain batched
 backward, no vmap over the forward), in float64 at 1e-12 per batch row: train-mode batch norm
-and dropout, on models mixing batch-norm and other layers.
+and dropout, on models mixing batch-norm and other layers (one with scaled_dot_product_attention
+and attention dropout).
 
 The dropout masks of the vmapped tangent passes are the recorded replay's: the CPU generator's
 state before and after every dropout call is compared with a plain replay's, and a replay in
@@ -62,6 +63,24 @@ class BNDropCNN(nn.Module):
         return self.bn2(self.fc(torch.tanh(self.c2(h)).flatten(1)))
 
 
+class AttnBN(nn.Module):
+    """Linear → scaled_dot_product_attention (causal, dropout) → BatchNorm1d → Linear."""
+
+    def __init__(self, t: int = 3, d: int = 4) -> None:
+        super().__init__()
+        self.t, self.d = t, d
+        self.qkv = nn.Linear(2, 3 * d)
+        self.bn = nn.BatchNorm1d(t * d)
+        self.head = nn.Linear(t * d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        q, k, v = self.qkv(x.view(b, self.t, 2)).chunk(3, -1)
+        p = 0.2 if self.training else 0.0
+        z = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        return self.head(self.bn(z.reshape(b, -1)))
+
+
 def _forward(model: nn.Module, shape: tuple[int, ...], batch: int = 7):
     torch.manual_seed(5)
     fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
@@ -91,7 +110,7 @@ def _assert_rows_close(got: torch.Tensor, ref: torch.Tensor) -> None:
     assert float(((got - ref).abs().amax(1) / scale).max()) <= TOL
 
 
-CASES = {"mlp": (BNDropMLP, (4,)), "cnn": (BNDropCNN, (2, 8, 8))}
+CASES = {"mlp": (BNDropMLP, (4,)), "cnn": (BNDropCNN, (2, 8, 8)), "sdpa": (AttnBN, (6,))}
 
 
 @pytest.mark.parametrize("name", list(CASES))
