@@ -14,12 +14,13 @@ terms linear in that boundary adjoint: data, non-data, coupled decay, initial st
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from torch import Tensor
 
+from .adjoints import FlatLayout, StepTerms, make_adjoints, slice_components
 from .assemble import ChunkPiece, ChunkSums, SampleIndex, dense_scores
 from .functional import to_numpy64
 from .jacobian import TestSide
@@ -33,20 +34,6 @@ from .workmodel import PhaseClock, clock_of
 
 SweepMode = Literal["full", "correct", "propagate"]
 _MODES = ("full", "correct", "propagate")
-
-
-@dataclass
-class SourceTerms:
-    """Per-row terms of one step that the optimizer rule yields ([R] float64 each)."""
-
-    weight_decay: np.ndarray
-    total_g: np.ndarray  # ⟨Z_τ, g_τ⟩: all that reached the gradient (data + non-data)
-    initial_state: np.ndarray
-    residual: np.ndarray
-
-    @classmethod
-    def zeros(cls, rows: int) -> SourceTerms:
-        return cls(*(np.zeros(rows) for _ in range(4)))
 
 
 class ChunkSweep:
@@ -85,8 +72,14 @@ class ChunkSweep:
         )
         self.evaluations = np.zeros(problem.num_steps)
         self.clock = clock_of(problem.model)
-        self.carry: dict[str, Tensor | None] = {n: None for n in self.names}
-        self.carry.update(dict(carry_in or {}))
+        self.adjoints = make_adjoints(
+            problem.rule,
+            FlatLayout(problem.param_names, problem.param_shapes),
+            self.rows,
+            dtype=problem.dtype,
+            device=problem.device,
+            carry_in=carry_in,
+        )
 
     def run(
         self,
@@ -130,7 +123,7 @@ class ChunkSweep:
             fT=to_numpy64(f_end) if f_end is not None else None,
             sums=self.sums,
             evaluations=self.evaluations,
-            carry=self.carry,
+            carry=self.adjoints.carried(),
             scores=self.scores,
         )
 
@@ -142,9 +135,9 @@ class ChunkSweep:
         buf = problem.to_compute_all(sb.buffers)
         delta = {n: after.params[n] - theta[n] for n in self.names}
         if self.mode != "full":
-            z_grad, terms = self._rule_terms(sb, theta, delta, None)
-            if self.mode == "correct":
-                self._record_sources(sb, theta, z_grad, terms)
+            terms = self._rule_terms(sb, theta, delta, None)
+            if terms is not None:
+                self._record_sources(sb, theta, terms)
             return None
         clock = self.clock
         with clock.phase("values"):
@@ -167,29 +160,26 @@ class ChunkSweep:
                 kink_probes=cfg.kink_probes,
                 adaptive_tol=cfg.adaptive_tol,
                 max_nodes=cfg.max_nodes,
+                out=self.adjoints.workspace(),
             )
-        jbar, lin = got.jbar, got.lin
         self.evaluations[t] = got.evaluations
-        comp = {n: row_dot(jbar[n], delta[n]) for n in self.names}
         with clock.phase("rule"):
-            z_grad, terms = self._rule_terms(sb, theta, delta, jbar)
-
+            terms = self._rule_terms(sb, theta, delta, got.flat)
+            values = got.components
+            if problem.slices:
+                parts = slice_components(got.jbar, delta, problem.slices)
+                values = np.concatenate([values, to_numpy64(torch.stack(parts, 1))], 1)
+            if self.scores is not None:
+                for n in self.names:
+                    self.scores[n].addcmul_(got.jbar[n], delta[n])
         w = problem.window_of(t)
-        values = [to_numpy64(comp[n]) for n in self.names]
-        values += [
-            to_numpy64(row_dot(jbar[pname] * mask, delta[pname]))
-            for pname, mask in problem.slices.values()
-        ]
-        for c, v in enumerate(values):
-            sums.components[:, c] += v
-            if sums.component_window is not None:
-                sums.component_window[:, c, w] += v
-        if self.scores is not None:
-            for n in self.names:
-                self.scores[n] += jbar[n] * delta[n]
-        del jbar, got
+        sums.components += values
+        if sums.component_window is not None:
+            sums.component_window[:, :, w] += values
+        lin = got.lin
+        del got
 
-        self._record_sources(sb, theta, z_grad, terms)
+        self._record_sources(sb, theta, terms)
         sums.step_residual[:, t] = terms.residual
         sums.step_quadrature_error[:, t] = path - lin
         sums.step_buffer_drift[:, t] = drift
@@ -202,53 +192,48 @@ class ChunkSweep:
             t.fm, t.selector, tuple(x[rows] for x in t.inputs), t.index[rows], keys=t.keys
         )
 
-    def _rule_terms(self, sb: StepBundle, theta, delta, jbar) -> tuple[dict, SourceTerms]:
-        """Run the optimizer rule over the parameter tensors of step t (updating the carried
-        adjoints). `jbar=None` means J̄ = 0: only what the carried adjoint contributes (the
-        sharded scan and correction passes). Returns (z_grad, per-row source terms)."""
-        problem, rs, carry = self.problem, sb.step, self.carry
-        t, rule, rec = rs.index, problem.rule, rs.record
-        z_grad: dict[str, Tensor] = {}
-        terms = SourceTerms.zeros(self.rows)
+    def _rule_terms(self, sb: StepBundle, theta, delta, jbar: Tensor | None) -> StepTerms | None:
+        """Run the optimizer rule over every parameter tensor of step t at once (updating the
+        carried adjoints). `jbar=None` means J̄ = 0: only what the carried adjoint contributes
+        (the sharded scan and correction passes). None in the scan (no terms)."""
+        problem, rs = self.problem, sb.step
+        rec = rs.record
+        steps = []
         for n in self.names:
-            if jbar is None and carry[n] is None:
-                continue
-            jb = jbar[n] if jbar is not None else problem.zeros_like_rows(self.rows, n)
             g = rec.grads.get(n)
-            g = problem.to_compute(g) if g is not None else None
-            before = problem.to_compute_all(rs.state_before.get(n, {}))
-            after = problem.to_compute_all(rs.state_after.get(n, {}))
-            hp = rec.groups[rec.group_of[n]]
-            out = rule.backward(
-                ParamStep(n, jb, theta[n], delta[n], g, hp, before, after), carry[n]
-            )
-            carry[n] = out.carry
-            if self.mode == "propagate":
-                continue
-            terms.weight_decay += to_numpy64(out.weight_decay)
-            if jbar is not None:
-                terms.residual += to_numpy64(row_dot(jb, delta[n] - out.recon))
-            if out.z_grad is not None and g is not None:
-                z_grad[n] = out.z_grad
-                terms.total_g += to_numpy64(row_dot(out.z_grad, g))
-            if t == 0:
-                terms.initial_state += to_numpy64(
-                    rule.initial_state_term(carry[n], before, self.rows, jb)
+            steps.append(
+                ParamStep(
+                    n,
+                    None,
+                    theta[n],
+                    delta[n],
+                    problem.to_compute(g) if g is not None else None,
+                    rec.groups[rec.group_of[n]],
+                    problem.to_compute_all(rs.state_before.get(n, {})),
+                    problem.to_compute_all(rs.state_after.get(n, {})),
                 )
-        return z_grad, terms
+            )
+        return self.adjoints.step(
+            problem.rule,
+            steps,
+            jbar,
+            terms=self.mode != "propagate",
+            initial=rs.index == 0,
+        )
 
-    def _record_sources(self, sb: StepBundle, theta, z_grad, terms: SourceTerms) -> None:
+    def _record_sources(self, sb: StepBundle, theta, terms: StepTerms) -> None:
         """Replay step t's training forwards and write its source-step terms."""
         t, sums = sb.step.index, self.sums
         with self.clock.phase("training"):
-            data_t = self._training(sb, theta, z_grad)
+            data_t = self._training(sb, theta, terms.z_grad, terms.z_scale)
         sums.step_data[:, t] = data_t
         sums.step_weight_decay[:, t] = terms.weight_decay
         sums.step_nondata[:, t] = terms.total_g - data_t
         sums.step_initial_state[:, t] = terms.initial_state
 
-    def _training(self, sb: StepBundle, theta, z_grad) -> np.ndarray:
-        """Replay each recorded forward of step t; accumulate K(x; i, t). Returns Σ_i K."""
+    def _training(self, sb: StepBundle, theta, z_grad, scale: float) -> np.ndarray:
+        """Replay each recorded forward of step t; accumulate K(x; i, t) (Z_τ = `scale` ·
+        `z_grad`: the products are scaled once, in float64). Returns Σ_i K."""
         problem, sums, names = self.problem, self.sums, self.names
         w = problem.window_of(sb.step.index)
         data_t = np.zeros(self.rows)
@@ -265,7 +250,7 @@ class ChunkSweep:
                 z_grad,
                 per_param=sums.sample_component is not None,
             )
-            k = to_numpy64(prods.k)  # [B, R]
+            k = _scaled(prods.k, scale)  # [B, R]
             self.clock.count("batch_rows", k.shape[0])
             self.clock.count("train_rows", k.shape[0] * k.shape[1])
             cols = [self.samples.column(sid) for sid in fwd.ids]
@@ -277,17 +262,24 @@ class ChunkSweep:
                 for c, n in enumerate(names):
                     if n in prods.k_param:
                         np.add.at(
-                            sums.sample_component[:, :, c].T, cols, to_numpy64(prods.k_param[n])
+                            sums.sample_component[:, :, c].T, cols, _scaled(prods.k_param[n], scale)
                         )
             data_t += k.sum(0)
             for c, n in enumerate(names):
                 if n in prods.grad_sum:
-                    sums.component_data[:, c] += to_numpy64(row_dot(z_grad[n], prods.grad_sum[n]))
+                    v = row_dot(z_grad[n], prods.grad_sum[n])
+                    sums.component_data[:, c] += _scaled(v, scale)
             for j, (pname, mask) in enumerate(problem.slices.values()):
                 if pname in prods.grad_sum:
-                    v = row_dot(z_grad[pname] * mask, prods.grad_sum[pname])
-                    sums.component_data[:, len(names) + j] += to_numpy64(v)
+                    v = row_dot(z_grad[pname], mask * prods.grad_sum[pname])
+                    sums.component_data[:, len(names) + j] += _scaled(v, scale)
         return data_t
+
+
+def _scaled(t: Tensor, scale: float) -> np.ndarray:
+    """`t` in float64 times `scale` (exactly `t` when the scale is 1)."""
+    v = to_numpy64(t)
+    return v if scale == 1.0 else v * scale
 
 
 def _waited(bundles, clock: PhaseClock):

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .base import OptimizerRule, ParamStep, RuleOutput, register_rule, row_dot
+from .base import LinearStep, OptimizerRule, ParamStep, register_rule
 
 
 def _step_count(state: dict) -> float:
@@ -28,11 +28,9 @@ class AdamRule(OptimizerRule):
     state_key = "exp_avg"
     decoupled = False  # AdamW: always decoupled
 
-    def backward(self, p: ParamStep, carry: torch.Tensor | None) -> RuleOutput:
-        rows = p.jbar.shape[0]
-        zero = p.jbar.new_zeros(rows)
+    def linear(self, p: ParamStep) -> LinearStep:
         if p.grad is None:  # the optimizer skipped this tensor: state unchanged, no update
-            return RuleOutput(None, zero, torch.zeros_like(p.theta), carry)
+            return LinearStep.skip(p.theta)
         hp = p.hp
         beta1, beta2 = (float(b) for b in hp["betas"])
         lr, eps, wd = float(hp["lr"]), float(hp["eps"]), float(hp["weight_decay"])
@@ -42,25 +40,19 @@ class AdamRule(OptimizerRule):
         bc1 = 1.0 - beta1**k
         bc2_sqrt = math.sqrt(1.0 - beta2**k)
         key = "max_exp_avg_sq" if hp.get("amsgrad", False) else "exp_avg_sq"
-        v = p.state_after[key].to(p.jbar.dtype)
+        dtype = p.theta.dtype
+        v = p.state_after[key].to(dtype)
         d = 1.0 / (v.sqrt() / bc2_sqrt + eps)
-        step_size = lr / bc1
-
-        # four passes over the [R, P] rows: λ = carry − step·D⊙J̄ (one fused op), z_s, λ·β1
-        # in place as the carry, and the decoupled-decay row product
-        scale = d.mul_(-step_size)
-        lam = torch.addcmul(carry, p.jbar, scale) if carry is not None else p.jbar * scale
-        z_s = lam * (sign * (1.0 - beta1))
-        m = p.state_after["exp_avg"].to(p.jbar.dtype)
-        recon = scale * m
-        decay = zero
+        scale = d.mul_(-lr / bc1)  # λ = carry − step·D ⊙ J̄
+        recon = scale * p.state_after["exp_avg"].to(dtype)
+        u = w = None
         if wd != 0.0:
             if decoupled:
-                decay = row_dot(p.jbar, -lr * wd * p.theta)
+                u = -lr * wd * p.theta
                 recon = recon - lr * wd * p.theta
             else:
-                decay = row_dot(z_s, sign * wd * p.theta)
-        return RuleOutput(z_s, decay, recon, lam.mul_(beta1))
+                w = sign * wd * p.theta
+        return LinearStep(scale, sign * (1.0 - beta1), recon, f=beta1, u=u, w=w)
 
 
 @register_rule(torch.optim.AdamW)

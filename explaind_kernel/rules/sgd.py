@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import OptimizerRule, ParamStep, RuleOutput, register_rule, row_dot
+from .base import LinearStep, OptimizerRule, ParamStep, register_rule
 
 
 @register_rule(torch.optim.SGD)
@@ -22,32 +22,26 @@ class SGDRule(OptimizerRule):
 
     state_key = "momentum_buffer"
 
-    def backward(self, p: ParamStep, carry: torch.Tensor | None) -> RuleOutput:
-        rows = p.jbar.shape[0]
+    def linear(self, p: ParamStep) -> LinearStep:
         if p.grad is None:
-            return RuleOutput(None, p.jbar.new_zeros(rows), torch.zeros_like(p.theta), carry)
+            return LinearStep.skip(p.theta)
         hp = p.hp
         lr, wd = float(hp["lr"]), float(hp["weight_decay"])
         mu, damp = float(hp.get("momentum", 0.0)), float(hp.get("dampening", 0.0))
         nesterov = bool(hp.get("nesterov", False))
         sign = -1.0 if hp.get("maximize", False) else 1.0
-        grad = p.grad
-        source = sign * grad + wd * p.theta if wd != 0.0 else sign * grad
-
-        if mu == 0.0:
-            z_s = -lr * p.jbar
-            recon = -lr * source
-            new_carry = None
-        else:
-            first = not isinstance(p.state_before.get("momentum_buffer"), torch.Tensor)
-            lam = p.jbar * (-lr * (mu if nesterov else 1.0))
-            if carry is not None:
-                lam = lam + carry
-            z_s = lam if first else (1.0 - damp) * lam
-            if nesterov:
-                z_s = z_s - lr * p.jbar
-            buf = p.state_after["momentum_buffer"].to(p.jbar.dtype)
-            recon = -lr * (source + mu * buf) if nesterov else -lr * buf
-            new_carry = None if first else mu * lam
-        decay = row_dot(z_s, wd * p.theta) if wd != 0.0 else p.jbar.new_zeros(rows)
-        return RuleOutput(sign * z_s, decay, recon, new_carry)
+        source = sign * p.grad + wd * p.theta if wd != 0.0 else sign * p.grad
+        w = sign * wd * p.theta if wd != 0.0 else None
+        if mu == 0.0:  # no momentum state: z_s = −lr·J̄, nothing carried in or out
+            return LinearStep(-lr, sign, -lr * source, w=w, carry_in=False)
+        first = not isinstance(p.state_before.get("momentum_buffer"), torch.Tensor)
+        buf = p.state_after["momentum_buffer"].to(p.theta.dtype)
+        recon = -lr * (source + mu * buf) if nesterov else -lr * buf
+        return LinearStep(
+            -lr * (mu if nesterov else 1.0),
+            sign * (1.0 if first else 1.0 - damp),
+            recon,
+            e=-sign * lr if nesterov else 0.0,
+            f=None if first else mu,
+            w=w,
+        )
