@@ -46,6 +46,7 @@ from .persample.local import math_attention
 from .train_blocks import counting_activations, mark_block, probe_seconds, rows_per_block
 from .train_forward import forward_products, load_decompositions
 from .train_jvp import jvp_products
+from .train_persample import block_grads
 from .train_rows import rows_check, rule_grads
 
 ROUTES = TRAINING_MODES
@@ -326,7 +327,7 @@ class TrainingSide:
 
         for done, start in enumerate(range(0, batch, step), 1):
             stop = min(batch, start + step)
-            grads = self._block_grads(pairs, plist, start, stop)
+            grads, self._batched_ok = block_grads(pairs, plist, start, stop, self._batched_ok)
             for n, g in zip(names, grads):
                 if g is None:
                     continue
@@ -339,55 +340,3 @@ class TrainingSide:
             if mark_block(probe, done, -(-batch // step)):
                 break
         return ForwardProducts(k, k_param, grad_sum)
-
-    def _block_grads(self, pairs, plist, start: int, stop: int) -> list[Tensor | None]:
-        """Per-sample gradients of rows [start, stop): list over params of [b, *shape]."""
-        b = stop - start
-        if self._batched_ok:
-            try:
-                grad_outputs = []
-                for o, c in pairs:
-                    e = torch.zeros((b,) + tuple(o.shape), dtype=o.dtype, device=o.device)
-                    idx = torch.arange(b, device=o.device)
-                    e[idx, idx + start] = c[start:stop].to(o.dtype)
-                    grad_outputs.append(e)
-                return list(
-                    torch.autograd.grad(
-                        [o for o, _ in pairs],
-                        plist,
-                        grad_outputs,
-                        retain_graph=True,
-                        is_grads_batched=True,
-                        allow_unused=True,
-                    )
-                )
-            except RuntimeError as e:
-                log.warning("batched per-sample gradients failed (%s); looping over rows", e)
-                self._batched_ok = False
-        per_row: list[list[Tensor | None]] = []
-        for r in range(start, stop):
-            grad_outputs = []
-            for o, c in pairs:
-                e = torch.zeros_like(o)
-                e[r] = c[r].to(o.dtype)
-                grad_outputs.append(e)
-            per_row.append(
-                list(
-                    torch.autograd.grad(
-                        [o for o, _ in pairs],
-                        plist,
-                        grad_outputs,
-                        retain_graph=True,
-                        allow_unused=True,
-                    )
-                )
-            )
-        out: list[Tensor | None] = []
-        for j, p in enumerate(plist):
-            col = [row[j] for row in per_row]
-            out.append(
-                None
-                if all(g is None for g in col)
-                else torch.stack([g if g is not None else torch.zeros_like(p) for g in col])
-            )
-        return out
