@@ -19,6 +19,7 @@ from torch.func import jacrev, jvp, vmap
 
 from .functional import FunctionalModel, OutputSelector
 from .kinks import breakpoints, piece_nodes, record_switches
+from .node_pass import fusable, node_pass, piece_pass
 from .rowjac import (
     exact_jv,
     func_jacobian,
@@ -106,7 +107,16 @@ class TestSide:
         pieces = self._kink_pieces(theta, delta, buffers, nodes, weights, kink_splits, kink_probes)
         if pieces is not None:
             rows, s, w = pieces
-            return self._jacobian_at(theta, delta, buffers, rows, s, w), rows.size / self.n
+            jac = None
+            if fusable(self, theta):
+                jac = piece_pass(self, theta, delta, buffers, rows, s, w)
+            if jac is None:
+                jac = self._jacobian_at(theta, delta, buffers, rows, s, w)
+            return jac, rows.size / self.n
+        if fusable(self, theta):
+            fused = node_pass(self, theta, delta, buffers, nodes, weights)
+            if fused is not None:
+                return fused, float(len(nodes))
         total: dict[str, Tensor] = {}
         for s, w in zip(nodes.tolist(), weights.tolist()):
             point = {k: theta[k] + s * delta[k] for k in theta}
@@ -236,10 +246,16 @@ class TestSide:
             sb = torch.as_tensor(s[lo : lo + self.n], device=ref.device, dtype=ref.dtype)
             wb = torch.as_tensor(w[lo : lo + self.n], device=ref.device, dtype=ref.dtype)
             xs = tuple(x[r] for x in self.inputs)
-            jac = self._jacobian_shifted(theta, delta, buffers, xs, self.index[r], sb)
+            jac, weighted = None, False
+            if self.rules:  # the weights ride on the seeds of the rules' backward
+                jac = self._rules(theta, buffers, xs, self.index[r], (sb, delta), wb)
+                weighted = jac is not None
+            if jac is None:
+                jac = self._jacobian_shifted(theta, delta, buffers, xs, self.index[r], sb)
             for k, v in jac.items():
                 v = v.reshape(r.numel(), -1, *theta[k].shape)  # [m, O, *shape]
-                v = v * wb.reshape(-1, *([1] * (v.dim() - 1)))
+                if not weighted:
+                    v = v * wb.reshape(-1, *([1] * (v.dim() - 1)))
                 if k not in total:
                     total[k] = v.new_zeros(self.n, *v.shape[1:])
                 total[k].index_add_(0, r, v)
@@ -305,7 +321,7 @@ class TestSide:
                 self._width = int(self.selector(out, self.index[:1]).shape[1])
         return self._width
 
-    def _rules_hold(self, jac, params, buffers, xs, index, shift) -> bool:
+    def _rules_hold(self, jac, params, buffers, xs, index, shift, weights=None) -> bool:
         """The per-row check: J·v along a random v equals autograd's, row by row (at θ); at
         per-row points, the first two inputs' rows equal torch.func's (or autograd's)."""
         v = random_direction(params, seed=self._evals)
@@ -320,6 +336,8 @@ class TestSide:
                 sub = tuple(x[:m] for x in xs)
                 ref = self._point_reference(params, delta, buffers, sub, index[:m], s[:m])
                 exact = sum(r.reshape(rows, -1) @ v[k].reshape(-1) for k, r in ref.items())
+                if weights is not None:  # the rules' rows carry their weights
+                    exact = exact * weights[:m].repeat_interleave(rows // m)
                 ok = rows_agree({k: j[:rows] for k, j in jac.items()}, v, exact)
         except (RuntimeError, NotImplementedError) as e:
             log.warning("the per-row rules could not be checked (%s); using torch.func", e)
@@ -332,18 +350,19 @@ class TestSide:
             )
         return ok
 
-    def _rules(self, params, buffers, xs, index, shift) -> dict[str, Tensor] | None:
-        """Per-row rules (rowjac.py), checked per row every `check_every`-th call; None (and
-        the torch.func route from then on) when they cannot treat the model or disagree."""
+    def _rules(self, params, buffers, xs, index, shift, weights=None) -> dict[str, Tensor] | None:
+        """Per-row rules (rowjac.py; rows scaled by `weights` [m] per input), checked per row
+        every `check_every`-th call; None (and the torch.func route from then on) when they
+        cannot treat the model or disagree."""
+        width = self.width(params, buffers)
         try:
-            jac = rule_jacobian(
-                self, params, buffers, xs, index, self.width(params, buffers), shift
-            )
+            jac = rule_jacobian(self, params, buffers, xs, index, width, shift, weights=weights)
         except (RuntimeError, NotImplementedError, ValueError) as e:
             log.warning("per-row layer rules failed (%s); using torch.func", e)
             jac = None
         if jac is not None and self._evals % self.check_every == 0:
-            jac = jac if self._rules_hold(jac, params, buffers, xs, index, shift) else None
+            ok = self._rules_hold(jac, params, buffers, xs, index, shift, weights)
+            jac = jac if ok else None
         self._evals += 1
         if jac is None:
             self.rules = False

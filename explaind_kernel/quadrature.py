@@ -230,15 +230,15 @@ def integrate(
 def _evaluate(test, a, b, theta, delta, buffers, nodes, weights, layout, kinks, probes, out=None):
     """(J̄ over [a, b] scaled to the whole step's Δθ, flat [R, P] (into `out`), J̄_n·Δθ_n
     [R, n] float64, evaluations per input)."""
-    start = {k: theta[k] + a * delta[k] for k in theta}
-    seg = {k: (b - a) * delta[k] for k in delta}
+    # the whole step is the common case: no copies of θ and Δθ; the segment's length rides on
+    # the weights instead of a pass over J̄ [R, P]
+    start = theta if a == 0.0 else {k: theta[k] + a * delta[k] for k in theta}
+    seg = delta if b - a == 1.0 else {k: (b - a) * delta[k] for k in delta}
     jb, spent = test.integrated_jacobian(
-        start, seg, buffers, nodes, weights, kink_splits=kinks, kink_probes=probes
+        start, seg, buffers, nodes, weights * (b - a), kink_splits=kinks, kink_probes=probes
     )
     flat = layout.flatten_rows(jb, out)
     del jb
-    if b - a != 1.0:
-        flat.mul_(b - a)
     views = layout.views(flat)
     comps = np.stack([to_numpy64(row_dot(views[n], delta[n])) for n in layout.names], 1)
     return flat, comps.reshape(flat.shape[0], len(layout.names)), spent

@@ -39,35 +39,93 @@ def rule_jacobian(
     index: Tensor,
     width: int,
     shift: tuple[Tensor, Mapping[str, Tensor]] | None = None,
+    *,
+    weights: Tensor | None = None,
+    groups: int = 1,
 ) -> dict[str, Tensor] | None:
     """{name: [m·O, *shape]} for the m inputs `xs` (at θ + s_j·Δθ when `shift` = (s, Δθ)),
-    or None when the rules cannot treat this model (then the caller uses torch.func)."""
+    or None when the rules cannot treat this model (then the caller uses torch.func).
+
+    With `groups` = G every row is evaluated G times — consecutive rows, input j's k-th at
+    θ + s[j, k]·Δθ with its seed scaled by `weights`[j, k] (s and weights [m, G]) — and the G
+    summed: Σ_k w_k J(x; θ + s_k·Δθ) over G quadrature nodes in one pass."""
     names = list(params)
     cap = side.fm.row_capture(names)
     if shift is not None and not cap.shiftable:
         return None
     m = int(xs[0].shape[0])
-    rows = m * width
+    rows = m * width * groups
     ref = next(iter(params.values()))
-    rep = tuple(x.repeat_interleave(width, 0) for x in xs)
-    idx = index.repeat_interleave(width, 0)
-    sh = None
-    if shift is not None:
-        sh = Shift(shift[0].repeat_interleave(width, 0), shift[1])
-    pick = (torch.arange(rows, device=ref.device) % width).unsqueeze(1)
+
+    def per_row(t: Tensor) -> Tensor:  # [m, G] → [rows], row (j·O + o)·G + k
+        return t.to(ref.dtype).reshape(m, 1, groups).expand(m, width, groups).reshape(-1)
+
+    rep = tuple(x.repeat_interleave(width * groups, 0) for x in xs)
+    idx = index.repeat_interleave(width * groups, 0)
+    sh = Shift(per_row(shift[0]), shift[1]) if shift is not None else None
+    pick = (torch.arange(rows, device=ref.device) // groups % width).unsqueeze(1)
     with cap.capture(rows, params, sh) as run:
-        y = side.selector(side._call(run, buffers, rep), idx)
-        cap.backward(y.gather(1, pick).sum())
-    grads, failed = cap.gradients()
+        y = side.selector(side._call(run, buffers, rep), idx).gather(1, pick)
+        if weights is not None:
+            y = y * per_row(weights).unsqueeze(1)
+        cap.backward(y.sum())
+    grads, failed = cap.gradients(groups)
     rest = [n for n in names if n in failed or n not in cap.covered]
     out = {
-        n: grads[n] if n in grads else params[n].new_zeros(rows, *params[n].shape) for n in names
+        n: grads[n] if n in grads else params[n].new_zeros(m * width, *params[n].shape)
+        for n in names
     }
-    if rest:
+    if rest:  # torch.func on the m·G (input, group) pairs, then weighted and summed
         sub = {n: params[n] for n in rest}
-        s = shift[0] if shift is not None else None
+        pairs = tuple(x.repeat_interleave(groups, 0) for x in xs)
+        s = shift[0].reshape(-1) if shift is not None else None
         delta = shift[1] if shift is not None else None
-        out.update(func_jacobian(side, sub, params, buffers, xs, index, s, delta))
+        index_g = index.repeat_interleave(groups, 0)
+        got = func_jacobian(side, sub, params, buffers, pairs, index_g, s, delta)
+        w = weights.to(ref.dtype) if weights is not None else ref.new_ones(m, groups)
+        for n, j in got.items():
+            j = j.reshape(m, groups, width, -1) * w.reshape(m, groups, 1, 1)
+            out[n] = j.sum(1).reshape(m * width, *params[n].shape)
+    return out
+
+
+def points_jacobian(
+    side,
+    xs: tuple[Tensor, ...],
+    index: Tensor,
+    points: list[Mapping[str, Tensor]],
+    weights: list[float],
+    buffers: Mapping[str, Tensor],
+    width: int,
+) -> dict[str, Tensor] | None:
+    """{name: [m·O, *shape]} Σ_k w_k ∂f/∂θ(θ_k) for the m inputs `xs`: one forward of all
+    rows per point θ_k, one backward of Σ_k w_k·(explained sum at θ_k), each module's calls
+    summed by its rule (persample/capture.py, `capture_points`), so no per-point Jacobian is
+    ever written; None when the rules cannot treat the model."""
+    names = list(points[0])
+    cap = side.fm.row_capture(names)
+    m = int(xs[0].shape[0])
+    rows = m * width
+    ref = next(iter(points[0].values()))
+    rep = tuple(x.repeat_interleave(width, 0) for x in xs)
+    idx = index.repeat_interleave(width, 0)
+    pick = (torch.arange(rows, device=ref.device) % width).unsqueeze(1)
+    with cap.capture_points(rows, points) as runs:
+        total = None
+        for run, w in zip(runs, weights):
+            y = side.selector(side._call(run, buffers, rep), idx).gather(1, pick).sum() * w
+            total = y if total is None else total + y
+        cap.backward(total)
+    grads, failed = cap.gradients(merge=True)
+    out = {n: grads[n] if n in grads else ref.new_zeros(rows, *points[0][n].shape) for n in names}
+    rest = [n for n in names if n in failed or n not in cap.covered]
+    if rest:  # torch.func at each point, weighted and summed
+        acc: dict[str, Tensor] = {}
+        for point, w in zip(points, weights):
+            sub = {n: point[n] for n in rest}
+            for n, j in func_jacobian(side, sub, point, buffers, xs, index).items():
+                acc[n] = acc[n].add_(j, alpha=w) if n in acc else j * w
+        out.update(acc)
     return out
 
 

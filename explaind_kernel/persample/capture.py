@@ -23,7 +23,14 @@ from torch import Tensor, nn
 
 from .direct import DirectReads
 from .local import batch_dim, local_rule
-from .registry import Call, layer_rule_for, layer_shift_for, replace_leaves, tensor_leaves
+from .registry import (
+    Call,
+    layer_folds,
+    layer_rule_for,
+    layer_shift_for,
+    replace_leaves,
+    tensor_leaves,
+)
 
 
 def _has_rows(t: Tensor, rows: int, bdim: int = 0) -> bool:
@@ -120,30 +127,50 @@ class RowCapture:
         """Record module calls of one forward over `rows` rows (at per-row points if `shift`);
         yields the parameters to run that forward with (the root's own ones as followed
         leaves)."""
+        with self.capture_points(rows, [params], shift) as runs:
+            yield runs[0]
+
+    @contextlib.contextmanager
+    def capture_points(
+        self,
+        rows: int,
+        points: list[Mapping[str, Tensor]],
+        shift: Shift | None = None,
+    ) -> Iterator[list[dict[str, Tensor]]]:
+        """`capture` for several forwards over the same rows, one per parameter point, before
+        one backward: yields the parameters to run each with. A module's calls are then one
+        per forward, and `gradients` sums them (quadrature nodes with their weights on the
+        seeds, say)."""
         for o in self._owners.values():
             o.calls.clear()
             o.untapped = False
-        ref = next(iter(params.values()))
+        ref = next(iter(points[0].values()))
         self._anchor = torch.zeros((), dtype=ref.dtype, device=ref.device, requires_grad=True)
         self._rows, self._shift, self._active = rows, shift, True
         self._shift_used = shift is not None
-        run = dict(params)
+        runs = [dict(p) for p in points]
         reads = contextlib.nullcontext()
         self._reads = None
         if self.direct:
-            names = [c for c in self.direct.values() if c in params]
-            leaves = {c: params[c].detach().requires_grad_(True) for c in names}
-            run.update(leaves)
+            names = [c for c in self.direct.values() if c in points[0]]
+            leaves = [{c: p[c].detach().requires_grad_(True) for c in names} for p in points]
+            for run, own in zip(runs, leaves):
+                run.update(own)
             deltas = None
             if shift is not None:
                 deltas = {c: shift.delta[c] for c in names if c in shift.delta}
             self._reads = DirectReads(
-                leaves, rows, self._tap, deltas, None if shift is None else shift.s
+                leaves[0],
+                rows,
+                self._tap,
+                deltas,
+                None if shift is None else shift.s,
+                more=leaves[1:],
             )
             reads = self._reads
         try:
             with torch.enable_grad(), reads:
-                yield run
+                yield runs
         finally:
             self._active = False
             self._shift = None
@@ -206,18 +233,25 @@ class RowCapture:
         if d is None:
             return leaves
         s = shift.s.reshape(-1, *([1] * (d.dim() - 1))).to(d.dtype)
-        return [leaves[0] + s * d] + leaves[1:]
+        return [torch.addcmul(leaves[0], s, d)] + leaves[1:]
 
     @torch.no_grad()
-    def gradients(self) -> tuple[dict[str, Tensor], set[str]]:
-        """({canonical name: [R, *shape]} per-row gradients, names no rule could produce)."""
+    def gradients(self, groups: int = 1, merge: bool = False) -> tuple[dict[str, Tensor], set[str]]:
+        """({canonical name: [R/groups, *shape]} per-row gradients, names no rule could
+        produce). With `groups` > 1 every row is `groups` consecutive rows, summed (the rules
+        are linear in the output gradients, so this sums the gradients of their seeds:
+        quadrature nodes weighted through their seeds, say). With `merge`, the calls of a
+        module with a folding rule go to it as one call, their tokens side by side (the
+        forwards of `capture_points`, say)."""
+        if groups < 1 or self._rows % groups:
+            raise ValueError(f"{self._rows} rows are not rows of {groups} consecutive groups")
         out: dict[str, Tensor] = {}
         failed: set[str] = set()
         orphans = self._orphans(failed)
         done: set[str] = set()  # the root's own parameters the direct reads treated
         if self._reads is not None:
             reads, self._reads = self._reads, None
-            out.update(reads.gradients())
+            out.update(_summed(reads.gradients(), groups))
             done = set(reads.leaves) - reads.failed
             if self._shift_used:  # no local rule at per-row points
                 failed.update(reads.failed)
@@ -233,9 +267,13 @@ class RowCapture:
             for call in owner.calls:
                 call.grads = [s[0] if s else None for s in call.grads]  # type: ignore[union-attr]
                 call.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
+            calls = owner.calls
+            if merge and len(calls) > 1 and rule is not None and layer_folds(module):
+                calls = _merged(calls, self._rows)
+            for call in calls:
                 if all(g is None for g in call.grads):
                     continue  # this call never reached the explained values: zero gradient
-                parts = self._call_grads(module, rule, owner, call, orphans.get(key), done)
+                parts = self._call_grads(module, rule, owner, call, orphans.get(key), done, groups)
                 for names, got in parts:
                     if got is None:
                         failed.update(names.values())
@@ -269,20 +307,80 @@ class RowCapture:
                 failed.update(owner.own.values())
         return extra
 
-    def _call_grads(self, module, rule, owner: _Owner, call: Call, orphans, done=frozenset()):
-        """[(names, {local: [R, *shape]} or None)] for one call: the module's own parameters
-        (closed-form rule, else the local rule) and any orphans (local rule)."""
+    def _call_grads(
+        self, module, rule, owner: _Owner, call: Call, orphans, done=frozenset(), groups=1
+    ):
+        """[(names, {local: [R/groups, *shape]} or None)] for one call: the module's own
+        parameters (closed-form rule — on the folded groups where it allows —, else the local
+        rule) and any orphans (local rule)."""
         rows = self._rows
         parts = []
         own = {k: c for k, c in owner.own.items() if c not in done}
         if own:
-            got = rule(module, call, rows) if rule is not None else None
+            got = None
+            if rule is not None and groups > 1 and layer_folds(module):
+                folded = _folded(call, rows, groups)
+                got = rule(module, folded, rows // groups) if folded is not None else None
             if got is None:
-                got = _local(module, call, rows, list(own))
+                got = rule(module, call, rows) if rule is not None else None
+                if got is None and not call.merged:  # (no local rule over merged tokens)
+                    got = _local(module, call, rows, list(own))
+                got = _summed(got, groups)
             parts.append((own, got))
         if orphans:
-            parts.append((orphans, _local(module, call, rows, list(orphans))))
+            parts.append((orphans, _summed(_local(module, call, rows, list(orphans)), groups)))
         return parts
+
+
+def _summed(got: dict[str, Tensor] | None, groups: int) -> dict[str, Tensor] | None:
+    """Per-row gradients [R·groups, ...] (each row's groups consecutive) summed to [R, ...]."""
+    if got is None or groups == 1:
+        return got
+    return {k: v.reshape(-1, groups, *v.shape[1:]).sum(1) for k, v in got.items()}
+
+
+def _fold(t: Tensor, groups: int, keep: int) -> Tensor:
+    """[R·groups, *tokens, *last] → [R, groups·tokens, *last] (`keep` last dims kept): a row's
+    groups are consecutive, so this is a view of a contiguous tensor."""
+    tail = tuple(t.shape[t.dim() - keep :])
+    return t.reshape(t.shape[0] // groups, -1, *tail)
+
+
+def _merged(calls: list[Call], rows: int) -> list[Call]:
+    """Calls of a folding rule's module as one, tokens side by side (first input and output
+    gradient), where their shapes allow; the rest as they are."""
+
+    def tails(c: Call):
+        a, g = c.args[0] if c.args else None, c.gout
+        if not isinstance(a, Tensor) or not isinstance(g, Tensor) or g.dim() < 2:
+            return None
+        if a.dim() not in (g.dim(), g.dim() - 1) or a.shape[0] != rows or g.shape[0] != rows:
+            return None
+        keep = 1 + a.dim() - g.dim()
+        return tuple(a.shape[a.dim() - keep :]), g.shape[-1], a.dtype
+
+    ok = [c for c in calls if tails(c) is not None]
+    if len(ok) < 2 or len({tails(c) for c in ok}) > 1:
+        return calls
+    keep = 1 + ok[0].args[0].dim() - ok[0].gout.dim()
+    a = torch.cat([_fold(c.args[0], 1, keep) for c in ok], 1)
+    g = torch.cat([_fold(c.gout, 1, 1) for c in ok], 1)
+    one = Call((a,), {}, ok[0].state, ok[0].training, [], [g], merged=True)
+    return [one] + [c for c in calls if all(c is not o for o in ok)]
+
+
+def _folded(call: Call, rows: int, groups: int) -> Call | None:
+    """The call of a folding rule seen over rows/groups rows with the groups' tokens side by
+    side (first input and output gradient; an input with one dim fewer than the gradient,
+    like an embedding's indices, keeps none), or None when they do not hold the rows."""
+    a, g = call.args[0] if call.args else None, call.gout
+    if not isinstance(a, Tensor) or not isinstance(g, Tensor) or g.dim() < 2:
+        return None
+    if a.dim() not in (g.dim(), g.dim() - 1) or a.shape[0] != rows or g.shape[0] != rows:
+        return None
+    args = (_fold(a, groups, 1 + a.dim() - g.dim()), *call.args[1:])
+    grads = [_fold(g, groups, 1), *call.grads[1:]]
+    return Call(args, call.kwargs, call.state, call.training, call.outputs, grads)
 
 
 def _local(module, call: Call, rows: int, names: list[str]):

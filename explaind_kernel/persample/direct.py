@@ -38,14 +38,22 @@ _LINEAR = {
 class DirectReads(TorchFunctionMode):
     """Follows the parameters `leaves` ({canonical name: leaf}) through one forward."""
 
-    def __init__(self, leaves: dict[str, Tensor], rows: int, tap, deltas=None, s=None) -> None:
+    def __init__(
+        self, leaves: dict[str, Tensor], rows: int, tap, deltas=None, s=None, more=()
+    ) -> None:
         super().__init__()
         self.rows, self.tap = rows, tap
         self.leaves = leaves
+        # every leaf of a name: `more` holds the leaves of further forwards (other points)
+        self.all_leaves: dict[str, list[Tensor]] = {n: [leaf] for n, leaf in leaves.items()}
+        for extra in more:
+            for n, leaf in extra.items():
+                self.all_leaves[n].append(leaf)
         self.derived: dict[int, tuple[Tensor, frozenset[str], Tensor | None]] = {}
-        for n, leaf in leaves.items():
+        for n, group in self.all_leaves.items():
             twin = deltas.get(n) if deltas is not None else None
-            self.derived[id(leaf)] = (leaf, frozenset([n]), twin)
+            for leaf in group:
+                self.derived[id(leaf)] = (leaf, frozenset([n]), twin)
         self.s = s  # [R] per-row points, with `deltas` ({name: Δθ})
         self.taps: list[tuple[Tensor, frozenset[str], list]] = []
         self.failed: set[str] = set()
@@ -130,18 +138,19 @@ class DirectReads(TorchFunctionMode):
                 continue  # this read never reached the explained values
             g = slot[0].reshape(self.rows, *d.shape)
             order = sorted(names)
-            if len(order) == 1 and d is self.leaves[order[0]]:
-                got = [g]
+            if len(order) == 1 and any(d is leaf for leaf in self.all_leaves[order[0]]):
+                got, of = [g], order
             else:
+                of = [n for n in order for _ in self.all_leaves[n]]
                 got = torch.autograd.grad(
                     d,
-                    [self.leaves[n] for n in order],
+                    [leaf for n in order for leaf in self.all_leaves[n]],
                     g,
                     is_grads_batched=True,
                     retain_graph=True,
                     allow_unused=True,
                 )
-            for n, gn in zip(order, got):
+            for n, gn in zip(of, got):
                 if gn is not None:
                     out[n] = out[n] + gn if n in out else gn
         return out

@@ -34,4 +34,4 @@ def embedding_shift(module: nn.Module, call: Call, delta: dict[str, Tensor]) -> 
     return nn.functional.embedding(call.args[0], w, module.padding_idx)
 
 
-register_layer_rule(nn.Embedding, shift=embedding_shift)(embedding_rule)
+register_layer_rule(nn.Embedding, shift=embedding_shift, fold=True)(embedding_rule)

@@ -28,4 +28,4 @@ def conv1d_shift(module: nn.Module, call: Call, delta: dict[str, Tensor]) -> Ten
     return linear_shift(module, call, delta)
 
 
-register_layer_rule_by_name(CONV1D, conv1d_rule, shift=conv1d_shift)
+register_layer_rule_by_name(CONV1D, conv1d_rule, shift=conv1d_shift, fold=True)

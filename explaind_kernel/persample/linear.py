@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .registry import Call, register_layer_rule, rows_first
@@ -23,14 +24,12 @@ def linear_rule(module: nn.Module, call: Call, rows: int) -> dict[str, Tensor] |
 
 def linear_shift(module: nn.Module, call: Call, delta: dict[str, Tensor]) -> Tensor | None:
     a = call.args[0]
-    w = delta.get("weight")
-    out = a.matmul(w.T) if w is not None else None
-    b = delta.get("bias")
-    if b is not None:
-        out = b if out is None else out + b
-    return out
+    w, b = delta.get("weight"), delta.get("bias")
+    if w is not None:
+        return F.linear(a.to(w.dtype), w, b)  # one fused product and bias
+    return b
 
 
 register_layer_rule(
-    nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, shift=linear_shift
+    nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear, shift=linear_shift, fold=True
 )(linear_rule)

@@ -57,12 +57,14 @@ def _affine_grads(call: Call, xhat: Tensor, g: Tensor, keep: tuple[int, ...]):
 
 
 def _affine_shift(xhat: Tensor, delta: dict[str, Tensor], shape: tuple[int, ...]) -> Tensor:
-    out = torch.zeros_like(xhat)
-    if "weight" in delta:
-        out = out + xhat * delta["weight"].reshape(shape)
-    if "bias" in delta:
-        out = out + delta["bias"].reshape(shape)
-    return out
+    w, b = delta.get("weight"), delta.get("bias")
+    if w is not None and b is not None:
+        return torch.addcmul(b.reshape(shape), xhat, w.reshape(shape))
+    if w is not None:
+        return xhat * w.reshape(shape)
+    if b is not None:
+        return b.reshape(shape).expand_as(xhat)
+    return torch.zeros_like(xhat)
 
 
 def layer_norm_shift(module: nn.Module, call: Call, delta: dict[str, Tensor]) -> Tensor | None:

@@ -27,6 +27,7 @@ class Call:
     training: bool
     outputs: list[Tensor]  # tensor outputs, in tree order (tapped)
     grads: list[Tensor | None] = field(default_factory=list)  # their gradients, filled later
+    merged: bool = False  # several calls' tokens side by side (capture.py, `merge`)
 
     @property
     def gout(self) -> Tensor | None:
@@ -42,19 +43,27 @@ LayerShift = Callable[[nn.Module, Call, "dict[str, Tensor]"], "Tensor | None"]
 
 _RULES: dict[type, LayerRule] = {}
 _SHIFTS: dict[type, LayerShift] = {}
+#: classes whose rule sums over every dim between the rows and the last (Linear, Embedding): a
+#: call over G groups of rows may be handed to it folded, the groups' tokens side by side
+_FOLDS: set[type] = set()
 
 
 def register_layer_rule(
-    *classes: type, shift: LayerShift | None = None
+    *classes: type, shift: LayerShift | None = None, fold: bool = False
 ) -> Callable[[LayerRule], LayerRule]:
     """Function decorator: `rule(module, call, rows)` gives per-row gradients for `classes`;
-    `shift` (optional) the output's derivative along a parameter change (see LayerShift)."""
+    `shift` (optional) the output's derivative along a parameter change (see LayerShift);
+    `fold`: the rule sums over its first input's and output gradient's dims between the rows
+    and the last (tokens; all of an index input's), so G groups of rows may be summed by one
+    call with G times the tokens (capture.py)."""
 
     def deco(fn: LayerRule) -> LayerRule:
         for c in classes:
             _RULES[c] = fn
             if shift is not None:
                 _SHIFTS[c] = shift
+            if fold:
+                _FOLDS.add(c)
         return fn
 
     return deco
@@ -62,15 +71,16 @@ def register_layer_rule(
 
 #: rules of classes from optional packages, by qualified name: bound to the class the first
 #: time a module of it is looked up, so the kernel never imports those packages itself
-_BY_NAME: dict[str, tuple[LayerRule, LayerShift | None]] = {}
+_BY_NAME: dict[str, tuple[LayerRule, LayerShift | None, bool]] = {}
 
 
 def register_layer_rule_by_name(
-    qualname: str, rule: LayerRule, *, shift: LayerShift | None = None
+    qualname: str, rule: LayerRule, *, shift: LayerShift | None = None, fold: bool = False
 ) -> None:
-    """Register `rule` (and `shift`) for the class named `qualname` ("package.module.Class")
-    without importing it; a rule registered for the class itself wins."""
-    _BY_NAME[qualname] = (rule, shift)
+    """Register `rule` (and `shift`, `fold` as for `register_layer_rule`) for the class named
+    `qualname` ("package.module.Class") without importing it; a rule registered for the class
+    itself wins."""
+    _BY_NAME[qualname] = (rule, shift, fold)
 
 
 def _bind(cls: type) -> None:
@@ -81,6 +91,8 @@ def _bind(cls: type) -> None:
         _RULES[cls] = entry[0]
         if entry[1] is not None:
             _SHIFTS[cls] = entry[1]
+        if entry[2]:
+            _FOLDS.add(cls)
 
 
 def layer_shift_for(module: nn.Module) -> LayerShift | None:
@@ -93,6 +105,12 @@ def layer_rule_for(module: nn.Module) -> LayerRule | None:
     """The rule registered for exactly `type(module)`, or None."""
     _bind(type(module))
     return _RULES.get(type(module))
+
+
+def layer_folds(module: nn.Module) -> bool:
+    """Whether the rule of exactly `type(module)` accepts folded groups (see `fold`)."""
+    _bind(type(module))
+    return type(module) in _FOLDS
 
 
 def registered_layers() -> list[str]:
