@@ -327,3 +327,85 @@ def test_boundary_adjoint_passes_without_jbar(kind, rule, decoupled) -> None:
         assert (flat_scan[n] is None) == (ref_scan[n] is None)
         if ref_scan[n] is not None:
             assert _close(flat_scan[n], ref_scan[n])
+
+
+def _two_groups(kind: str):
+    def make(m):
+        first, second = list(m.net[0].parameters()), list(m.net[2].parameters())
+        if kind == "adam_groups":  # c·σ differs between the groups: Z is written out
+            return torch.optim.AdamW(
+                [{"params": first}, {"params": second, "betas": (0.8, 0.95), "lr": 3e-3}],
+                lr=1e-2,
+                weight_decay=0.1,
+            )
+        if kind == "adam":  # one c·σ for every tensor: the training side contracts C's views
+            return torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=0.05)
+        return torch.optim.SGD(  # nesterov in one group
+            [{"params": first, "nesterov": True}, {"params": second, "dampening": 0.0}],
+            lr=0.05,
+            momentum=0.9,
+            weight_decay=1e-3,
+        )
+
+    return make
+
+
+@pytest.mark.parametrize("kind", ["adam", "adam_groups", "sgd_nesterov"])
+def test_kernel_flat_equals_tensor_by_tensor(kind, monkeypatch) -> None:
+    """The whole kernel (slices, every joint slice kept, windows, scores) with the flat
+    adjoints equals the same run with the rule applied tensor by tensor, to 1e-12."""
+    from explaind_kernel import KeepOptions, compute_kernel
+    from explaind_kernel import sweep as sweep_mod
+
+    from .models import MLP, KernelSetup, train
+
+    setup = KernelSetup(
+        kind,
+        lambda: MLP().double(),
+        lambda g: (
+            lambda x: (x, (x[:, 0] > 0).long(), torch.randn(3, 4, generator=g, dtype=torch.float64))
+        )(torch.randn(24, 4, generator=g, dtype=torch.float64)),
+        _two_groups(kind),
+        steps=9,
+        batch=6,
+    )
+    store = f"memory://adjoints-{kind}"
+    fresh, test_x, _ = train(setup, store, checkpoint_every=4)
+    kw = dict(
+        dtype="float64",
+        progress=False,
+        training_mode="rules",
+        cpu_threads=1,
+        slices={"half": ("net.0.weight", slice(0, 4))},
+        keep=KeepOptions(
+            sample_component=True, sample_window=True, component_window=True, param_scores=True
+        ),
+        step_windows=3,
+    )
+    flat = compute_kernel(store, fresh, test_x, **kw)
+
+    def tensor_by_tensor(rule, layout, rows, **k):
+        return TensorAdjoints(layout, rows, **k)
+
+    monkeypatch.setattr(sweep_mod, "make_adjoints", tensor_by_tensor)
+    ref = compute_kernel(store, fresh, test_x, **kw)
+    for name in (
+        "data",
+        "step_data",
+        "step_weight_decay",
+        "step_nondata",
+        "step_initial_state",
+        "step_residual",
+        "components",
+        "component_data",
+        "component_window",
+        "sample_component",
+        "sample_window",
+    ):
+        a, b = getattr(flat, name), getattr(ref, name)
+        # rounding-level terms (non-data, residual) on the scale of the data terms
+        scale = max(np.max(np.abs(b)), np.max(np.abs(ref.data)))
+        assert np.max(np.abs(a - b)) <= REL * scale, name
+    assert np.any(flat.weight_decay != 0) and np.any(flat.sample_component != 0)
+    for n in ref.param_scores:
+        assert _close(flat.param_scores[n], ref.param_scores[n]), n
