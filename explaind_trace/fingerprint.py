@@ -6,8 +6,8 @@ Per parameter tensor with a gradient, three things, all computed on the gradient
   change of any element changes it (barring changes that cancel exactly modulo 2⁶⁴), and
   integer addition is exact in every order, so it is the same number on CPU and GPU: the
   bitwise check. One pass over the gradient, no copy (a ``view`` of the bits).
-- ``norm``: the float64 L2 norm, for naming the cause of a mismatch (a clipped gradient is
-  the recomputed one times a factor < 1).
+- ``norm``: the L2 norm (accumulated in the gradient's dtype, at least float32), for naming
+  the cause of a mismatch (a clipped gradient is the recomputed one times a factor < 1).
 - ``at``: ``SAMPLES`` values at fixed pseudo-random positions (a golden-ratio sequence seeded
   by the parameter's name), stored exactly: a difference proportional to θ at those positions
   is an L2 term in the loss; a uniform ratio is clipping; anything else a hook or a loss term
@@ -58,6 +58,14 @@ def _bits(g: torch.Tensor) -> torch.Tensor:
     return g.view(_INT[g.element_size()]).sum(dtype=torch.int64)
 
 
+def _norm(flat: torch.Tensor) -> torch.Tensor:
+    """The L2 norm as float64, accumulated in the gradient's dtype (float32 for half types):
+    it only names a mismatch's cause (a clipping factor to 1%), and a float64 upcast of
+    every gradient cost more than the rest of the fingerprint on the bench models."""
+    wide = torch.float32 if flat.element_size() < 4 else None
+    return torch.linalg.vector_norm(flat, dtype=wide).double()
+
+
 def fingerprints(
     grads: Mapping[str, torch.Tensor], cache: dict[str, torch.Tensor] | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -72,7 +80,7 @@ def fingerprints(
             idx = cache[name] = torch.tensor(positions(name, g.numel()), device=g.device)
         flat = g.reshape(-1)
         bits.append(_bits(flat))
-        norms.append(torch.linalg.vector_norm(flat, dtype=torch.float64))
+        norms.append(_norm(flat))
         samples.append(flat[idx])
         names.append(name)
     if not names:

@@ -158,3 +158,15 @@ def test_packed_gradients_read_back_bit_for_bit_and_malformed_ones_are_refused()
         with et.open_trace(f"memory://{name}") as trace:
             with pytest.raises(TraceCorruptError, match=match):
                 trace.step_update(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_fingerprint_norm_is_accumulated_in_at_least_float32(dtype: torch.dtype) -> None:
+    """The norm only names a cause (a clipping factor to 1%): float32 accumulation is kept
+    within 1e-6 of the float64 reference, and half-precision squares do not overflow."""
+    g = torch.Generator().manual_seed(2)
+    grad = (torch.randn(1000, generator=g, dtype=torch.float64) * 300).to(dtype)
+    ref = float(torch.linalg.vector_norm(grad.double()))
+    assert ref**2 > 65504  # the sum of squares overflows float16
+    got = fingerprint.fingerprints({"w": grad})["w"]["norm"]
+    assert got == pytest.approx(ref, rel=1e-6 if dtype != torch.float64 else 1e-15)
