@@ -163,14 +163,11 @@ class TraceReader:
 
     def _forwards(self, raw: dict[str, Any]) -> list[ForwardRecord]:
         where = self._where(step_key(raw.get("index", -1)))
-        return decode_forwards(
-            raw,
-            self.samples.rows,
-            rank=self.meta.rank,
-            where=where,
-            bounds=self.bounds,
-            rng_of=self.rng_bases,
-        )
+        return decode_forwards(raw, self.samples.rows, where=where, **self._decoding())
+
+    def _decoding(self) -> dict[str, Any]:
+        """What decoding a forward needs besides its record: rank, bounds, RNG bases."""
+        return {"rank": self.meta.rank, "bounds": self.bounds, "rng_of": self.rng_bases}
 
     def step_update(
         self, t: int
@@ -209,15 +206,7 @@ class TraceReader:
         """The ``n``-th skip record of this store (``skips()`` merges a DDP trace's ranks)."""
         raw = self._get(skip_key(n))
         where = self._where(skip_key(n))
-        return decode_skip(
-            raw,
-            n,
-            self.samples.rows,
-            rank=self.meta.rank,
-            where=where,
-            bounds=self.bounds,
-            rng_of=self.rng_bases,
-        )
+        return decode_skip(raw, n, self.samples.rows, where=where, **self._decoding())
 
     def sample(self, sample_id: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The stored input row(s) of one sample: a tensor, or a tuple with one per batched input.

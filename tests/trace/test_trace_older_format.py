@@ -21,7 +21,9 @@ DATA = Path(__file__).parent / "data" / "trace-v1-unsealed"
 DIGEST = "b1ffb54760e6f858fb8a03b8d945af1a70e6a11357c37d4167ff0df26611f0fe"
 
 
-def _digest(reader: et.TraceReader) -> str:
+def _hasher():
+    """A sha256 and the function that feeds it tensors (dtype, shape, bytes), maps (sorted
+    keys), sequences and plain values."""
     h = hashlib.sha256()
 
     def feed(obj) -> None:
@@ -37,6 +39,12 @@ def _digest(reader: et.TraceReader) -> str:
                 feed(o)
         else:
             h.update(repr(obj).encode())
+
+    return h, feed
+
+
+def _digest(reader: et.TraceReader) -> str:
+    h, feed = _hasher()
 
     r = reader
     for t in range(r.num_steps):
@@ -79,21 +87,7 @@ RECOMPUTE_DIGEST = "4e7bee22d771e1dafd59208c0787f378b0c8b394521cb90e02826a1f908d
 def _recompute_digest(reader: et.TraceReader) -> str:
     """Every value of the recompute trace's steps (fingerprints, forwards, RNG states) and
     of its replay with the model, as ``_digest`` feeds them."""
-    h = hashlib.sha256()
-
-    def feed(obj) -> None:
-        if isinstance(obj, torch.Tensor):
-            h.update(str((obj.dtype, tuple(obj.shape))).encode())
-            h.update(obj.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(obj, dict):
-            for k in sorted(obj):
-                h.update(str(k).encode())
-                feed(obj[k])
-        elif isinstance(obj, list | tuple):
-            for o in obj:
-                feed(o)
-        else:
-            h.update(repr(obj).encode())
+    h, feed = _hasher()
 
     for t in range(reader.num_steps):
         s = reader.step(t)
