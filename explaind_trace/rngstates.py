@@ -70,7 +70,8 @@ class RngEncoder:
                 record = None
                 if cur[0] is None:  # first reference: store the current state as a base
                     cur[0], self._next = self._next, self._next + 1
-                    record = {"state": codec.encode_bytes(cur[1], "uint8", [raw.size])}
+                    state_map = codec.encode_bytes(cur[1], "uint8", [raw.size], level=self.level)
+                    record = {"state": state_map}
                     out.append((rng_key(cur[0]), record))
                 field: dict[str, Any] = {"base": cur[0]}
                 if changed:
