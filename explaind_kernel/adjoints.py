@@ -1,19 +1,22 @@
 """The adjoints of one chunk of rows over a flat parameter layout.
 
 Every parameter tensor of the model lies side by side on one axis of P entries (`FlatLayout`,
-the trace's parameter order), so the integrated Jacobian J̄ and the carried adjoint are each one
-contiguous [R, P] buffer with per-tensor views. A rule that gives its step as elementwise
-coefficients (rules/base.py's `LinearStep`: λ = carry + a⊙J̄, z = c·λ + e·J̄, carry ← f·λ) runs
-on every tensor at once in `FlatAdjoints`, which keeps the carry as σ ⊙ C with a per-tensor
-scale σ, so that one step is one elementwise pass, in place,
+the trace's parameter order), so the carried adjoint of all tensors is one contiguous [R, P]
+buffer with per-tensor views. A rule that gives its step as elementwise coefficients
+(rules/base.py's `LinearStep`: λ = carry + a⊙J̄, z = c·λ + e·J̄, carry ← f·λ) runs on every
+tensor at once in `FlatAdjoints`, which keeps the carry as σ ⊙ C with a per-tensor scale σ,
+so that a step reads J̄ once for its update and once for its per-row terms:
 
     C ← C + (a/σ) ⊙ J̄      (then λ = σ⊙C,  z = (cσ)⊙C + e⊙J̄,  carry = (fσ)⊙C: σ ← fσ)
 
-and two matrix products for the step's per-row terms: C·[cσ⊙g, cσ⊙w, σ⊙m₀] and
-J̄·[Δθ − Δθ̂, u, e⊙g, e⊙w]. The training side contracts C's views and scales its products by
-cσ when that is one number for every tensor with a gradient (else, and with nesterov, z is
-written out into its own buffer). σ is folded back into C when it leaves [1e-12, 1e12], and a
-dropped carry (f = 0, or no carry into a step) zeroes its span.
+in place on C's views of J̄'s own tensors (the test side hands J̄ over tensor by tensor, and
+copying it into one buffer would cost two more passes and a copy), one matrix product for the
+terms on C, C·[cσ⊙g, cσ⊙w, fσ⊙m₀], and one per tensor on J̄, J̄_n·[Δθ_n, Δθ_n − Δθ̂_n, u_n,
+e⊙g_n, e⊙w_n] (the per-tensor components come from the same pass). The training side
+contracts C's views and scales its products by cσ when that is one number for every tensor with
+a gradient (else, and with nesterov, z is written out into its own buffer). σ is folded back
+into C when it leaves [1e-12, 1e12], and a dropped carry (f = 0, or no carry into a step)
+restarts its span.
 
 A rule that is not elementwise-linear (it overrides `backward`) runs tensor by tensor in
 `TensorAdjoints`, with the same per-row terms.
@@ -64,11 +67,6 @@ class FlatLayout:
             parts.append(like.new_zeros(size) if v is None else v.reshape(-1).to(like.dtype))
         return torch.cat(parts)
 
-    def flatten_rows(self, tensors: Mapping[str, Tensor], out: Tensor | None = None) -> Tensor:
-        """[R, size] one [R, *shape] tensor per name side by side (into `out` when given)."""
-        parts = [tensors[n].reshape(tensors[n].shape[0], -1) for n in self.names]
-        return torch.cat(parts, dim=1) if out is None else torch.cat(parts, dim=1, out=out)
-
     def spread(self, values: Sequence[float], like: Tensor) -> Tensor | float:
         """One float per tensor laid flat ([size]), or the float itself when all are equal."""
         if len(set(values)) <= 1:
@@ -87,6 +85,7 @@ class StepTerms:
     total_g: np.ndarray  # ⟨Z_τ, g_τ⟩: all that reached the gradient (data + non-data)
     initial_state: np.ndarray
     residual: np.ndarray
+    components: np.ndarray | None = None  # [R, tensors] J̄_n·Δθ_n, when asked for
 
 
 def make_adjoints(
@@ -107,14 +106,7 @@ class _Adjoints:
     def __init__(self, layout: FlatLayout, rows: int, *, dtype, device, carry_in=None) -> None:
         self.layout, self.rows = layout, rows
         self.like = torch.zeros((), dtype=dtype, device=device)
-        self._jbuf: Tensor | None = None
         self.carry_in = {n: v for n, v in (carry_in or {}).items() if v is not None}
-
-    def workspace(self) -> Tensor:
-        """An [R, P] buffer for this chunk's J̄ (allocated once, reused every step)."""
-        if self._jbuf is None:
-            self._jbuf = self.like.new_empty(self.rows, self.layout.size)
-        return self._jbuf
 
 
 class FlatAdjoints(_Adjoints):
@@ -144,14 +136,16 @@ class FlatAdjoints(_Adjoints):
         self,
         rule: OptimizerRule,
         steps: Sequence[ParamStep],
-        jbar: Tensor | None,
+        jbar: Mapping[str, Tensor] | None,
         *,
         terms: bool = True,
         initial: bool = False,
+        components: bool = False,
     ) -> StepTerms | None:
         """Step t backward for every tensor (`steps`: one per name, in layout order; `jbar`:
-        the flat [R, P] J̄, None for J̄ = 0). `terms=False` only carries the adjoint (the
-        sharded scan); `initial`: the trace's first step (the initial-state term)."""
+        {name: [R, *shape]} J̄, None for J̄ = 0). `terms=False` only carries the adjoint (the
+        sharded scan); `initial`: the trace's first step (the initial-state term);
+        `components`: also J̄_n·Δθ_n per tensor (from the same pass over J̄)."""
         lins: list[LinearStep] = [rule.linear(p) for p in steps]  # type: ignore[misc]
         names, layout, like = self.layout.names, self.layout, self.like
         live_before = dict(self.live)
@@ -165,24 +159,22 @@ class FlatAdjoints(_Adjoints):
         for n in restart:
             self.sigma[n] = 1.0
             self.live[n] = False
-        if jbar is not None:  # C ← C + (a/σ) ⊙ J̄
-            a = self._coef([lin.a for lin in lins])
-            if len(restart) == len(names):
-                torch.mul(jbar, a, out=self.c)
-            else:
-                for n in restart:
-                    self._views[n].zero_()
-                inv = layout.spread([1.0 / self.sigma[n] for n in names], like)
-                coef = a * inv if isinstance(inv, Tensor) or inv != 1.0 else a
-                if isinstance(coef, Tensor):
-                    self.c.addcmul_(jbar, coef)
-                else:
-                    self.c.add_(jbar, alpha=coef)
+        if jbar is not None:  # C ← C + (a/σ) ⊙ J̄, tensor by tensor on J̄'s own tensors
+            fresh = set(restart)
             for n, lin in zip(names, lins):
-                self.live[n] = self.live[n] or not lin.skipped
+                if lin.skipped:
+                    continue
+                view, jb = self._views[n], jbar[n]
+                if n in fresh:
+                    torch.mul(jb, lin.a, out=view)
+                elif isinstance(lin.a, Tensor):
+                    view.addcmul_(jb, lin.a if self.sigma[n] == 1.0 else lin.a / self.sigma[n])
+                else:
+                    view.add_(jb, alpha=lin.a / self.sigma[n])
+                self.live[n] = True
         out = None
         if terms:  # λ = σ ⊙ C on the live spans, zero elsewhere
-            out = self._terms(rule, steps, lins, jbar, live_before, initial)
+            out = self._terms(rule, steps, lins, jbar, live_before, initial, components)
         for n, lin in zip(names, lins):  # carry ← f ⊙ λ
             if not lin.skipped:
                 self.sigma[n] *= lin.f if lin.f is not None else 0.0
@@ -193,20 +185,9 @@ class FlatAdjoints(_Adjoints):
             self.sigma = dict.fromkeys(names, 1.0)
         return out
 
-    def _coef(self, values: list) -> Tensor | float:
-        """A coefficient laid flat: a float when it is one float for every tensor."""
-        if not any(isinstance(v, Tensor) for v in values):
-            return self.layout.spread(values, self.like)
-        parts = [
-            v.reshape(-1).to(self.like.dtype)
-            if isinstance(v, Tensor)
-            else self.like.new_full((size,), float(v))
-            for v, size in zip(values, self.layout.sizes)
-        ]
-        return torch.cat(parts)
-
-    def _terms(self, rule, steps, lins, jbar, live_before, initial) -> StepTerms:
-        """Per-row terms: C·[cσ⊙g, cσ⊙w, fσ⊙m₀] and J̄·[Δθ − Δθ̂, u, e⊙g, e⊙w]."""
+    def _terms(self, rule, steps, lins, jbar, live_before, initial, comps) -> StepTerms:
+        """Per-row terms: C·[cσ⊙g, cσ⊙w, fσ⊙m₀] (one product) and J̄_n·[Δθ_n, Δθ_n − Δθ̂_n, u_n,
+        e⊙g_n, e⊙w_n] (one product per tensor: one pass over J̄)."""
         layout, like, names = self.layout, self.like, self.layout.names
         # the tensors the step moves (their λ = σ ⊙ C), and those of them with a gradient,
         # whose Z is contracted (J̄ = 0: only the tensors that carried an adjoint in)
@@ -230,38 +211,46 @@ class FlatAdjoints(_Adjoints):
             fs = [s * (1.0 if lin.skipped else (lin.f or 0.0)) for lin, s in zip(lins, sig)]
             init = layout.flatten(m0, like) * layout.spread(fs, like)
             ccols.append(init)
-        got = [self.c @ torch.stack(ccols, 1)]
-        jcols = []
-        nesterov = any(lin.e != 0.0 for n, lin in zip(names, lins) if n in moving)
-        if jbar is not None:
-            delta = layout.flatten({p.name: p.delta for p in steps}, like)
-            recon = layout.flatten({n: lin.recon for n, lin in zip(names, lins)}, like)
-            jcols.append(delta - recon)
-            u = _optional(layout, [lin.u for lin in lins], like)
-            if u is not None:
-                jcols.append(u)
-            if nesterov:
-                e = layout.spread(
-                    [lin.e if n in moving else 0.0 for n, lin in zip(names, lins)], like
-                )
-                jcols += [g * e] + ([w * e] if w is not None else [])
-            got.append(jbar @ torch.stack(jcols, 1))
-        cols = iter(to_numpy64(torch.cat(got, 1)).T)
+        got = to_numpy64(self.c @ torch.stack(ccols, 1)).T
+        cols = iter(got)
         zero = np.zeros(self.rows)
         total_g = next(cols)
         wd = next(cols) if w is not None else zero
         init_t = next(cols) if init is not None else zero
-        residual = zero
+        residual, per_tensor = zero, None
+        nesterov = any(lin.e != 0.0 for n, lin in zip(names, lins) if n in moving)
         if jbar is not None:
-            residual = next(cols)
-            if u is not None:
-                wd = wd + next(cols)
+            grads = {p.name: p.grad for p in steps if p.name in act}
+            has_u = any(lin.u is not None for lin in lins)
+            has_w = any(lin.w is not None for lin in lins)
+            prods = []
+            for p, lin in zip(steps, lins):
+                n = p.name
+                jcols = [p.delta] if comps else []
+                jcols.append(p.delta - lin.recon)
+                if has_u:
+                    jcols.append(lin.u if lin.u is not None else torch.zeros_like(p.delta))
+                if nesterov:
+                    e = lin.e if n in moving else 0.0
+                    g_n = grads.get(n)
+                    jcols.append(e * g_n if g_n is not None else torch.zeros_like(p.delta))
+                    if has_w:
+                        jcols.append(e * lin.w if lin.w is not None else torch.zeros_like(p.delta))
+                m = torch.stack([c.reshape(-1).to(like.dtype) for c in jcols], 1)
+                prods.append(jbar[n].reshape(self.rows, -1) @ m)
+            got_j = to_numpy64(torch.stack(prods))  # [tensors, R, columns]
+            if comps:
+                per_tensor, got_j = got_j[:, :, 0].T.copy(), got_j[:, :, 1:]
+            jcol = iter(got_j.sum(0).T)
+            residual = next(jcol)
+            if has_u:
+                wd = wd + next(jcol)
             if nesterov:
-                total_g = total_g + next(cols)
-                if w is not None:
-                    wd = wd + next(cols)
+                total_g = total_g + next(jcol)
+                if has_w:
+                    wd = wd + next(jcol)
         z_grad, z_scale = self._z(names, lins, cs, act, jbar, nesterov)
-        return StepTerms(z_grad, z_scale, wd, total_g, init_t, residual)
+        return StepTerms(z_grad, z_scale, wd, total_g, init_t, residual, per_tensor)
 
     def _z(self, names, lins, cs, act, jbar, nesterov) -> tuple[dict[str, Tensor], float]:
         """Z of the tensors with a gradient: C's views and one scale cσ, or written out."""
@@ -271,15 +260,11 @@ class FlatAdjoints(_Adjoints):
         if self._zbuf is None:
             self._zbuf = torch.empty_like(self.c)
         torch.mul(self.c, self.layout.spread(cs, self.like), out=self._zbuf)
-        if nesterov and jbar is not None:
-            e = self.layout.spread(
-                [lin.e if n in act else 0.0 for n, lin in zip(names, lins)], self.like
-            )
-            if isinstance(e, Tensor):
-                self._zbuf.addcmul_(jbar, e)
-            else:
-                self._zbuf.add_(jbar, alpha=e)
         views = self.layout.views(self._zbuf)
+        if nesterov and jbar is not None:  # + e ⊙ J̄, on J̄'s own tensors
+            for n, lin in zip(names, lins):
+                if n in act and lin.e != 0.0:
+                    views[n].add_(jbar[n], alpha=lin.e)
         return {n: views[n] for n in names if n in act}, 1.0
 
 
@@ -301,24 +286,28 @@ class TensorAdjoints(_Adjoints):
         """{name: [R, *shape]} the adjoint carried out of the last step (None: zero)."""
         return dict(self.carry)
 
-    def step(self, rule, steps, jbar, *, terms=True, initial=False) -> StepTerms | None:
+    def step(
+        self, rule, steps, jbar, *, terms=True, initial=False, components=False
+    ) -> StepTerms | None:
         """As `FlatAdjoints.step`, by `rule.backward` on each tensor."""
-        views = self.layout.views(jbar) if jbar is not None else None
         z_grad: dict[str, Tensor] = {}
         wd, total_g, init, residual = (np.zeros(self.rows) for _ in range(4))
-        for p in steps:
+        comps = np.zeros((self.rows, len(steps))) if components else None
+        for i, p in enumerate(steps):
             n = p.name
-            if views is None and self.carry[n] is None:
+            if jbar is None and self.carry[n] is None:
                 continue
-            jb = views[n] if views is not None else self.like.new_zeros(self.rows, *p.theta.shape)
+            jb = jbar[n] if jbar is not None else self.like.new_zeros(self.rows, *p.theta.shape)
             q = ParamStep(n, jb, p.theta, p.delta, p.grad, p.hp, p.state_before, p.state_after)
             out = rule.backward(q, self.carry[n])
             self.carry[n] = out.carry
             if not terms:
                 continue
             wd += to_numpy64(out.weight_decay)
-            if views is not None:
+            if jbar is not None:
                 residual += to_numpy64(row_dot(jb, p.delta - out.recon))
+                if comps is not None:
+                    comps[:, i] = to_numpy64(row_dot(jb, p.delta))
             if out.z_grad is not None and p.grad is not None:
                 z_grad[n] = out.z_grad
                 total_g += to_numpy64(row_dot(out.z_grad, p.grad))
@@ -326,7 +315,7 @@ class TensorAdjoints(_Adjoints):
                 init += to_numpy64(
                     rule.initial_state_term(out.carry, p.state_before, self.rows, jb)
                 )
-        return StepTerms(z_grad, 1.0, wd, total_g, init, residual) if terms else None
+        return StepTerms(z_grad, 1.0, wd, total_g, init, residual, comps) if terms else None
 
 
 def slice_components(

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .adjoints import FlatLayout
 from .errors import InputError
 from .functional import to_numpy64
 from .rules.base import row_dot
@@ -103,18 +102,18 @@ def registered_rules() -> list[str]:
 class Integral:
     """J̄ of one chunk of rows over a whole step, by `integrate`.
 
-    flat:        [R, P] ∫₀¹ ∂f/∂θ(θ + sΔθ) ds by the rule (on every piece), the parameter
-                 tensors side by side (adjoints.FlatLayout, in the order of Δθ's names).
-    jbar:        {name: [R, *shape]} views into `flat`.
-    components:  [R, n] J̄_n·Δθ_n per parameter tensor, float64.
-    lin:         [R] J̄·Δθ, float64 (what the quadrature error is measured against).
+    jbar:        {name: [R, *shape]} ∫₀¹ ∂f/∂θ(θ + sΔθ) ds by the rule (on every piece).
+    components:  [R, n] J̄_n·Δθ_n per parameter tensor (in Δθ's order), float64, where the
+                 adaptive refinement measured them; None: the caller takes them from its own
+                 pass over J̄ (the optimizer rule's, adjoints.py).
+    lin:         [R] J̄·Δθ, float64 (what the quadrature error is measured against), with
+                 `components`; else None.
     evaluations: Jacobian evaluations spent, summed over the chunk's test inputs.
     """
 
-    flat: Tensor
     jbar: dict[str, Tensor]
-    components: np.ndarray
-    lin: np.ndarray
+    components: np.ndarray | None
+    lin: np.ndarray | None
     evaluations: float
 
 
@@ -126,7 +125,7 @@ class _Piece:
     b: float
     fa: Tensor  # [O] f at θ + aΔθ
     fb: Tensor  # [O] f at θ + bΔθ
-    flat: Tensor  # [O, P]
+    jbar: dict[str, Tensor]  # {name: [O, *shape]}
     comps: np.ndarray  # [O, n]
     lin: np.ndarray  # [O]
     spent: float
@@ -147,7 +146,6 @@ def integrate(
     kink_probes: int = 8,
     adaptive_tol: float | None = None,
     max_nodes: int = 32,
-    out: Tensor | None = None,
 ) -> Integral:
     """J̄ of the step θ → θ + Δθ for every row of `test` (f_a, f_b: [R] f at both ends).
 
@@ -158,16 +156,14 @@ def integrate(
     pieces counted, stay within `max_nodes` (a split whose halves would pass it is dropped and
     the input stops refining). Decisions are per input, so a result does not depend on how the
     inputs are chunked.
-    `subset(rows)` is the test side of the chunk's inputs `rows` (the order kept). `out`: an
-    [R, P] buffer for J̄ (reused across steps instead of a fresh allocation).
+    `subset(rows)` is the test side of the chunk's inputs `rows` (the order kept).
     """
     nodes, weights = quadrature.points()
-    layout = FlatLayout(list(delta), {k: v.shape for k, v in delta.items()})
-    args = (theta, delta, buffers, nodes, weights, layout, kink_splits, kink_probes)
+    names = list(delta)
+    args = (theta, delta, buffers, nodes, weights, names, kink_splits, kink_probes)
     if adaptive_tol is None:
-        flat, comps, spent = _evaluate(test, 0.0, 1.0, *args, out=out)
-        lin = np.zeros(f_a.numel()) + comps.sum(1)
-        return Integral(flat, layout.views(flat), comps, lin, float(round(spent * test.n)))
+        jbar, _, spent = _evaluate(test, 0.0, 1.0, *args, components=False)
+        return Integral(jbar, None, None, float(round(spent * test.n)))
     n = test.n
     width = f_a.numel() // n
     if kink_splits > 0:  # evaluations differ per input: each input's pieces on its own
@@ -211,25 +207,27 @@ def integrate(
                         continue
                     heaps[i] += [left[j], right[j]]
                     evals[i] = cost
-    first = heaps[0][0].flat
-    if out is not None:
-        total = out.zero_()
-    else:
-        total = first.new_zeros(f_a.numel(), layout.size)
-    total_comps = np.zeros((f_a.numel(), len(layout.names)))
+    total = {
+        k: torch.zeros(f_a.numel(), *v.shape[1:], dtype=v.dtype, device=v.device)
+        for k, v in heaps[0][0].jbar.items()
+    }
+    total_comps = np.zeros((f_a.numel(), len(names)))
     total_lin = np.zeros(f_a.numel())
     for i, heap in enumerate(heaps):
         rows = slice(i * width, (i + 1) * width)
         for p in sorted(heap, key=lambda p: p.a):
-            total[rows] += p.flat
+            for k, v in p.jbar.items():
+                total[k][rows] += v
             total_comps[rows] += p.comps
             total_lin[rows] += p.lin
-    return Integral(total, layout.views(total), total_comps, total_lin, float(sum(evals)))
+    return Integral(total, total_comps, total_lin, float(sum(evals)))
 
 
-def _evaluate(test, a, b, theta, delta, buffers, nodes, weights, layout, kinks, probes, out=None):
-    """(J̄ over [a, b] scaled to the whole step's Δθ, flat [R, P] (into `out`), J̄_n·Δθ_n
-    [R, n] float64, evaluations per input)."""
+def _evaluate(
+    test, a, b, theta, delta, buffers, nodes, weights, names, kinks, probes, *, components
+):
+    """(J̄ over [a, b] scaled to the whole step's Δθ, J̄_n·Δθ_n [R, n] float64 when
+    `components` (else None), evaluations per input)."""
     # the whole step is the common case: no copies of θ and Δθ; the segment's length rides on
     # the weights instead of a pass over J̄ [R, P]
     start = theta if a == 0.0 else {k: theta[k] + a * delta[k] for k in theta}
@@ -237,22 +235,22 @@ def _evaluate(test, a, b, theta, delta, buffers, nodes, weights, layout, kinks, 
     jb, spent = test.integrated_jacobian(
         start, seg, buffers, nodes, weights * (b - a), kink_splits=kinks, kink_probes=probes
     )
-    flat = layout.flatten_rows(jb, out)
-    del jb
-    views = layout.views(flat)
-    comps = np.stack([to_numpy64(row_dot(views[n], delta[n])) for n in layout.names], 1)
-    return flat, comps.reshape(flat.shape[0], len(layout.names)), spent
+    if not components:
+        return jb, None, spent
+    comps = np.stack([to_numpy64(row_dot(jb[n], delta[n])) for n in names], 1)
+    return jb, comps.reshape(-1, len(names)), spent
 
 
 def _pieces(side, a, b, fa, fb, *args) -> list[_Piece]:
     """One `_Piece` per input of `side` for [a, b] (fa, fb: [m·O] f at the ends)."""
-    flat, comps, spent = _evaluate(side, a, b, *args)
+    jb, comps, spent = _evaluate(side, a, b, *args, components=True)
     m = side.n
     lin = comps.sum(1)
     fa, fb, lin = fa.reshape(m, -1), fb.reshape(m, -1), lin.reshape(m, -1)
-    flat, comps = flat.reshape(m, -1, flat.shape[-1]), comps.reshape(m, -1, comps.shape[-1])
+    comps = comps.reshape(m, -1, comps.shape[-1])
     out = []
     for j in range(m):
+        pj = {k: v.reshape(m, -1, *v.shape[1:])[j] for k, v in jb.items()}
         err = float(np.max(np.abs(to_numpy64(fb[j]) - to_numpy64(fa[j]) - lin[j])))
-        out.append(_Piece(a, b, fa[j], fb[j], flat[j], comps[j], lin[j], spent, err))
+        out.append(_Piece(a, b, fa[j], fb[j], pj, comps[j], lin[j], spent, err))
     return out

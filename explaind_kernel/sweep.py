@@ -160,12 +160,14 @@ class ChunkSweep:
                 kink_probes=cfg.kink_probes,
                 adaptive_tol=cfg.adaptive_tol,
                 max_nodes=cfg.max_nodes,
-                out=self.adjoints.workspace(),
             )
         self.evaluations[t] = got.evaluations
         with clock.phase("rule"):
-            terms = self._rule_terms(sb, theta, delta, got.flat)
-            values = got.components
+            # the per-tensor components come from the rule's pass over J̄ unless the adaptive
+            # refinement measured them already
+            terms = self._rule_terms(sb, theta, delta, got.jbar, got.components is None)
+            values = got.components if got.components is not None else terms.components
+            lin = got.lin if got.lin is not None else values.sum(1)
             if problem.slices:
                 parts = slice_components(got.jbar, delta, problem.slices)
                 values = np.concatenate([values, to_numpy64(torch.stack(parts, 1))], 1)
@@ -176,7 +178,6 @@ class ChunkSweep:
         sums.components += values
         if sums.component_window is not None:
             sums.component_window[:, :, w] += values
-        lin = got.lin
         del got
 
         self._record_sources(sb, theta, terms)
@@ -192,7 +193,9 @@ class ChunkSweep:
             t.fm, t.selector, tuple(x[rows] for x in t.inputs), t.index[rows], keys=t.keys
         )
 
-    def _rule_terms(self, sb: StepBundle, theta, delta, jbar: Tensor | None) -> StepTerms | None:
+    def _rule_terms(
+        self, sb: StepBundle, theta, delta, jbar: Mapping[str, Tensor] | None, comps=False
+    ) -> StepTerms | None:
         """Run the optimizer rule over every parameter tensor of step t at once (updating the
         carried adjoints). `jbar=None` means J̄ = 0: only what the carried adjoint contributes
         (the sharded scan and correction passes). None in the scan (no terms)."""
@@ -219,6 +222,7 @@ class ChunkSweep:
             jbar,
             terms=self.mode != "propagate",
             initial=rs.index == 0,
+            components=comps,
         )
 
     def _record_sources(self, sb: StepBundle, theta, terms: StepTerms) -> None:

@@ -128,6 +128,13 @@ def _reference(kind, sweep, decoupled: bool, beta_shift: float = 0.0):
     per_step = []
     for t, steps, jbar in sweep:
         wd, tg, res, init = (np.zeros(ROWS) for _ in range(4))
+        comps = np.stack(
+            [
+                (jbar[n].reshape(ROWS, -1) @ q.delta.reshape(-1)).numpy()
+                for n, q in zip(SHAPES, steps)
+            ],
+            1,
+        )
         zs = {}
         for q in steps:
             p = _with_jbar(q, jbar[q.name])
@@ -148,7 +155,7 @@ def _reference(kind, sweep, decoupled: bool, beta_shift: float = 0.0):
             key = "exp_avg" if kind.startswith("adam") else "momentum_buffer"
             if t == 0 and out.carry is not None and key in p.state_before:
                 init += (out.carry.reshape(ROWS, -1) @ p.state_before[key].reshape(-1)).numpy()
-        per_step.append((wd, tg, res, init, zs))
+        per_step.append((wd, tg, res, init, comps, zs))
     return per_step, carry
 
 
@@ -164,9 +171,11 @@ def _flat(rule, sweep):
     )
     per_step = []
     for t, steps, jbar in sweep:
-        got = adj.step(rule, steps, layout.flatten_rows(jbar), initial=t == 0)
+        got = adj.step(rule, steps, jbar, initial=t == 0, components=True)
         zs = {n: v * got.z_scale for n, v in got.z_grad.items()}
-        per_step.append((got.weight_decay, got.total_g, got.residual, got.initial_state, zs))
+        per_step.append(
+            (got.weight_decay, got.total_g, got.residual, got.initial_state, got.components, zs)
+        )
     return per_step, adj.carried()
 
 
@@ -180,10 +189,10 @@ def _close(a, b) -> bool:
 def _agree(got, ref) -> bool:
     (g_steps, g_carry), (r_steps, r_carry) = got, ref
     for g, r in zip(g_steps, r_steps):
-        if not all(_close(x, y) for x, y in zip(g[:4], r[:4])):
+        if not all(_close(x, y) for x, y in zip(g[:5], r[:5])):
             return False
-        for n in set(g[4]) | set(r[4]):  # an adjoint left out is one that is zero
-            a, b = g[4].get(n), r[4].get(n)
+        for n in set(g[5]) | set(r[5]):  # an adjoint left out is one that is zero
+            a, b = g[5].get(n), r[5].get(n)
             if not _close(a if a is not None else 0 * b, b if b is not None else 0 * a):
                 return False
     for n in SHAPES:
@@ -265,7 +274,7 @@ def test_layout_views_share_the_buffer() -> None:
     assert layout.size == 12 + 5 + 6
     assert flat[:, 17:].eq(2.0).all() and flat[:, :17].eq(0.0).all()
     parts = {n: torch.randn(ROWS, *s, dtype=torch.float64) for n, s in SHAPES.items()}
-    back = layout.views(layout.flatten_rows(parts))
+    back = layout.views(torch.cat([parts[n].reshape(ROWS, -1) for n in SHAPES], 1))
     assert all(torch.equal(back[n], parts[n]) for n in SHAPES)
 
 
@@ -312,8 +321,12 @@ def test_boundary_adjoint_passes_without_jbar(kind, rule, decoupled) -> None:
         per_step = []
         for t, steps, _ in sweep:
             got = adj.step(r, steps, None, initial=t == 0)
+            assert got.components is None
             zs = {n: v * got.z_scale for n, v in got.z_grad.items()}
-            per_step.append((got.weight_decay, got.total_g, got.residual, got.initial_state, zs))
+            zero = np.zeros((ROWS, len(SHAPES)))
+            per_step.append(
+                (got.weight_decay, got.total_g, got.residual, got.initial_state, zero, zs)
+            )
         scan = make_adjoints(
             r, layout, ROWS, dtype=torch.float64, device=torch.device("cpu"), carry_in=carry_in
         )
