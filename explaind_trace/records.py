@@ -91,6 +91,10 @@ class Checkpoint:
     params: dict[str, torch.Tensor]
     buffers: Mapping[str, torch.Tensor]
     optimizer_state: dict[str, dict[str, Any]]
+    #: the final record keeps, instead of the optimizer state (replay rebuilds it from the last
+    #: checkpoint), its SHA-256 digest (``state.optimizer_digest``), checked bit for bit; then
+    #: ``optimizer_state`` is empty. None for checkpoints and for older traces' final records.
+    optimizer_digest: str | None = None
 
 
 @dataclass

@@ -18,7 +18,8 @@ key                           what it holds                    encode + decode
 ``rng/{n:08d}``               a base RNG state that forwards   ``rngstates.py``
                               store their state against
 ``ckpt/{t:08d}``, ``final``   the state record (θ, buffers,    ``state.py``
-                              optimizer state)
+                              optimizer state; final: its
+                              SHA-256 digest instead)
 ============================  ===============================  ==============================
 
 The input and output structures inside a forward are small trees (``trees.py``).

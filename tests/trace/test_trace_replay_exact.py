@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import explaind_trace as et
+from explaind_trace.optimizers import export_state
+from explaind_trace.state import optimizer_digest
 from tests.trace import trace_helpers as th
 
 STEPS = 10
@@ -58,11 +60,16 @@ def test_replay_is_bitwise_at_every_step(setup: th.Setup) -> None:
             assert all(torch.equal(got[n], thetas[t][n]) for n in trace.param_names)
         drift = trace.check_drift()
         assert drift.exact and set(drift.checkpoints) == {4, 8, STEPS}
-        # the optimizer state after the last replayed step equals the live one
+        # the optimizer state after the last replayed step equals the live one, and the
+        # final record's digest is that state's (the record keeps no state of its own)
         final = trace.final()
-        assert final is not None
+        assert final is not None and final.optimizer_state == {}
         live = dict(zip(trace.param_names, (p for p in model.parameters())))
-        for name, st in final.optimizer_state.items():
+        names = {id(p): n for n, p in live.items()}
+        assert final.optimizer_digest == optimizer_digest(export_state(opt, names))
+        last = list(trace.replay(STEPS - 1, STEPS))[-1]
+        assert set(last.state_after) == {n for n in trace.param_names if opt.state[live[n]]}
+        for name, st in last.state_after.items():
             for k, v in st.items():
                 ref = opt.state[live[name]][k]
                 assert torch.equal(v, ref) if isinstance(v, torch.Tensor) else v == ref
