@@ -220,34 +220,31 @@ class FlatAdjoints(_Adjoints):
         residual, per_tensor = zero, None
         nesterov = any(lin.e != 0.0 for n, lin in zip(names, lins) if n in moving)
         if jbar is not None:
-            grads = {p.name: p.grad for p in steps if p.name in act}
-            has_u = any(lin.u is not None for lin in lins)
-            has_w = any(lin.w is not None for lin in lins)
-            prods = []
-            for p, lin in zip(steps, lins):
-                n = p.name
-                jcols = [p.delta] if comps else []
-                jcols.append(p.delta - lin.recon)
-                if has_u:
-                    jcols.append(lin.u if lin.u is not None else torch.zeros_like(p.delta))
-                if nesterov:
-                    e = lin.e if n in moving else 0.0
-                    g_n = grads.get(n)
-                    jcols.append(e * g_n if g_n is not None else torch.zeros_like(p.delta))
-                    if has_w:
-                        jcols.append(e * lin.w if lin.w is not None else torch.zeros_like(p.delta))
-                m = torch.stack([c.reshape(-1).to(like.dtype) for c in jcols], 1)
-                prods.append(jbar[n].reshape(self.rows, -1) @ m)
+            # the columns laid flat once; each tensor's product reads its span (a view)
+            delta = layout.flatten({p.name: p.delta for p in steps}, like)
+            recon = layout.flatten({n: lin.recon for n, lin in zip(names, lins)}, like)
+            jcols = ([delta] if comps else []) + [delta - recon]
+            u = _optional(layout, [lin.u for lin in lins], like)
+            if u is not None:
+                jcols.append(u)
+            if nesterov:
+                e = layout.spread(
+                    [lin.e if n in moving else 0.0 for n, lin in zip(names, lins)], like
+                )
+                jcols += [g * e] + ([w * e] if w is not None else [])
+            m = torch.stack(jcols, 1)
+            spans = layout.spans
+            prods = [jbar[n].reshape(self.rows, -1) @ m[spans[n]] for n in names]
             got_j = to_numpy64(torch.stack(prods))  # [tensors, R, columns]
             if comps:
                 per_tensor, got_j = got_j[:, :, 0].T.copy(), got_j[:, :, 1:]
             jcol = iter(got_j.sum(0).T)
             residual = next(jcol)
-            if has_u:
+            if u is not None:
                 wd = wd + next(jcol)
             if nesterov:
                 total_g = total_g + next(jcol)
-                if has_w:
+                if w is not None:
                     wd = wd + next(jcol)
         z_grad, z_scale = self._z(names, lins, cs, act, jbar, nesterov)
         return StepTerms(z_grad, z_scale, wd, total_g, init_t, residual, per_tensor)
