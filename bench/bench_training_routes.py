@@ -8,7 +8,7 @@ each route's data attributions from the first route's.
 A route named "ROUTE@64" runs with blocks of 64 rows whatever the activations' size
 (train_blocks.BLOCK_BYTES lifted for that run): "jvp@64" is the code before the forward-mode
 route, which `rules` and `auto` handed this model to (the double-backward trick in blocks of
-`block_rows` = 64); "per_sample@64" the per-sample route as it was.
+`block_rows` = 64); "per_sample@64" the per-sample route in the old 64-row blocks.
 """
 
 from __future__ import annotations

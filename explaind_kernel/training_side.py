@@ -5,8 +5,9 @@ buffers, so dropout masks and batch-norm batch statistics are those of training.
 the same numbers (tested against each other):
 
 * "per_sample": G_i = J(x_i)ᵀ c_i from one backward vmapped over one-hot row cotangents
-  (`is_grads_batched`), in blocks of rows (memory block × parameters); then K = G·Zᵀ. Costs one
-  full-batch backward per batch row, O(B²), but splits K by parameter tensor for free.
+  (train_persample.py, `is_grads_batched`; each row's cotangent scaled by a power of two, so
+  no backward runs on subnormals), in blocks of rows; then K = G·Zᵀ. Costs one full-batch
+  backward per batch row, O(B²), but splits K by parameter tensor for free.
 * "forward_ad": the batch's output tangents along each adjoint row, J·Z_r, by forward-mode
   AD of the replay (train_forward.py: torch.func.jvp vmapped over blocks of rows); then
   K[:, r] = c · (J·Z_r). About R forward-tangent passes of the batch, no B × P memory, exact
