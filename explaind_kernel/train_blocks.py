@@ -92,3 +92,27 @@ def row_scales(cots: list[Tensor], start: int, stop: int) -> tuple[Tensor, Tenso
     up = (-exp).clamp(0, limit)
     one = torch.ones_like(top)
     return torch.ldexp(one, up), torch.ldexp(one, -up)
+
+
+def tiny_row_groups(cots: list[Tensor]) -> list[tuple[list[Tensor], float]]:
+    """The cotangents as (cotangents, unscale) groups whose backwards, unscaled and summed,
+    give the backward of `cots`: rows whose largest entry is below √(smallest normal) (where a
+    backward's products turn subnormal) go in a second group, scaled by one power of two so
+    that their largest entry is in [0.5, 1). One group (unscaled) when no row is that small."""
+    rows = cots[0].shape[0]
+    top = torch.zeros(rows, dtype=torch.float64, device=cots[0].device)
+    for c in cots:
+        top = torch.maximum(top, c.abs().reshape(rows, -1).amax(1).to(torch.float64))
+    tiny = (top > 0) & (top < math.sqrt(torch.finfo(cots[0].dtype).tiny))
+    if not bool(tiny.any()):
+        return [(cots, 1.0)]
+    _, exp = torch.frexp(top[tiny].max())
+    up = int(exp.neg().clamp(0, int(math.log2(torch.finfo(cots[0].dtype).max)) - 1))
+
+    def rows_where(mask: Tensor, c: Tensor, s: float) -> Tensor:
+        return torch.where(mask.reshape((-1,) + (1,) * (c.dim() - 1)), c * s, torch.zeros_like(c))
+
+    return [
+        ([rows_where(~tiny, c, 1.0) for c in cots], 1.0),
+        ([rows_where(tiny, c, 2.0**up) for c in cots], 2.0**-up),
+    ]

@@ -28,7 +28,7 @@ from explaind_trace.reforward import tree_leaves, tree_to
 from .errors import InputError
 from .functional import FunctionalModel
 from .persample.local import math_attention
-from .train_blocks import counting_activations, mark_block, rows_per_block
+from .train_blocks import counting_activations, mark_block, rows_per_block, tiny_row_groups
 
 _DECOMPOSITIONS = False
 
@@ -111,25 +111,27 @@ def forward_products(
 
 
 def _grad_sum(outputs, primals: Mapping[str, Tensor], cots) -> tuple[dict[str, Tensor], list[int]]:
-    """Σ_i G_i = Jᵀc per parameter tensor by one backward of the replayed forward, and the
-    indices of the outputs that have a cotangent (the ones K contracts)."""
+    """Σ_i G_i = Jᵀc per parameter tensor by one backward of the replayed forward (two where
+    some rows' cotangents are tiny: train_blocks.tiny_row_groups, so that no backward runs on
+    subnormals), and the indices of the outputs that have a cotangent (the ones K contracts)."""
     leaves = {n: p.clone().requires_grad_(True) for n, p in primals.items()}
+    sums = {n: torch.zeros_like(p) for n, p in primals.items()}
     with torch.enable_grad():
         outs = outputs(leaves)
         keep = [j for j, (o, c) in enumerate(zip(outs, cots)) if o is not None and c is not None]
         pairs = [(outs[j], cots[j]) for j in keep if outs[j].requires_grad]
-        grads = (
-            torch.autograd.grad(
+        if not pairs:
+            return sums, keep
+        groups = tiny_row_groups([c.to(o.dtype) for o, c in pairs])
+        for g_cots, unscale in groups:
+            grads = torch.autograd.grad(
                 [o for o, _ in pairs],
                 list(leaves.values()),
-                [c.to(o.dtype) for o, c in pairs],
+                g_cots,
                 allow_unused=True,
+                retain_graph=len(groups) > 1,
             )
-            if pairs
-            else [None] * len(leaves)
-        )
-    sums = {
-        n: (g if g is not None else torch.zeros_like(p))
-        for (n, p), g in zip(primals.items(), grads)
-    }
+            for n, g in zip(primals, grads):
+                if g is not None:
+                    sums[n] = sums[n] + (g if unscale == 1.0 else g * unscale)
     return sums, keep

@@ -169,7 +169,8 @@ class TrainingSide:
 
         The rules route runs in full; a batched route runs its replay and its first two blocks
         of rows, and its time is extrapolated to all blocks (train_forward.mark_block: so
-        measuring costs about one forward of each route, never a whole slow route). "jvp"
+        measuring costs about one forward of each route, never a whole slow route; forward_ad
+        is timed on its second probe, after the one-time cost of its first). "jvp"
         computes forward_ad's tangents by a double backward: it is measured only where
         forward_ad cannot run. The chosen route then answers this forward in full: auto gives
         exactly what the explicit choice of that route gives."""
@@ -190,7 +191,9 @@ class TrainingSide:
                 continue
             probe: dict[str, float] = {}
             try:
-                if route == "forward_ad":
+                if route == "forward_ad":  # its first run compiles torch's jvp decompositions
+                    self._forward_ad(params, buffers, forward, z_grad, strict=True, probe=probe)
+                    t0, probe = time.perf_counter(), {}
                     self._forward_ad(params, buffers, forward, z_grad, strict=True, probe=probe)
                 else:
                     self._batched(

@@ -312,3 +312,35 @@ def test_a_subnormal_cotangent_row_stays_exact(monkeypatch) -> None:
     plain = lambda cots, a, b: (torch.ones(b - a, dtype=torch.float64),) * 2  # noqa: E731
     monkeypatch.setattr(tp, "row_scales", plain)
     assert rel(_per_sample_k(model, params, bufs, fwd, z, torch.float32)) > 1e-5
+
+
+def test_tiny_cotangent_rows_keep_forward_ad_exact() -> None:
+    """Rows whose cotangents are below √(smallest normal) get their own scaled backward for
+    Σ G (train_blocks.tiny_row_groups); K and Σ G still equal the per-sample route's at 1e-12
+    per row in float64."""
+    model = BNDropCNN()
+    fm, params, bufs, fwd, z = _forward(model, (2, 8, 8))
+    fwd.cotangent[[0, 3]] *= 1e-200
+    got = TrainingSide(fm, mode="forward_ad").products(params, bufs, fwd, z, per_param=False)
+    ref = TrainingSide(_fresh(model), mode="per_sample").products(
+        params, bufs, fwd, z, per_param=False
+    )
+    _assert_rows_close(got.k, ref.k)
+    assert float(got.k[0].abs().max()) < 1e-190 and float(got.k[1].abs().max()) > 1e-3
+    for n in params:
+        scale = float(ref.grad_sum[n].abs().max())
+        assert float((got.grad_sum[n] - ref.grad_sum[n]).abs().max()) <= TOL * max(scale, 1.0)
+    # the tiny rows alone: their Σ G is ~1e-200 and still exact to 1e-12 relative
+    tiny = SimpleNamespace(**vars(fwd))
+    tiny.cotangent = fwd.cotangent.clone()
+    tiny.cotangent[[1, 2, 4, 5, 6]] = 0
+    got = TrainingSide(_fresh(model), mode="forward_ad").products(
+        params, bufs, tiny, z, per_param=False
+    )
+    ref = TrainingSide(_fresh(model), mode="per_sample").products(
+        params, bufs, tiny, z, per_param=False
+    )
+    scale = max(float(ref.grad_sum[n].abs().max()) for n in params)
+    assert 0 < scale < 1e-190
+    for n in params:
+        assert float((got.grad_sum[n] - ref.grad_sum[n]).abs().max()) <= TOL * scale
