@@ -19,7 +19,7 @@ from torch.func import jacrev, jvp, vmap
 
 from .functional import FunctionalModel, OutputSelector
 from .kinks import breakpoints, piece_nodes, record_switches
-from .node_pass import fusable, node_pass, piece_pass
+from .node_pass import node_pass, piece_pass
 from .rowjac import (
     exact_jv,
     func_jacobian,
@@ -48,6 +48,7 @@ class TestSide:
         mode: str = "func",
         rules: bool = True,
         check_every: int = 16,
+        fuse_nodes: bool = True,
     ) -> None:
         self.fm, self.selector, self.inputs, self.index = fm, selector, inputs, index
         self.keys = keys if keys is not None else (None,) * len(inputs)
@@ -55,6 +56,7 @@ class TestSide:
         self.mode = mode  # "func" (torch.func) or "autograd" (the plain fallback)
         self.rules = rules and mode == "func"  # per-row layer rules first (rowjac.py)
         self.check_every = max(1, int(check_every))
+        self.fuse_nodes = fuse_nodes  # a step's nodes (kink pieces) in one pass: node_pass.py
         self._evals = 0
         self._width: int | None = None
 
@@ -107,13 +109,11 @@ class TestSide:
         pieces = self._kink_pieces(theta, delta, buffers, nodes, weights, kink_splits, kink_probes)
         if pieces is not None:
             rows, s, w = pieces
-            jac = None
-            if fusable(self, theta):
-                jac = piece_pass(self, theta, delta, buffers, rows, s, w)
-            if jac is None:
-                jac = self._jacobian_at(theta, delta, buffers, rows, s, w)
+            fuse = self.rules and self.fuse_nodes
+            jac = piece_pass(self, theta, delta, buffers, rows, s, w) if fuse else None
+            jac = jac if jac is not None else self._jacobian_at(theta, delta, buffers, rows, s, w)
             return jac, rows.size / self.n
-        if fusable(self, theta):
+        if self.rules and self.fuse_nodes:
             fused = node_pass(self, theta, delta, buffers, nodes, weights)
             if fused is not None:
                 return fused, float(len(nodes))

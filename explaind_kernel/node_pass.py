@@ -38,11 +38,6 @@ MAX_GROUP = 4
 PAD = 1.5
 
 
-def fusable(side, params: Mapping[str, Tensor]) -> bool:
-    """Whether the rules can evaluate several nodes in one pass on this test side."""
-    return side.rules
-
-
 def node_pass(
     side,
     theta: Mapping[str, Tensor],

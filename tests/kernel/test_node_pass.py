@@ -103,7 +103,6 @@ def test_nodes_in_one_pass_equal_the_sum_of_per_node_jacobians(name, rule, monke
     monkeypatch.setattr(rowjac, "func_jacobian", no_fallback)
     side = _side(fm, x, check_every=1)
     fm.set_modes(False)
-    assert node_pass_mod.fusable(side, params)
     got, spent = side.integrated_jacobian(params, delta, bufs, nodes, weights)
     assert side.rules, "the per-row check rejected the fused pass"
     assert side._evals == -(-len(nodes) // node_pass_mod.MAX_GROUP)  # one evaluation per pass
