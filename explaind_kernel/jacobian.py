@@ -1,10 +1,9 @@
 """Test side: explained outputs f(x; θ) and their integrated Jacobian J̄_t along a step.
 
 Rows are (test input, explained output) pairs, R = n·O. Per-row Jacobians come from the
-per-layer rules of all rows in one pass (rowjac.py, checked per row), else from torch.func
-(vmap over test inputs of jacrev of a single-input call, eval mode), with a plain autograd
-fallback for models torch.func cannot transform.
-"""
+per-layer rules of all rows in one pass — a step's nodes, kink pieces and kink probes too
+(rowjac.py, node_pass.py, checked per row) —, else from torch.func (vmap over test inputs of
+jacrev, eval mode), with a plain autograd fallback for models torch.func cannot transform."""
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from torch.func import jacrev, jvp, vmap
 
 from .functional import FunctionalModel, OutputSelector
 from .kinks import breakpoints, piece_nodes, record_switches
-from .node_pass import node_pass, piece_pass
+from .node_pass import node_pass, piece_pass, probe_pass
 from .rowjac import (
     exact_jv,
     func_jacobian,
@@ -108,8 +107,7 @@ class TestSide:
         and the rule is applied on every piece, at that input's own nodes."""
         pieces = self._kink_pieces(theta, delta, buffers, nodes, weights, kink_splits, kink_probes)
         if pieces is not None:
-            rows, s, w = pieces
-            fuse = self.rules and self.fuse_nodes
+            rows, s, w, fuse = *pieces, self.rules and self.fuse_nodes
             jac = piece_pass(self, theta, delta, buffers, rows, s, w) if fuse else None
             jac = jac if jac is not None else self._jacobian_at(theta, delta, buffers, rows, s, w)
             return jac, rows.size / self.n
@@ -232,8 +230,10 @@ class TestSide:
             )
 
         grid = np.linspace(0.0, 1.0, probes + 1).tolist()
-        with clock_of(self.fm).phase("kinks"):
-            return breakpoints(grid, [at(s) for s in grid], self.n, limit)
+        with clock_of(self.fm).phase("kinks"):  # all probes in one forward where it can
+            fuse = self.rules and self.fuse_nodes  # rows that do not interact
+            got = probe_pass(self, theta, delta, buffers, grid) if fuse else None
+            return breakpoints(grid, got or [at(s) for s in grid], self.n, limit)
 
     def _jacobian_at(self, theta, delta, buffers, rows, s, w) -> dict[str, Tensor]:
         """Σ_j w_j ∂f/∂θ(θ + s_j·Δθ) at test input rows[j], summed per input: {name: [R, *shape]}.

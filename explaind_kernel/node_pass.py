@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .kinks import record_switches
+from .persample import Shift
 from .rowjac import exact_jv, points_jacobian, random_direction, rows_agree, rule_jacobian
 
 log = logging.getLogger(__name__)
@@ -190,3 +192,33 @@ def _point_jv(side, theta, delta, buffers, xs, index, s: np.ndarray, w: np.ndarr
         jv = sum(j.reshape(m * width, -1) @ v[k].reshape(-1) for k, j in jac.items()) * wt
         total = jv if total is None else total + jv
     return total
+
+
+def probe_pass(side, theta, delta, buffers, grid: list[float]) -> list | None:
+    """kinks.record_switches at every point θ + s·Δθ of `grid` in one forward — the inputs
+    tiled once per point, each row at its own point through the row capture's shift — as a
+    list of one record per point; None when the model has no per-row points (then the caller
+    runs one forward per point). Kink places only steer the quadrature (the engine measures
+    its error exactly), and these equal the per-point forwards' to rounding."""
+    cap = side.fm.row_capture(list(theta))
+    if not cap.shiftable:
+        return None
+    g, n = len(grid), side.n
+    ref = next(iter(theta.values()))
+    xs = tuple(x.repeat(g, *[1] * (x.dim() - 1)) for x in side.inputs)
+    index = side.index.repeat(g, *[1] * (side.index.dim() - 1))
+    s = torch.as_tensor(grid, dtype=ref.dtype, device=ref.device).repeat_interleave(n)
+    try:
+        with cap.capture(g * n, theta, Shift(s, delta)) as run:
+            switches, sens = record_switches(
+                lambda: side.selector(side._call(run, buffers, xs), index), g * n
+            )
+    finally:
+        cap.discard()
+
+    def at(t: Tensor, k: int) -> Tensor:
+        return t.reshape(g, n, -1)[k]
+
+    return [
+        ([[at(v, k) for v in op] for op in switches], [at(t, k) for t in sens]) for k in range(g)
+    ]

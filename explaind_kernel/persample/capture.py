@@ -175,6 +175,12 @@ class RowCapture:
             self._active = False
             self._shift = None
 
+    def discard(self) -> None:
+        """Drop what the last capture recorded (a forward used for its per-row points only)."""
+        for o in self._owners.values():
+            o.calls.clear()
+        self._reads = None
+
     def _tap(self, t: Tensor, slot: list) -> Tensor:
         return _Tap.apply(t, self._anchor, slot)
 

@@ -16,11 +16,12 @@ from torch import nn
 from explaind_kernel import jacobian as jacobian_mod
 from explaind_kernel import node_pass as node_pass_mod
 from explaind_kernel import rowjac
+from explaind_kernel.functional import FunctionalModel
 from explaind_kernel.persample import capture, registry
 from explaind_kernel.persample import linear as linear_rules
 from explaind_kernel.persample.embedding import embedding_rule
 
-from .test_persample import _assert_rows_equal, _setup, _side
+from .test_persample import CPU, _assert_rows_equal, _setup, _side
 
 SHIFTABLE = [
     "linear_3d_embedding_layernorm_sdpa",
@@ -263,3 +264,57 @@ def test_a_wrong_result_on_kink_pieces_is_caught_per_row(monkeypatch) -> None:
     side = _side(fm, x)
     assert node_pass_mod.piece_pass(side, params, delta, bufs, rows, s, w) is None
     assert not side.rules
+
+
+class ReluTokens(nn.Module):
+    """Tokens and a positional table of the root, a ReLU MLP, LayerNorm: kinks along a step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(9, 6)
+        self.pos = nn.Parameter(torch.randn(4, 6) * 0.3)
+        self.fc1, self.ln, self.fc2 = nn.Linear(6, 16), nn.LayerNorm(16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(self.emb(x) + self.pos[: x.shape[1]]))
+        return self.fc2(self.ln(h).mean(1))
+
+
+def test_kink_probes_in_one_forward_equal_one_forward_per_point() -> None:
+    """probe_pass: the switching values and sensitivities of every probe point from one
+    forward at per-row points equal those of one forward per point, and so do the kinks."""
+    from explaind_kernel.kinks import breakpoints
+
+    torch.manual_seed(0)
+    model = ReluTokens().double()
+    fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    bufs: dict = {}
+    x = torch.randint(0, 9, (3, 4), generator=torch.Generator().manual_seed(1))
+    delta = {k: v * 10 for k, v in _step(params).items()}  # large enough to cross kinks
+    fm.set_modes(False)
+    side = _side(fm, x)
+    grid = np.linspace(0.0, 1.0, 9).tolist()
+    got = node_pass_mod.probe_pass(side, params, delta, bufs, grid)
+    assert got is not None
+    side.fuse_nodes = False  # the per-point forwards
+    per_point = []
+    real = node_pass_mod.record_switches
+    ref = jacobian_mod.record_switches
+    for s in grid:
+        point = {k: params[k] + s * delta[k] for k in params}
+        per_point.append(
+            ref(lambda p=point: side.selector(side._call(p, bufs, (x,)), side.index), 3)
+        )
+    assert real is ref
+    assert len(got) == len(per_point) and len(got[0][0]) == len(per_point[0][0]) > 0
+    for (sw, sens), (sw_r, sens_r) in zip(got, per_point):
+        for a, b in zip(sens, sens_r):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        for op, op_r in zip(sw, sw_r):
+            for a, b in zip(op, op_r):
+                assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    cuts, cuts_r = breakpoints(grid, got, 3, 8), breakpoints(grid, per_point, 3, 8)
+    assert sum(c.size for c in cuts_r) > 0
+    for c, c_r in zip(cuts, cuts_r):
+        np.testing.assert_allclose(c, c_r, rtol=0, atol=1e-12)
