@@ -110,9 +110,8 @@ def _passes(side, theta, delta, buffers, s, w, ins=None, step: int = MAX_GROUP):
             return None
         if total is None:
             total = part
-        else:
-            for k, v in part.items():
-                total[k].add_(v)
+        else:  # out of place: a rule may hand back a tensor the capture shares (a tap's g)
+            total = {k: total[k] + v for k, v in part.items()}
     return total
 
 
