@@ -175,13 +175,12 @@ class LMDBStore(Store):
             raise NotATraceError(
                 f"{self.path} exists but is not an LMDB trace directory (no data.mdb inside)."
             )
+        # first the cheap in-process check: this process's own recorder may be writing the
+        # file, and reading its meta pages mid-write could call it truncated
+        self._refuse_own_writer()
         check_lmdb_file(self.path)
         with _open_lock:
-            if self._key in _open_writers:
-                raise StoreError(
-                    f"{self.path} is being recorded by this process; LMDB cannot open it twice "
-                    "in one process. Close the recorder before reading the trace."
-                )
+            self._refuse_own_writer()
             entry = _readers.get(self._key)
             if entry is not None:
                 entry[1] += 1
@@ -203,6 +202,20 @@ class LMDBStore(Store):
                     raise NotATraceError(f"{self.path} is not a readable LMDB trace: {e}") from e
             _readers[self._key] = [env, 1]
             return env
+
+    def _refuse_own_writer(self) -> None:
+        """StoreError when this process is recording into this path (call under _open_lock,
+        or before it as a fast first check)."""
+        if self._key in _open_writers:
+            raise StoreError(
+                f"{self.path} is being recorded by this process; LMDB cannot open it twice "
+                "in one process. Close the recorder before reading the trace."
+            )
+
+    def _refuse_open_here(self) -> None:
+        """StoreError when this process has this path open at all (under _open_lock)."""
+        if self._key in _open_writers or self._key in _readers:
+            raise StoreError(f"{self.path} is already open in this process; close it first.")
 
     def _lock_usable(self) -> bool:
         """Whether LMDB can map lock.mdb without faulting: it exists and is fully
@@ -238,6 +251,8 @@ class LMDBStore(Store):
                     "left untouched. Choose a new path (or an empty directory) for the trace."
                 )
             if entries:
+                with _open_lock:  # open here already: say so, before reading its pages
+                    self._refuse_open_here()
                 check_lmdb_file(self.path)
         free = free_bytes(self.path)
         if free is not None and free < _MIN_FREE:
@@ -247,8 +262,7 @@ class LMDBStore(Store):
                 "another location, and record again."
             )
         with _open_lock:
-            if self._key in _open_writers or self._key in _readers:
-                raise StoreError(f"{self.path} is already open in this process; close it first.")
+            self._refuse_open_here()
             _open_writers.add(self._key)
         try:
             self.path.mkdir(parents=True, exist_ok=True)

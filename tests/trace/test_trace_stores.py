@@ -266,6 +266,27 @@ def test_lmdb_readers_share_one_environment_and_writers_are_exclusive(tmp_path) 
             et.open_trace(tmp_path / "live.lmdb")
 
 
+def test_a_trace_this_process_records_is_refused_before_its_pages_are_read(
+    tmp_path, monkeypatch
+) -> None:
+    """The recorder's writer may be mid-write: the in-process check comes before the file
+    check, which could otherwise call the live file truncated (seen as a flaky failure)."""
+    from explaind_trace.stores import lmdb_store
+
+    def mid_write(path):
+        raise TraceCorruptError(f"{path}/data.mdb is truncated (a write in progress)")
+
+    model = th.MLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with et.record(model, opt, store=tmp_path / "live.lmdb"):
+        monkeypatch.setattr(lmdb_store, "check_lmdb_file", mid_write)
+        with pytest.raises(et.StoreError, match="Close the recorder"):
+            LMDBStore(tmp_path / "live.lmdb", readonly=True)
+        with pytest.raises(et.StoreError, match="already open in this process"):
+            LMDBStore(tmp_path / "live.lmdb")
+        monkeypatch.undo()
+
+
 @pytest.mark.parametrize("bad", [-1, 0, 1 << 60, 2.5, "64M", True])
 def test_lmdb_map_size_is_validated_and_the_path_stays_usable(tmp_path, bad) -> None:
     path = tmp_path / "m.lmdb"
