@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from explaind_kernel.persample import linear as linear_rules
 from explaind_kernel.persample import registry
 from explaind_kernel.train_rows import rows_check, rule_grads
 from explaind_kernel.training_side import TrainingSide
+from tests.kernel.replayed import train_forward
 
 TOL = 1e-12
 CPU = torch.device("cpu")
@@ -239,21 +239,7 @@ class DropMLP(nn.Module):
 
 
 def _forward(model, batch: int = 6):
-    torch.manual_seed(3)
-    fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
-    params = {k: v.detach().double() for k, v in model.named_parameters()}
-    bufs = {k: (v.double() if v.is_floating_point() else v) for k, v in model.named_buffers()}
-    x = torch.randn(batch, 4, dtype=torch.float64)
-    c = torch.randn(batch, 3, dtype=torch.float64)
-    fwd = SimpleNamespace(
-        ids=[str(i) for i in range(batch)],
-        args=(x,),
-        kwargs={},
-        cotangent=c,
-        training=True,
-        rng_state=torch.get_rng_state(),
-    )
-    return fm, params, bufs, fwd
+    return train_forward(model, (4,), batch, seed=3)
 
 
 def _per_sample_reference(fm, params, bufs, fwd):

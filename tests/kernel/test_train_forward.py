@@ -24,6 +24,7 @@ from explaind_kernel import compute_kernel
 from explaind_kernel.functional import FunctionalModel
 from explaind_kernel.train_forward import forward_products
 from explaind_kernel.training_side import TrainingSide
+from tests.kernel.replayed import train_forward
 
 TOL = 1e-12
 CPU = torch.device("cpu")
@@ -82,20 +83,7 @@ class AttnBN(nn.Module):
 
 
 def _forward(model: nn.Module, shape: tuple[int, ...], batch: int = 7):
-    torch.manual_seed(5)
-    fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
-    params = {k: v.detach().double() for k, v in model.named_parameters()}
-    bufs = {k: (v.double() if v.is_floating_point() else v) for k, v in model.named_buffers()}
-    x = torch.randn(batch, *shape, dtype=torch.float64)
-    c = torch.randn(batch, 3, dtype=torch.float64)
-    fwd = SimpleNamespace(
-        ids=[str(i) for i in range(batch)],
-        args=(x,),
-        kwargs={},
-        cotangent=c,
-        training=True,
-        rng_state=torch.get_rng_state(),
-    )
+    fm, params, bufs, fwd = train_forward(model, shape, batch, seed=5)
     z = {k: torch.randn(9, *v.shape, dtype=torch.float64) for k, v in params.items()}
     return fm, params, bufs, fwd, z
 
