@@ -56,16 +56,23 @@ def mark_block(probe: dict[str, float] | None, done: int, blocks: int) -> bool:
     """The calibration's probe of a blocked route: after block `done` (from 1) of `blocks`,
     note the time in `probe` ("first_block", then "second_block") and say whether the probe
     has what it needs: the first block (replay and warm-up included) and, where there are
-    more, a second one, the cost of each further block."""
+    more, a second one, the cost of each further block. A probe with a "limit" (seconds
+    after its "t0": the best route's whole time so far) stops after its first block once past
+    it: the route's time can only grow from there, so it cannot be the fastest."""
     if probe is None:
         return False
     probe["blocks"] = blocks
-    probe["first_block" if done == 1 else "second_block"] = time.perf_counter()
+    now = time.perf_counter()
+    probe["first_block" if done == 1 else "second_block"] = now
+    if done == 1 and "limit" in probe and now - probe["t0"] > probe["limit"]:
+        probe["stopped"] = 1.0
+        return True
     return done >= min(2, blocks)
 
 
 def probe_seconds(probe: Mapping[str, float], t0: float) -> float:
-    """The whole route's time extrapolated from `mark_block`'s notes (started at `t0`)."""
+    """The whole route's time extrapolated from `mark_block`'s notes (started at `t0`); a
+    probe stopped at its limit gives its first block's time, already more than the limit."""
     first = probe.get("first_block", time.perf_counter()) - t0
     if "second_block" not in probe:
         return first
@@ -116,3 +123,14 @@ def tiny_row_groups(cots: list[Tensor]) -> list[tuple[list[Tensor], float]]:
         ([rows_where(~tiny, c, 1.0) for c in cots], 1.0),
         ([rows_where(tiny, c, 2.0**up) for c in cots], 2.0**-up),
     ]
+
+
+def limited_probe(t0: float, timings: Mapping[str, float]) -> dict[str, float]:
+    """A fresh probe started at `t0`, limited to the fastest of the routes timed so far."""
+    return {"t0": t0, "limit": min(timings.values())} if timings else {}
+
+
+def competitive(seconds: float, timings: Mapping[str, float], margin: float = 2.0) -> bool:
+    """Whether a route timed cold at `seconds` may still beat the fastest route so far once
+    warm (it is timed again then): within `margin` times it, or nothing timed yet."""
+    return not timings or seconds < margin * min(timings.values())

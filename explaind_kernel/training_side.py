@@ -44,7 +44,14 @@ from .config import TRAINING_MODES
 from .errors import InputError
 from .functional import FunctionalModel
 from .persample.local import math_attention
-from .train_blocks import counting_activations, mark_block, probe_seconds, rows_per_block
+from .train_blocks import (
+    competitive,
+    counting_activations,
+    limited_probe,
+    mark_block,
+    probe_seconds,
+    rows_per_block,
+)
 from .train_forward import forward_products, load_decompositions
 from .train_jvp import jvp_products
 from .train_persample import block_grads
@@ -168,9 +175,11 @@ class TrainingSide:
         """Measure every route that applies on this forward and keep the fastest for the run.
 
         The rules route runs in full; a batched route runs its replay and its first two blocks
-        of rows, and its time is extrapolated to all blocks (train_forward.mark_block: so
-        measuring costs about one forward of each route, never a whole slow route; forward_ad
-        is timed on its second probe, after the one-time cost of its first). "jvp"
+        of rows, and its time is extrapolated to all blocks (train_blocks.mark_block: so
+        measuring costs about one forward of each route, never a whole slow route), or stops
+        after its first block once that alone took longer than the fastest route so far;
+        forward_ad is timed again after its first probe (a warm-up) when that one came within
+        twice the fastest. "jvp"
         computes forward_ad's tangents by a double backward: it is measured only where
         forward_ad cannot run. The chosen route then answers this forward in full: auto gives
         exactly what the explicit choice of that route gives."""
@@ -189,12 +198,14 @@ class TrainingSide:
                 results[route] = got
                 self.timings[route] = time.perf_counter() - t0
                 continue
-            probe: dict[str, float] = {}
+            probe = limited_probe(t0, self.timings)
             try:
-                if route == "forward_ad":  # its first run compiles torch's jvp decompositions
+                if route == "forward_ad":  # a first run warms it up: timed again if it can win
                     self._forward_ad(params, buffers, forward, z_grad, strict=True, probe=probe)
-                    t0, probe = time.perf_counter(), {}
-                    self._forward_ad(params, buffers, forward, z_grad, strict=True, probe=probe)
+                    if competitive(probe_seconds(probe, t0), self.timings):
+                        t0 = time.perf_counter()
+                        probe = limited_probe(t0, self.timings)
+                        self._forward_ad(params, buffers, forward, z_grad, strict=True, probe=probe)
                 else:
                     self._batched(
                         params,

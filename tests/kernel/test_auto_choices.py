@@ -85,3 +85,28 @@ def test_the_bench_cap_stops_a_hopeless_run() -> None:
     assert capped(5.0, lambda x: x + 1, 2) == 3
     assert signal.getsignal(signal.SIGALRM) is before
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_probe_past_the_fastest_route_stops_after_its_first_block() -> None:
+    """training_mode="auto" probes a route's first two blocks, but stops after the first once
+    it alone took longer than the fastest route timed so far (that route cannot win: its time
+    only grows); without a limit, or within it, both blocks run and the time is extrapolated."""
+    import time
+
+    from explaind_kernel.train_blocks import (
+        competitive,
+        limited_probe,
+        mark_block,
+        probe_seconds,
+    )
+
+    t0 = time.perf_counter() - 5.0  # the first block took 5 s
+    late = limited_probe(t0, {"rules": 1.0})
+    assert mark_block(late, 1, 10) and late["stopped"] == 1.0
+    assert probe_seconds(late, t0) > 1.0  # so it loses to the 1 s route
+    ok = limited_probe(t0, {"rules": 60.0})
+    assert not mark_block(ok, 1, 10) and "stopped" not in ok
+    assert mark_block(ok, 2, 10)
+    assert limited_probe(t0, {}) == {} and not mark_block({}, 1, 10)
+    assert competitive(1.9, {"rules": 1.0}) and not competitive(2.1, {"rules": 1.0})
+    assert competitive(100.0, {})
