@@ -11,7 +11,8 @@
   after it (a sample index, say) is ignored.
 
 `labels=` always wins over labels that come with the inputs. Numbers in labels keep their
-dtype (class indices stay integers).
+dtype (class indices stay integers). `split_inputs` and `check_against_trace` then check the
+tensors' batch dimension and that they are passed like the recorded training inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,14 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["collect_inputs", "inputs_digest", "positional_inputs", "problem_digest"]
+__all__ = [
+    "check_against_trace",
+    "collect_inputs",
+    "inputs_digest",
+    "positional_inputs",
+    "problem_digest",
+    "split_inputs",
+]
 
 
 def _tensor(value: Any, what: str) -> Tensor:
@@ -173,3 +181,61 @@ def problem_digest(
     `reader` records (``result.extra["inputs_digest"]``), without computing anything."""
     inputs, labels = collect_inputs(inputs, labels, positional=positional_inputs(reader))
     return inputs_digest(inputs, labels, outputs, output_names=output_names, slices=slices)
+
+
+def split_inputs(inputs: Any) -> tuple[tuple[str | None, ...], tuple[Tensor, ...]]:
+    """(keys, tensors) of test inputs given as a tensor, a tuple or a dict (keys None for
+    positional inputs), checked to share a non-empty leading batch dimension."""
+    if isinstance(inputs, Mapping):
+        keys: tuple[str | None, ...] = tuple(str(k) for k in inputs)
+        xs = tuple(inputs.values())
+    else:
+        xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
+        keys = (None,) * len(xs)
+    if not xs or not all(isinstance(x, Tensor) for x in xs):
+        raise InputError(
+            "inputs must be a tensor [N, ...], a tuple of tensors (positional) or a dict of "
+            "tensors (keyword inputs, e.g. {'input_ids': ..., 'attention_mask': ...})"
+        )
+    n = xs[0].shape[0] if xs[0].dim() else 0
+    if n == 0 or any(x.dim() == 0 or x.shape[0] != n for x in xs):
+        raise InputError(
+            f"test inputs must share a non-empty leading batch dimension; got shapes "
+            f"{[tuple(x.shape) for x in xs]}"
+        )
+    return keys, xs
+
+
+def check_against_trace(reader: Any, keys: tuple[str | None, ...], xs: tuple[Tensor, ...]) -> None:
+    """The test inputs must be passed like the first recorded training forward's inputs."""
+    fwds = reader.step(0).forwards
+    if not fwds:  # a trace without forwards has nothing to compare with
+        return
+    f = fwds[0]
+    trained = [(None, a) for a in f.args if isinstance(a, Tensor)]
+    trained += [(k, v) for k, v in f.kwargs.items() if isinstance(v, Tensor) and v.dim() > 0]
+    positional = [a for k, a in trained if k is None]
+    named = {k: a for k, a in trained if k is not None}
+    given_pos = [k for k in keys if k is None]
+    unknown = [k for k in keys if k is not None and k not in named]
+    if len(positional) != len(given_pos) or unknown:
+        raise InputError(
+            f"the model was trained with {len(positional)} positional tensor input(s) and "
+            f"keyword tensors {sorted(named)} per forward, but the test inputs are "
+            f"{len(given_pos)} positional and keywords {sorted(k for k in keys if k)}; "
+            "pass positional inputs as a tensor or tuple in the same order, and keyword inputs "
+            "as a dict (e.g. {'input_ids': ...})."
+        )
+    it = iter(positional)
+    pairs = [(k, named[k] if k is not None else next(it)) for k in keys]
+    for (k, a), x in zip(pairs, xs):
+        j = k or 0
+        if (
+            tuple(a.shape[1:]) != tuple(x.shape[1:])
+            or a.is_floating_point() != x.is_floating_point()
+        ):
+            raise InputError(
+                f"test input {j} has shape {tuple(x.shape)} ({x.dtype}) but the model was "
+                f"trained on rows of shape {tuple(a.shape[1:])} ({a.dtype}); pass test inputs "
+                "shaped like the training inputs, batch first."
+            )

@@ -30,7 +30,13 @@ from explaind_trace.errors import TraceMismatchError
 from .config import KernelConfig
 from .errors import EmptyTraceError, InputError, ModelMismatchError
 from .functional import FunctionalModel, OutputSelector, primary_output, to_compute, to_numpy64
-from .inputs import collect_inputs, inputs_digest, positional_inputs
+from .inputs import (
+    check_against_trace,
+    collect_inputs,
+    inputs_digest,
+    positional_inputs,
+    split_inputs,
+)
 from .jacobian import TestSide
 from .prefetch import codec_cotangents
 from .quadrature import Quadrature
@@ -149,8 +155,8 @@ class KernelProblem:
         shapes = {p.name: tuple(p.shape) for p in reader.meta.params}
         inputs, labels = collect_inputs(inputs, labels, positional=positional_inputs(reader))
         digest = inputs_digest(inputs, labels, outputs, output_names=output_names, slices=slices)
-        keys, xs = _split_inputs(inputs)
-        _check_against_trace(reader, keys, xs)
+        keys, xs = split_inputs(inputs)
+        check_against_trace(reader, keys, xs)
         selector = OutputSelector(outputs, names=output_names)
         mask_of = _slices(slices or {}, names, shapes, device)
         fm = FunctionalModel(
@@ -316,62 +322,6 @@ class KernelProblem:
 
 
 # ------------------------------------------------------------------ validation
-def _split_inputs(inputs: Any) -> tuple[tuple[str | None, ...], tuple[Tensor, ...]]:
-    if isinstance(inputs, Mapping):
-        keys: tuple[str | None, ...] = tuple(str(k) for k in inputs)
-        xs = tuple(inputs.values())
-    else:
-        xs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-        keys = (None,) * len(xs)
-    if not xs or not all(isinstance(x, Tensor) for x in xs):
-        raise InputError(
-            "inputs must be a tensor [N, ...], a tuple of tensors (positional) or a dict of "
-            "tensors (keyword inputs, e.g. {'input_ids': ..., 'attention_mask': ...})"
-        )
-    n = xs[0].shape[0] if xs[0].dim() else 0
-    if n == 0 or any(x.dim() == 0 or x.shape[0] != n for x in xs):
-        raise InputError(
-            f"test inputs must share a non-empty leading batch dimension; got shapes "
-            f"{[tuple(x.shape) for x in xs]}"
-        )
-    return keys, xs
-
-
-def _check_against_trace(reader: Any, keys: tuple[str | None, ...], xs: tuple[Tensor, ...]):
-    """The test inputs must be passed like the first recorded training forward's inputs."""
-    fwds = reader.step(0).forwards
-    if not fwds:  # a trace without forwards has nothing to compare with
-        return
-    f = fwds[0]
-    trained = [(None, a) for a in f.args if isinstance(a, Tensor)]
-    trained += [(k, v) for k, v in f.kwargs.items() if isinstance(v, Tensor) and v.dim() > 0]
-    positional = [a for k, a in trained if k is None]
-    named = {k: a for k, a in trained if k is not None}
-    given_pos = [k for k in keys if k is None]
-    unknown = [k for k in keys if k is not None and k not in named]
-    if len(positional) != len(given_pos) or unknown:
-        raise InputError(
-            f"the model was trained with {len(positional)} positional tensor input(s) and "
-            f"keyword tensors {sorted(named)} per forward, but the test inputs are "
-            f"{len(given_pos)} positional and keywords {sorted(k for k in keys if k)}; "
-            "pass positional inputs as a tensor or tuple in the same order, and keyword inputs "
-            "as a dict (e.g. {'input_ids': ...})."
-        )
-    it = iter(positional)
-    pairs = [(k, named[k] if k is not None else next(it)) for k in keys]
-    for (k, a), x in zip(pairs, xs):
-        j = k or 0
-        if (
-            tuple(a.shape[1:]) != tuple(x.shape[1:])
-            or a.is_floating_point() != x.is_floating_point()
-        ):
-            raise InputError(
-                f"test input {j} has shape {tuple(x.shape)} ({x.dtype}) but the model was "
-                f"trained on rows of shape {tuple(a.shape[1:])} ({a.dtype}); pass test inputs "
-                "shaped like the training inputs, batch first."
-            )
-
-
 def _slices(
     spec: SliceSpec,
     names: tuple[str, ...],
