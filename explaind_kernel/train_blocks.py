@@ -130,7 +130,7 @@ def limited_probe(t0: float, timings: Mapping[str, float]) -> dict[str, float]:
     return {"t0": t0, "limit": min(timings.values())} if timings else {}
 
 
-def competitive(seconds: float, timings: Mapping[str, float], margin: float = 2.0) -> bool:
+def competitive(seconds: float, timings: Mapping[str, float], margin: float = 1.25) -> bool:
     """Whether a route timed cold at `seconds` may still beat the fastest route so far once
     warm (it is timed again then): within `margin` times it, or nothing timed yet."""
     return not timings or seconds < margin * min(timings.values())

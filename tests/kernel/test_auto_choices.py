@@ -108,5 +108,5 @@ def test_a_probe_past_the_fastest_route_stops_after_its_first_block() -> None:
     assert not mark_block(ok, 1, 10) and "stopped" not in ok
     assert mark_block(ok, 2, 10)
     assert limited_probe(t0, {}) == {} and not mark_block({}, 1, 10)
-    assert competitive(1.9, {"rules": 1.0}) and not competitive(2.1, {"rules": 1.0})
+    assert competitive(1.2, {"rules": 1.0}) and not competitive(1.3, {"rules": 1.0})
     assert competitive(100.0, {})
