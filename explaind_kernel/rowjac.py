@@ -54,21 +54,11 @@ def rule_jacobian(
     if shift is not None and not cap.shiftable:
         return None
     m = int(xs[0].shape[0])
-    rows = m * width * groups
     ref = next(iter(params.values()))
-
-    def per_row(t: Tensor) -> Tensor:  # [m, G] → [rows], row (j·O + o)·G + k
-        return t.to(ref.dtype).reshape(m, 1, groups).expand(m, width, groups).reshape(-1)
-
-    rep = tuple(x.repeat_interleave(width * groups, 0) for x in xs)
-    idx = index.repeat_interleave(width * groups, 0)
-    sh = Shift(per_row(shift[0]), shift[1]) if shift is not None else None
-    pick = (torch.arange(rows, device=ref.device) // groups % width).unsqueeze(1)
-    with cap.capture(rows, params, sh) as run:
-        y = side.selector(side._call(run, buffers, rep), idx).gather(1, pick)
-        if weights is not None:
-            y = y * per_row(weights).unsqueeze(1)
-        cap.backward(y.sum())
+    if not _seeded(
+        cap, lambda: _seeded_pass(side, cap, params, buffers, xs, index, shift, weights, groups)
+    ):
+        _expanded_pass(side, cap, params, buffers, xs, index, width, shift, weights, groups)
     grads, failed = cap.gradients(groups)
     rest = [n for n in names if n in failed or n not in cap.covered]
     out = {
@@ -89,6 +79,60 @@ def rule_jacobian(
     return out
 
 
+def _seeded(cap, run: Callable[[], None]) -> bool:
+    """Run a seeded pass (persample/seeds.py) where the model allows one; False (and the
+    expanded pass from then on, for this model) when its backward cannot be batched."""
+    if not cap.seeded:
+        return False
+    try:
+        run()
+        return True
+    except (RuntimeError, NotImplementedError) as e:
+        log.warning(
+            "the test side's backward over all explained outputs at once failed on this model "
+            "(%s); repeating each input once per explained output instead (slower, same "
+            "rules and check)",
+            e,
+        )
+        cap.seeded = False
+        return False
+
+
+def _seeded_pass(side, cap, params, buffers, xs, index, shift, weights, groups: int) -> None:
+    """rule_jacobian's forward over the m·G (input, group) pairs, its backward seeded with the
+    O explained outputs (attention by its math kernel, which the batched backward can vmap)."""
+    ref = next(iter(params.values()))
+    pairs = tuple(x.repeat_interleave(groups, 0) for x in xs)
+    idx = index.repeat_interleave(groups, 0)
+    sh = Shift(shift[0].to(ref.dtype).reshape(-1), shift[1]) if shift is not None else None
+    base = int(idx.shape[0])
+    with math_attention(), cap.capture(base, params, sh, seeded=True) as run:
+        y = side.selector(side._call(run, buffers, pairs), idx)
+        if weights is not None:
+            y = y * weights.to(ref.dtype).reshape(-1, 1)
+        cap.backward_seeded([y], groups)
+
+
+def _expanded_pass(side, cap, params, buffers, xs, index, width, shift, weights, groups) -> None:
+    """rule_jacobian's forward over every (input, output, group) row, one backward of the sum."""
+    m = int(xs[0].shape[0])
+    rows = m * width * groups
+    ref = next(iter(params.values()))
+
+    def per_row(t: Tensor) -> Tensor:  # [m, G] → [rows], row (j·O + o)·G + k
+        return t.to(ref.dtype).reshape(m, 1, groups).expand(m, width, groups).reshape(-1)
+
+    rep = tuple(x.repeat_interleave(width * groups, 0) for x in xs)
+    idx = index.repeat_interleave(width * groups, 0)
+    sh = Shift(per_row(shift[0]), shift[1]) if shift is not None else None
+    pick = (torch.arange(rows, device=ref.device) // groups % width).unsqueeze(1)
+    with cap.capture(rows, params, sh) as run:
+        y = side.selector(side._call(run, buffers, rep), idx).gather(1, pick)
+        if weights is not None:
+            y = y * per_row(weights).unsqueeze(1)
+        cap.backward(y.sum())
+
+
 def points_jacobian(
     side,
     xs: tuple[Tensor, ...],
@@ -107,15 +151,25 @@ def points_jacobian(
     m = int(xs[0].shape[0])
     rows = m * width
     ref = next(iter(points[0].values()))
-    rep = tuple(x.repeat_interleave(width, 0) for x in xs)
-    idx = index.repeat_interleave(width, 0)
-    pick = (torch.arange(rows, device=ref.device) % width).unsqueeze(1)
-    with cap.capture_points(rows, points) as runs:
-        total = None
-        for run, w in zip(runs, weights):
-            y = side.selector(side._call(run, buffers, rep), idx).gather(1, pick).sum() * w
-            total = y if total is None else total + y
-        cap.backward(total)
+
+    def seeded() -> None:  # one forward of the m inputs per point, all outputs seeded at once
+        with math_attention(), cap.capture_points(m, points, seeded=True) as runs:
+            ys = [
+                side.selector(side._call(run, buffers, xs), index) * w
+                for run, w in zip(runs, weights)
+            ]
+            cap.backward_seeded(ys)
+
+    if not _seeded(cap, seeded):
+        rep = tuple(x.repeat_interleave(width, 0) for x in xs)
+        idx = index.repeat_interleave(width, 0)
+        pick = (torch.arange(rows, device=ref.device) % width).unsqueeze(1)
+        with cap.capture_points(rows, points) as runs:
+            total = None
+            for run, w in zip(runs, weights):
+                y = side.selector(side._call(run, buffers, rep), idx).gather(1, pick).sum() * w
+                total = y if total is None else total + y
+            cap.backward(total)
     grads, failed = cap.gradients(merge=True)
     out = {n: grads[n] if n in grads else ref.new_zeros(rows, *points[0][n].shape) for n in names}
     rest = [n for n in names if n in failed or n not in cap.covered]

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .direct import DirectReads
+from .fold import _folded, _merged, _summed
 from .local import batch_dim, local_rule
 from .registry import (
     Call,
@@ -31,6 +32,7 @@ from .registry import (
     replace_leaves,
     tensor_leaves,
 )
+from .seeds import base_rule, seeded_backward
 
 
 def _has_rows(t: Tensor, rows: int, bdim: int = 0) -> bool:
@@ -94,6 +96,9 @@ class RowCapture:
         self.direct: dict[str, str] = {}  # the root's own parameters, {local: canonical}
         self._reads: DirectReads | None = None
         self._shift_used = False
+        self._seeded = False  # this capture's backward is seeded (seeds.py)
+        self.seeded = True  # seeded passes work on this model (False after one failed)
+        self._seed_layout = (1, 1)  # (outputs, groups) of the last seeded backward
         for path, m in module.named_modules():
             own = {
                 local: canonical[id(p)]
@@ -123,11 +128,13 @@ class RowCapture:
         rows: int,
         params: Mapping[str, Tensor],
         shift: Shift | None = None,
+        *,
+        seeded: bool = False,
     ) -> Iterator[dict[str, Tensor]]:
         """Record module calls of one forward over `rows` rows (at per-row points if `shift`);
         yields the parameters to run that forward with (the root's own ones as followed
-        leaves)."""
-        with self.capture_points(rows, [params], shift) as runs:
+        leaves). `seeded`: the backward is `backward_seeded`'s."""
+        with self.capture_points(rows, [params], shift, seeded=seeded) as runs:
             yield runs[0]
 
     @contextlib.contextmanager
@@ -136,6 +143,8 @@ class RowCapture:
         rows: int,
         points: list[Mapping[str, Tensor]],
         shift: Shift | None = None,
+        *,
+        seeded: bool = False,
     ) -> Iterator[list[dict[str, Tensor]]]:
         """`capture` for several forwards over the same rows, one per parameter point, before
         one backward: yields the parameters to run each with. A module's calls are then one
@@ -147,7 +156,7 @@ class RowCapture:
         ref = next(iter(points[0].values()))
         self._anchor = torch.zeros((), dtype=ref.dtype, device=ref.device, requires_grad=True)
         self._rows, self._shift, self._active = rows, shift, True
-        self._shift_used = shift is not None
+        self._shift_used, self._seeded = shift is not None, seeded
         runs = [dict(p) for p in points]
         reads = contextlib.nullcontext()
         self._reads = None
@@ -182,6 +191,10 @@ class RowCapture:
         self._reads = None
 
     def _tap(self, t: Tensor, slot: list) -> Tensor:
+        if self._seeded:  # the tensor whose gradient backward_seeded asks for; a copy goes on,
+            raw = t + self._anchor  # so an in-place op downstream leaves it as it was
+            slot.append(raw)
+            return raw.clone()
         return _Tap.apply(t, self._anchor, slot)
 
     def backward(self, total: Tensor) -> None:
@@ -189,6 +202,18 @@ class RowCapture:
         assert self._anchor is not None, "backward() runs inside capture()"
         keep = self._reads is not None  # direct reads differentiate their view chains after
         torch.autograd.grad(total, [self._anchor], allow_unused=True, retain_graph=keep)
+
+    def backward_seeded(self, outputs: list[Tensor], groups: int = 1) -> None:
+        """The backward of a seeded capture (seeds.py): every output [rows, O] seeded with
+        each of its O values at once; afterwards the capture holds rows·O rows, row
+        (j·O + o)·groups + k for base row j·groups + k and output o, as an expanded pass."""
+        assert self._seeded and self._anchor is not None, "a seeded capture's backward"
+        calls = [(self._modules[k], c) for k, o in self._owners.items() for c in o.calls]
+        taps = [slot for _, _, slot in self._reads.taps] if self._reads is not None else []
+        rows = seeded_backward(outputs, calls, taps, self._rows, groups, self._reads is not None)
+        self._rows, self._seed_layout = rows, (rows // self._rows, groups)
+        if self._reads is not None:
+            self._reads.rows = rows
 
     def _hook(self, module: nn.Module, args, kwargs, output):
         if not self._active:
@@ -220,7 +245,7 @@ class RowCapture:
             if not t.is_floating_point():
                 tapped.append(t)
             elif _has_rows(t, rows, bdim):
-                tapped.append(_Tap.apply(t, self._anchor, slot))
+                tapped.append(self._tap(t, slot))
             else:  # a floating output without the rows: its gradient cannot be split by row
                 owner.untapped = True
                 tapped.append(t)
@@ -274,6 +299,13 @@ class RowCapture:
                 call.grads = [s[0] if s else None for s in call.grads]  # type: ignore[union-attr]
                 call.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
             calls = owner.calls
+            if any(c.seeded for c in calls):  # the calls a seeded pass left at its base rows
+                got = base_rule(module, [c for c in calls if c.seeded], *self._seed_layout)
+                calls = [c for c in calls if not c.seeded]
+                for local, g in got.items():
+                    c = owner.own.get(local)
+                    if c is not None and c not in done:
+                        out[c] = out[c] + g if c in out else g
             if merge and len(calls) > 1 and rule is not None and layer_folds(module):
                 calls = _merged(calls, self._rows)
             for call in calls:
@@ -336,57 +368,6 @@ class RowCapture:
         if orphans:
             parts.append((orphans, _summed(_local(module, call, rows, list(orphans)), groups)))
         return parts
-
-
-def _summed(got: dict[str, Tensor] | None, groups: int) -> dict[str, Tensor] | None:
-    """Per-row gradients [R·groups, ...] (each row's groups consecutive) summed to [R, ...]."""
-    if got is None or groups == 1:
-        return got
-    return {k: v.reshape(-1, groups, *v.shape[1:]).sum(1) for k, v in got.items()}
-
-
-def _fold(t: Tensor, groups: int, keep: int) -> Tensor:
-    """[R·groups, *tokens, *last] → [R, groups·tokens, *last] (`keep` last dims kept): a row's
-    groups are consecutive, so this is a view of a contiguous tensor."""
-    tail = tuple(t.shape[t.dim() - keep :])
-    return t.reshape(t.shape[0] // groups, -1, *tail)
-
-
-def _merged(calls: list[Call], rows: int) -> list[Call]:
-    """Calls of a folding rule's module as one, tokens side by side (first input and output
-    gradient), where their shapes allow; the rest as they are."""
-
-    def tails(c: Call):
-        a, g = c.args[0] if c.args else None, c.gout
-        if not isinstance(a, Tensor) or not isinstance(g, Tensor) or g.dim() < 2:
-            return None
-        if a.dim() not in (g.dim(), g.dim() - 1) or a.shape[0] != rows or g.shape[0] != rows:
-            return None
-        keep = 1 + a.dim() - g.dim()
-        return tuple(a.shape[a.dim() - keep :]), g.shape[-1], a.dtype
-
-    ok = [c for c in calls if tails(c) is not None]
-    if len(ok) < 2 or len({tails(c) for c in ok}) > 1:
-        return calls
-    keep = 1 + ok[0].args[0].dim() - ok[0].gout.dim()
-    a = torch.cat([_fold(c.args[0], 1, keep) for c in ok], 1)
-    g = torch.cat([_fold(c.gout, 1, 1) for c in ok], 1)
-    one = Call((a,), {}, ok[0].state, ok[0].training, [], [g], merged=True)
-    return [one] + [c for c in calls if all(c is not o for o in ok)]
-
-
-def _folded(call: Call, rows: int, groups: int) -> Call | None:
-    """The call of a folding rule seen over rows/groups rows with the groups' tokens side by
-    side (first input and output gradient; an input with one dim fewer than the gradient,
-    like an embedding's indices, keeps none), or None when they do not hold the rows."""
-    a, g = call.args[0] if call.args else None, call.gout
-    if not isinstance(a, Tensor) or not isinstance(g, Tensor) or g.dim() < 2:
-        return None
-    if a.dim() not in (g.dim(), g.dim() - 1) or a.shape[0] != rows or g.shape[0] != rows:
-        return None
-    args = (_fold(a, groups, 1 + a.dim() - g.dim()), *call.args[1:])
-    grads = [_fold(g, groups, 1), *call.grads[1:]]
-    return Call(args, call.kwargs, call.state, call.training, call.outputs, grads)
 
 
 def _local(module, call: Call, rows: int, names: list[str]):

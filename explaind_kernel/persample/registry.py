@@ -28,6 +28,7 @@ class Call:
     outputs: list[Tensor]  # tensor outputs, in tree order (tapped)
     grads: list[Tensor | None] = field(default_factory=list)  # their gradients, filled later
     merged: bool = False  # several calls' tokens side by side (capture.py, `merge`)
+    seeded: bool = False  # left at a seeded pass's base rows for seeds.py's rules
 
     @property
     def gout(self) -> Tensor | None:

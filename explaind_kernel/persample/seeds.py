@@ -1,0 +1,168 @@
+"""Seeded row passes: the forward over the base rows once, the backward seeded with every
+explained output at once.
+
+The expanded row pass repeats each base row (a test input, or an (input, group) pair at its own
+point) once per explained output, so that one backward of the explained sum gives each row its
+own output gradient; its forward then costs O times that of the base rows. A seeded pass runs
+the forward over the base rows only and seeds the backward with all O explained outputs at once
+(torch.autograd.grad with is_grads_batched: a vmap over the backward graph), asking for the
+gradient at every recorded module output directly. Afterwards each recorded call is laid out as
+an expanded pass would have recorded it — its inputs repeated, its batched output gradients in
+row order (j·O + o)·G + k — so the layer rules, the folding and the per-row check are unchanged.
+Linear and LayerNorm calls stay at the base rows instead: their rules here (`base_rule`) take
+each input's O output gradients at once — for a Linear one product [O·out, G·T] × [G·T, in] per
+input, where the expanded rows would cost O·G products [out, T] × [T, in] and copies of the
+inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .linear import linear_rule
+from .local import batch_dim
+from .norm import layer_norm_rule
+from .registry import Call, layer_rule_for
+
+
+def seeded_backward(
+    outputs: list[Tensor],
+    calls: list[tuple[nn.Module, Call]],
+    taps: list[list],
+    base: int,
+    groups: int,
+    keep: bool,
+) -> int:
+    """Fill every recorded slot (of `calls` (module, call) and of the direct reads' `taps`)
+    with its gradient, seeded by each output's O values, and expand the calls to base·O rows
+    (those `base_rule` treats stay at the base rows, marked `seeded`); returns base·O. Slots
+    hold the recorded tensors until then."""
+    width = int(outputs[0].shape[-1])
+    slots = [s for _, c in calls for s in c.grads if s] + [s for s in taps if s]
+    seeds = []
+    for y in outputs:
+        eye = torch.eye(width, dtype=y.dtype, device=y.device)
+        seeds.append(eye.reshape(width, *([1] * (y.dim() - 1)), width).expand(width, *y.shape))
+    got = torch.autograd.grad(
+        outputs,
+        [s[0] for s in slots],
+        seeds,
+        is_grads_batched=True,
+        allow_unused=True,
+        retain_graph=keep,
+    )
+    at = {id(s): g for s, g in zip(slots, got)}
+    for module, call in calls:
+        if _fits(module, call, base, at):
+            call.seeded = True
+            call.grads = [
+                [at[id(s)]] if s and at.get(id(s)) is not None else [] for s in call.grads
+            ]
+            continue
+        bdim = batch_dim(module)
+        call.args = tuple(_rows(a, bdim, base, width, groups) for a in call.args)
+        call.kwargs = {k: _rows(v, bdim, base, width, groups) for k, v in call.kwargs.items()}
+        for s in call.grads:
+            _fill(s, at, bdim, base, width, groups)
+    for s in taps:
+        _fill(s, at, 0, base, width, groups)
+    return base * width
+
+
+def _fill(slot: list, at: dict, bdim: int, base: int, width: int, groups: int) -> None:
+    g = at.get(id(slot)) if slot else None
+    slot.clear()
+    if g is not None:
+        slot.append(_grad_rows(g, bdim, base, width, groups))
+
+
+def _rows(t, bdim: int, base: int, width: int, groups: int):
+    """An input with the base rows at `bdim` ([.., m·G, ..]) as the expanded pass's rows
+    [.., m·O·G, ..]; anything else as it is."""
+    if not isinstance(t, Tensor) or t.dim() <= bdim or t.shape[bdim] != base:
+        return t
+    pre, post, m = t.shape[:bdim], t.shape[bdim + 1 :], base // groups
+    v = t.detach().reshape(*pre, m, 1, groups, *post).expand(*pre, m, width, groups, *post)
+    return v.reshape(*pre, m * width * groups, *post)
+
+
+def _grad_rows(g: Tensor, bdim: int, base: int, width: int, groups: int) -> Tensor:
+    """A batched gradient [O, .., m·G, ..] (rows at `bdim` of the recorded tensor) as the
+    expanded pass's [.., m·O·G, ..]."""
+    shape = g.shape[1:]
+    pre, post, m = shape[:bdim], shape[bdim + 1 :], base // groups
+    v = g.reshape(width, *pre, m, groups, *post).movedim(0, len(pre) + 1)
+    return v.reshape(*pre, m * width * groups, *post)
+
+
+def _fits(module: nn.Module, call: Call, base: int, at: dict) -> bool:
+    """Whether `base_rule` treats this call: a Linear or LayerNorm (with its built-in rule
+    registered, of which the rule here is a faster form) whose first input and single output
+    hold the base rows first."""
+    fit = _BASE.get(type(module))
+    if fit is not None and layer_rule_for(module) is not fit[2]:
+        fit = None
+    a = call.args[0] if call.args else None
+    if fit is None or len(call.grads) != 1 or not isinstance(a, Tensor) or a.dim() < 2:
+        return False
+    g = at.get(id(call.grads[0])) if call.grads[0] else None
+    if a.shape[0] != base or (g is not None and tuple(g.shape[1:-1]) != tuple(a.shape[:-1])):
+        return False
+    return fit[0](module, call)
+
+
+def base_rule(module: nn.Module, calls: list[Call], width: int, groups: int) -> dict[str, Tensor]:
+    """{local name: [m·O, *shape]} summed over `calls` (left at the base rows by
+    `seeded_backward`, output gradients [O, base, ...]) and each input's G groups."""
+    calls = [c for c in calls if c.gout is not None]
+    return _BASE[type(module)][1](module, calls, width, groups) if calls else {}
+
+
+def _linear(module: nn.Module, calls: list[Call], width: int, groups: int) -> dict[str, Tensor]:
+    g0 = calls[0].gout
+    assert g0 is not None
+    m, out = g0.shape[1] // groups, g0.shape[-1]
+    a = torch.cat([c.args[0].detach().reshape(m, -1, c.args[0].shape[-1]) for c in calls], 1)
+    g = torch.cat([c.gout.reshape(width, m, -1, out) for c in calls], 2)  # type: ignore[union-attr]
+    gt = g.permute(1, 0, 3, 2).reshape(m, width * out, -1)  # input j: [O·out, tokens]
+    got = {"weight": torch.bmm(gt, a.to(gt.dtype)).reshape(m * width, out, a.shape[-1])}
+    if "bias" in calls[0].state:
+        got["bias"] = gt.sum(-1).reshape(m * width, out)
+    return got
+
+
+def _layer_norm(module: nn.Module, calls: list[Call], width: int, groups: int):
+    got: dict[str, Tensor] = {}
+    shape = tuple(module.normalized_shape)
+    for c in calls:
+        g, x = c.gout, c.args[0].detach()
+        assert g is not None
+        xhat = F.layer_norm(x.to(g.dtype), shape, eps=module.eps)
+        tokens = tuple(range(2, g.dim() - len(shape)))
+        m = g.shape[1] // groups
+        parts = {"weight": g * xhat, "bias": g}
+        for name, t in parts.items():
+            if name not in c.state:
+                continue
+            t = t.sum(tokens) if tokens else t  # [O, base, *shape]
+            t = t.reshape(width, m, groups, *shape).sum(2).movedim(0, 1)
+            t = t.reshape(m * width, *shape)
+            got[name] = got[name] + t if name in got else t
+    return got
+
+
+#: class → (whether a call fits, the rule over a module's seeded calls, the registered rule
+#: it is a form of)
+_BASE: dict[type, tuple[Callable[[nn.Module, Call], bool], Callable, Callable]] = {
+    nn.Linear: (lambda m, c: True, _linear, linear_rule),
+    nn.modules.linear.NonDynamicallyQuantizableLinear: (lambda m, c: True, _linear, linear_rule),
+    nn.LayerNorm: (
+        lambda m, c: bool(c.state) and c.args[0].dim() > len(m.normalized_shape),
+        _layer_norm,
+        layer_norm_rule,
+    ),
+}

@@ -1,0 +1,193 @@
+"""Seeded row passes (explaind_kernel/persample/seeds.py): the forward over the base rows, the
+backward seeded with every explained output at once, against independent references in float64.
+
+References: the expanded pass (each input repeated once per explained output, one backward of
+the sum) and torch.func / plain autograd per input. Tolerance 1e-12 relative to the largest
+entry, as in test_persample.py (the same products summed in another order).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from explaind_kernel import rowjac
+from explaind_kernel.functional import FunctionalModel
+from explaind_kernel.persample import capture, seeds
+
+from .test_node_pass import GAUSS3, PAIRS, SHIFTABLE, _reference, _step
+from .test_persample import CASES, CPU, _assert_rows_equal, _setup, _side
+
+
+def _capture(fm, params):
+    return fm.row_capture(list(params))
+
+
+def _spy(monkeypatch, name: str) -> list:
+    """Count the calls of seeds.`name` (the seeded backward, a base-row rule)."""
+    seen: list = []
+    real = getattr(seeds, name)
+
+    def spy(*a, **k):
+        seen.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(seeds, name, spy)
+    monkeypatch.setattr(capture, name, spy, raising=False)  # (imported there)
+    if name in ("_linear", "_layer_norm"):  # the table holds the functions themselves
+        for cls, (fits, rule, stock) in list(seeds._BASE.items()):
+            if rule is real:
+                monkeypatch.setitem(seeds._BASE, cls, (fits, spy, stock))
+    return seen
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_seeded_rows_equal_the_expanded_pass_and_autograd(name, monkeypatch) -> None:
+    """At θ, every model of the per-row table (sequence-first attention: rows on dim 1): the
+    seeded pass (no fallback) equals the expanded one and plain autograd per input."""
+    fm, params, bufs, x = _setup(name)
+    fm.set_modes(False)
+    used = _spy(monkeypatch, "seeded_backward")
+    side = _side(fm, x)
+    width = side.width(params, bufs)
+    got = rowjac.rule_jacobian(side, params, bufs, (x,), side.index, width)
+    assert used and _capture(fm, params).seeded, "the seeded pass fell back"
+    _capture(fm, params).seeded = False  # now the expanded pass
+    expanded = rowjac.rule_jacobian(side, params, bufs, (x,), side.index, width)
+    ref = _side(fm, x, mode="autograd").jacobian(params, bufs)
+    _assert_rows_equal(got, expanded)
+    _assert_rows_equal(got, ref)
+
+
+@pytest.mark.parametrize("name", SHIFTABLE)
+def test_seeded_pieces_at_their_own_points_equal_torch_func(name, monkeypatch) -> None:
+    """Kink pieces (inputs at their own points, groups of unequal size, weights on the seeds)
+    and shared nodes by seeded passes equal Σ w·J from torch.func at each point."""
+    fm, params, bufs, x = _setup(name)
+    delta = _step(params)
+    fm.set_modes(False)
+    used = _spy(monkeypatch, "seeded_backward")
+    side = _side(fm, x, check_every=1)
+    rows, s, w = PAIRS["one_pass"]
+    from explaind_kernel.node_pass import piece_pass
+
+    got = piece_pass(side, params, delta, bufs, rows, s, w)
+    ref = _side(fm, x, rules=False)._jacobian_at(params, delta, bufs, rows, s, w)
+    assert side.rules and used and _capture(fm, params).seeded
+    _assert_rows_equal(got, ref)
+    nodes, weights = GAUSS3
+    got, _ = side.integrated_jacobian(params, delta, bufs, nodes, weights)
+    assert side.rules and _capture(fm, params).seeded
+    _assert_rows_equal(got, _reference(fm, x, params, delta, bufs, nodes, weights))
+
+
+def test_linear_and_layer_norm_rules_at_the_base_rows_are_used(monkeypatch) -> None:
+    """On the SDPA block the Linear and LayerNorm calls stay at the base rows (seeds.py's
+    rules), over three nodes' forwards merged; the result equals the expanded pass."""
+    fm, params, bufs, x = _setup("linear_3d_embedding_layernorm_sdpa")
+    delta = _step(params)
+    fm.set_modes(False)
+    lin, ln = _spy(monkeypatch, "_linear"), _spy(monkeypatch, "_layer_norm")
+    nodes, weights = GAUSS3
+    side = _side(fm, x)
+    got, _ = side.integrated_jacobian(params, delta, bufs, nodes, weights)
+    assert len(lin) == 3 and len(ln) == 1  # qkv, out, head; one LayerNorm: one call each
+    _capture(fm, params).seeded = False
+    expanded, _ = _side(fm, x).integrated_jacobian(params, delta, bufs, nodes, weights)
+    _assert_rows_equal(got, expanded)
+
+
+class _Doubler(torch.autograd.Function):
+    """y = 2x, with a backward the batched (vmapped) backward cannot run (no batching rule
+    for einsum there)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return torch.einsum("...,->...", g, torch.tensor(2.0, dtype=g.dtype))
+
+
+class _Custom(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.tanh(_Doubler.apply(self.fc1(x))))
+
+
+def test_a_backward_that_cannot_be_batched_falls_back_to_the_expanded_pass(caplog) -> None:
+    """The seeded backward fails on a custom autograd function: the test side says so, takes
+    the expanded pass from then on, and stays exact."""
+    torch.manual_seed(0)
+    model = _Custom()
+    fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    fm.set_modes(False)
+    side = _side(fm, x)
+    with caplog.at_level(logging.WARNING):
+        got = side.jacobian(params, {})
+    assert "backward over all explained outputs at once failed" in caplog.text
+    assert not _capture(fm, params).seeded and side.rules
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    y = fm(leaves, {}, (x,))
+    rows = [
+        torch.autograd.grad(y[i, o], list(leaves.values()), retain_graph=True)
+        for i in range(3)
+        for o in range(3)
+    ]  # one plain backward per (input, output)
+    ref = {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(leaves)}
+    _assert_rows_equal(got, ref)
+
+
+@pytest.mark.parametrize("wrong", ["layout", "base_rule"])
+def test_a_wrong_seeded_result_is_caught_per_row(wrong, monkeypatch) -> None:
+    """Rolling the rows of the seeded gradients' layout (the Embedding's, expanded) or of the
+    base-row Linear rule keeps every sum over rows but is wrong per row: the node-pass check
+    hands the test side to torch.func, and the result stays exact."""
+    fm, params, bufs, x = _setup("linear_3d_embedding_layernorm_sdpa")
+    delta = _step(params)
+    fm.set_modes(False)
+    if wrong == "layout":
+        real = seeds._grad_rows
+        monkeypatch.setattr(seeds, "_grad_rows", lambda *a: real(*a).roll(1, 0))
+    else:
+        fits, rule, stock = seeds._BASE[nn.Linear]
+
+        def rolled(*a):
+            return {k: v.roll(1, 0) for k, v in rule(*a).items()}
+
+        monkeypatch.setitem(seeds._BASE, nn.Linear, (fits, rolled, stock))
+    nodes, weights = GAUSS3
+    side = _side(fm, x)
+    got, _ = side.integrated_jacobian(params, delta, bufs, nodes, weights)
+    assert not side.rules
+    monkeypatch.undo()
+    _assert_rows_equal(got, _reference(fm, x, params, delta, bufs, nodes, weights))
+
+
+def test_grad_rows_lays_out_rows_input_output_group() -> None:
+    """[O, m·G, ...] batched gradients become rows (j·O + o)·G + k, on dim 0 and dim 1."""
+    o, m, g = 3, 2, 4
+    grad = torch.arange(o * m * g * 5.0).reshape(o, m * g, 5)
+    got = seeds._grad_rows(grad, 0, m * g, o, g)
+    for j in range(m):
+        for oo in range(o):
+            for k in range(g):
+                assert torch.equal(got[(j * o + oo) * g + k], grad[oo, j * g + k])
+    seq = grad.reshape(o, 1, m * g, 5).expand(o, 2, m * g, 5)  # rows on dim 1
+    got1 = seeds._grad_rows(seq, 1, m * g, o, g)
+    assert torch.equal(got1[1], got)
+    a = torch.arange(m * g * 5.0).reshape(m * g, 5)
+    rows = seeds._rows(a, 0, m * g, o, g)
+    assert torch.equal(rows[(1 * o + 2) * g + 3], a[1 * g + 3])
+    assert np.array_equal(seeds._rows(a[:3], 0, m * g, o, g).numpy(), a[:3].numpy())
