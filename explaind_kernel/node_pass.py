@@ -51,6 +51,7 @@ def node_pass(
     """{name: [R, *shape]} Σ_k w_k ∂f/∂θ(θ + s_k·Δθ) over the nodes, in passes of up to
     MAX_GROUP nodes, or None when the rules cannot treat the model or fail the check (then
     `side.rules` is False and the caller takes the torch.func route)."""
+    side.fm.row_capture(list(theta)).workspace.release()  # the last step's J̄ is done with
     s = np.repeat(np.asarray(nodes, dtype=np.float64)[:, None], side.n, 1)
     w = np.repeat(np.asarray(weights, dtype=np.float64)[:, None], side.n, 1)
     return _passes(side, theta, delta, buffers, s, w)
@@ -64,6 +65,8 @@ def piece_pass(side, theta, delta, buffers, rows: np.ndarray, s: np.ndarray, w: 
     n = side.n
     if not side.fm.row_capture(list(theta)).shiftable:
         return None
+    cap = side.fm.row_capture(list(theta))
+    cap.workspace.release()  # the last step's J̄ is done with
     counts = np.bincount(rows, minlength=n)
     order = np.argsort(rows, kind="stable")
     rank = np.empty(rows.size, dtype=np.int64)  # the pair's place among its input's pairs
@@ -81,7 +84,7 @@ def piece_pass(side, theta, delta, buffers, rows: np.ndarray, s: np.ndarray, w: 
         at = torch.as_tensor(ins, device=next(iter(theta.values())).device)
         for k, v in part.items():
             if k not in total:  # every input is in one bucket: all rows get written
-                total[k] = v.new_empty(n, width, *v.shape[1:])
+                total[k] = cap.workspace.empty((n, width, *v.shape[1:]), v.dtype, v.device)
             total[k].index_copy_(0, at, v.reshape(ins.size, width, *v.shape[1:]))
     return {k: v.reshape(n * width, *v.shape[2:]) for k, v in total.items()}
 

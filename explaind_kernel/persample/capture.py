@@ -33,6 +33,7 @@ from .registry import (
     tensor_leaves,
 )
 from .seeds import base_rule, seeded_backward
+from .workspace import Workspace
 
 
 def _has_rows(t: Tensor, rows: int, bdim: int = 0) -> bool:
@@ -99,6 +100,7 @@ class RowCapture:
         self._seeded = False  # this capture's backward is seeded (seeds.py)
         self.seeded = True  # seeded passes work on this model (False after one failed)
         self._seed_layout = (1, 1)  # (outputs, groups) of the last seeded backward
+        self.workspace = Workspace()  # the large outputs of the base-row rules
         for path, m in module.named_modules():
             own = {
                 local: canonical[id(p)]
@@ -300,7 +302,8 @@ class RowCapture:
                 call.args = tuple(a.detach() if isinstance(a, Tensor) else a for a in call.args)
             calls = owner.calls
             if any(c.seeded for c in calls):  # the calls a seeded pass left at its base rows
-                got = base_rule(module, [c for c in calls if c.seeded], *self._seed_layout)
+                seeded = [c for c in calls if c.seeded]
+                got = base_rule(module, seeded, *self._seed_layout, self.workspace.empty)
                 calls = [c for c in calls if not c.seeded]
                 for local, g in got.items():
                     c = owner.own.get(local)

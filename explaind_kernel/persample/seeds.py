@@ -99,6 +99,10 @@ def _grad_rows(g: Tensor, bdim: int, base: int, width: int, groups: int) -> Tens
     return v.reshape(*pre, m * width * groups, *post)
 
 
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _fits(module: nn.Module, call: Call, base: int, at: dict) -> bool:
     """Whether `base_rule` treats this call: a Linear or LayerNorm (with its built-in rule
     registered, of which the rule here is a faster form) whose first input and single output
@@ -115,27 +119,31 @@ def _fits(module: nn.Module, call: Call, base: int, at: dict) -> bool:
     return fit[0](module, call)
 
 
-def base_rule(module: nn.Module, calls: list[Call], width: int, groups: int) -> dict[str, Tensor]:
+def base_rule(
+    module: nn.Module, calls: list[Call], width: int, groups: int, empty: Callable = _empty
+) -> dict[str, Tensor]:
     """{local name: [m·O, *shape]} summed over `calls` (left at the base rows by
-    `seeded_backward`, output gradients [O, base, ...]) and each input's G groups."""
+    `seeded_backward`, output gradients [O, base, ...]) and each input's G groups; the large
+    outputs in `empty(shape, dtype, device)` (a workspace's)."""
     calls = [c for c in calls if c.gout is not None]
-    return _BASE[type(module)][1](module, calls, width, groups) if calls else {}
+    return _BASE[type(module)][1](module, calls, width, groups, empty) if calls else {}
 
 
-def _linear(module: nn.Module, calls: list[Call], width: int, groups: int) -> dict[str, Tensor]:
+def _linear(module: nn.Module, calls: list[Call], width: int, groups: int, empty=_empty):
     g0 = calls[0].gout
     assert g0 is not None
     m, out = g0.shape[1] // groups, g0.shape[-1]
     a = torch.cat([c.args[0].detach().reshape(m, -1, c.args[0].shape[-1]) for c in calls], 1)
     g = torch.cat([c.gout.reshape(width, m, -1, out) for c in calls], 2)  # type: ignore[union-attr]
     gt = g.permute(1, 0, 3, 2).reshape(m, width * out, -1)  # input j: [O·out, tokens]
-    got = {"weight": torch.bmm(gt, a.to(gt.dtype)).reshape(m * width, out, a.shape[-1])}
+    w = empty((m, width * out, a.shape[-1]), gt.dtype, gt.device)
+    got = {"weight": torch.bmm(gt, a.to(gt.dtype), out=w).view(m * width, out, a.shape[-1])}
     if "bias" in calls[0].state:
         got["bias"] = gt.sum(-1).reshape(m * width, out)
     return got
 
 
-def _layer_norm(module: nn.Module, calls: list[Call], width: int, groups: int):
+def _layer_norm(module: nn.Module, calls: list[Call], width: int, groups: int, empty=_empty):
     got: dict[str, Tensor] = {}
     shape = tuple(module.normalized_shape)
     for c in calls:

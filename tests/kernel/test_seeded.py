@@ -191,3 +191,50 @@ def test_grad_rows_lays_out_rows_input_output_group() -> None:
     rows = seeds._rows(a, 0, m * g, o, g)
     assert torch.equal(rows[(1 * o + 2) * g + 3], a[1 * g + 3])
     assert np.array_equal(seeds._rows(a[:3], 0, m * g, o, g).numpy(), a[:3].numpy())
+
+
+# ------------------------------------------------------------------ workspace
+def test_the_workspace_lends_again_only_what_nobody_holds() -> None:
+    """A buffer comes back at release() only when no tensor is left on it."""
+    from explaind_kernel.persample.workspace import MIN_BYTES, Workspace
+
+    ws = Workspace()
+    n = MIN_BYTES // 8
+    a = ws.empty((n,), torch.float64, CPU)
+    b = ws.empty((2, n // 2), torch.float64, CPU)
+    held = b[1:]  # a view keeps b's buffer
+    pa, pb = a.data_ptr(), b.data_ptr()
+    del a, b
+    ws.release()
+    c = ws.empty((n,), torch.float64, CPU)
+    d = ws.empty((n,), torch.float64, CPU)
+    assert c.data_ptr() == pa and d.data_ptr() not in (pa, pb)
+    assert held.data_ptr() == pb + (n // 2) * 8
+    small = ws.empty((4,), torch.float64, CPU)  # small tensors: the allocator's
+    assert small.numel() == 4 and len(ws._lent) == 2
+
+
+def test_jacobians_of_earlier_steps_stay_intact_while_buffers_are_reused() -> None:
+    """Two steps of fused nodes on a Linear model large enough for the workspace: a result
+    the caller still holds is never overwritten; a dropped one's buffer is written again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 40))
+    fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    x = torch.randn(8, 64, dtype=torch.float64)
+    fm.set_modes(False)
+    nodes, weights = GAUSS3
+    side = _side(fm, x)
+    d1, d2 = _step(params, seed=2), _step(params, seed=5)
+    first, _ = side.integrated_jacobian(params, d1, {}, nodes, weights)
+    kept = {k: v.clone() for k, v in first.items()}
+    second, _ = side.integrated_jacobian(params, d2, {}, nodes, weights)
+    for k in first:  # held: untouched, and not shared with the second result
+        assert torch.equal(first[k], kept[k])
+        assert first[k].data_ptr() != second[k].data_ptr()
+    ptr = second["2.weight"].data_ptr()
+    _assert_rows_equal(second, _reference(fm, x, params, d2, {}, nodes, weights))
+    del second
+    third, _ = side.integrated_jacobian(params, d1, {}, nodes, weights)
+    assert third["2.weight"].data_ptr() == ptr  # the dropped result's memory, written again
+    _assert_rows_equal(third, kept)
