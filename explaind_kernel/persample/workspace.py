@@ -42,13 +42,12 @@ class Workspace:
         if n * torch.empty((), dtype=dtype).element_size() < MIN_BYTES:
             return torch.empty(shape, dtype=dtype, device=device)
         fits = [
-            b
-            for b in self._free
+            i
+            for i, b in enumerate(self._free)
             if b.dtype == dtype and b.device == device and n <= b.numel() <= 2 * n
         ]
-        if fits:
-            flat = min(fits, key=lambda b: b.numel())
-            self._free.remove(flat)
+        if fits:  # (by place: `==` on tensors compares their elements)
+            flat = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         else:
             flat = torch.empty(n, dtype=dtype, device=device)
         self._lent.append(flat)

@@ -212,6 +212,14 @@ def test_the_workspace_lends_again_only_what_nobody_holds() -> None:
     assert held.data_ptr() == pb + (n // 2) * 8
     small = ws.empty((4,), torch.float64, CPU)  # small tensors: the allocator's
     assert small.numel() == 4 and len(ws._lent) == 2
+    sizes = [3 * n, n + 8, 2 * n]  # several free buffers: the smallest that fits is lent
+    bufs = [ws.empty((k,), torch.float64, CPU) for k in sizes]
+    ptrs = [b.data_ptr() for b in bufs]
+    del bufs, c, d
+    ws.release()
+    got = [ws.empty((n + 4,), torch.float64, CPU) for _ in range(3)]
+    assert [g.data_ptr() for g in got[:2]] == [ptrs[1], ptrs[2]]
+    assert got[2].data_ptr() not in ptrs  # 3n is more than twice n + 4: not lent
 
 
 def test_jacobians_of_earlier_steps_stay_intact_while_buffers_are_reused() -> None:
@@ -238,3 +246,27 @@ def test_jacobians_of_earlier_steps_stay_intact_while_buffers_are_reused() -> No
     third, _ = side.integrated_jacobian(params, d1, {}, nodes, weights)
     assert third["2.weight"].data_ptr() == ptr  # the dropped result's memory, written again
     _assert_rows_equal(third, kept)
+
+
+def test_kink_pieces_through_the_workspace_stay_on_the_rules() -> None:
+    """piece_pass at the workspace's sizes, three buckets twice over (buffers lent, taken
+    back, lent again in other shapes): the rules hold and equal torch.func at each point."""
+    from explaind_kernel.node_pass import piece_pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 40))
+    fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    x = torch.randn(8, 64, dtype=torch.float64)
+    fm.set_modes(False)
+    counts = [2, 2, 2, 2, 2, 4, 4, 6]
+    rows = np.repeat(np.arange(8), counts)
+    s = np.concatenate([np.linspace(0.05, 0.95, c) for c in counts])
+    w = np.concatenate([np.full(c, 1.0 / c) for c in counts])
+    side = _side(fm, x, check_every=1)
+    ref_side = _side(fm, x, rules=False)
+    for seed in (2, 5):
+        delta = _step(params, seed=seed)
+        got = piece_pass(side, params, delta, {}, rows, s, w)
+        assert side.rules
+        _assert_rows_equal(got, ref_side._jacobian_at(params, delta, {}, rows, s, w))
