@@ -12,8 +12,8 @@ and the stored bytes per step (progress ``stored_bytes`` / steps: checkpoints ev
 first-time samples, RNG states, cotangents, fingerprints, record structure) are set against
 the raw fp32 gradient (4 bytes × parameters), with the bytes by kind.
 
-Recording time: plain training and each recording mode alternated in one process (median
-ratio to plain over the repeats). Kernel time: ``compute_kernel`` on a stored and a
+Recording time: each recording mode right after a plain run of its own, in one process, the
+modes' order rotated per repeat (median ratio to plain over the pairs). Kernel time: ``compute_kernel`` on a stored and a
 recompute trace of a smaller run (batch 64, few steps, 2 test inputs), alternated; the
 recompute trace's replay runs every forward once more, with a backward. The results of the
 two are checked bitwise equal. On a shared machine the wall times are indicative only; the
@@ -101,19 +101,29 @@ def bytes_per_step(args) -> dict:
 
 
 def recording_time(args) -> dict:
-    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in MODES}}
+    """Each mode timed right after a plain run of its own (ratio per pair, median over the
+    repeats); the modes' order rotates from repeat to repeat, so that no mode always runs
+    first or last (on a shared machine drifting load otherwise biases the later ones)."""
+    modes = list(MODES)
+    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
+    pairs: dict[str, list[float]] = {m: [] for m in modes}
     kw = {"steps": args.time_steps, "batch": args.batch, "every": args.checkpoint_every}
     run(None, **{**kw, "steps": 5})  # warm up
-    for _ in range(args.repeats):
-        for mode in [None, *MODES]:
-            times["plain" if mode is None else mode].append(run(mode, **kw)[0])
-    plain = statistics.median(times["plain"])
-    ratios = {m: statistics.median(t / p for t, p in zip(times[m], times["plain"])) for m in MODES}
-    print(f"recording / plain (median of {args.repeats}): {ratios}", flush=True)
+    for r in range(args.repeats):
+        for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
+            plain = run(None, **kw)[0]
+            recorded = run(mode, **kw)[0]
+            times["plain"].append(plain)
+            times[mode].append(recorded)
+            pairs[mode].append(recorded / plain)
+    ratios = {m: statistics.median(pairs[m]) for m in modes}
+    print(f"recording / plain (median of {args.repeats} pairs): {ratios}", flush=True)
     return {
         "steps": args.time_steps,
+        "method": "each mode right after its own plain run, order rotated per repeat",
         "seconds": times,
-        "plain_ms_per_step": 1000 * plain / args.time_steps,
+        "ratios": pairs,
+        "plain_ms_per_step": 1000 * statistics.median(times["plain"]) / args.time_steps,
         "median_ratio_to_plain": ratios,
     }
 
