@@ -9,10 +9,10 @@ the forward over the base rows only and seeds the backward with all O explained 
 gradient at every recorded module output directly. Afterwards each recorded call is laid out as
 an expanded pass would have recorded it — its inputs repeated, its batched output gradients in
 row order (j·O + o)·G + k — so the layer rules, the folding and the per-row check are unchanged.
-Linear and LayerNorm calls stay at the base rows instead: their rules here (`base_rule`) take
-each input's O output gradients at once — for a Linear one product [O·out, G·T] × [G·T, in] per
-input, where the expanded rows would cost O·G products [out, T] × [T, in] and copies of the
-inputs.
+Linear, LayerNorm and Embedding calls stay at the base rows instead: their rules here
+(`base_rule`) take each input's O output gradients at once — for a Linear one product
+[O·out, G·T] × [G·T, in] per input, where the expanded rows would cost O·G products
+[out, T] × [T, in] and copies of the inputs.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .embedding import embedding_rule
 from .linear import linear_rule
 from .local import batch_dim
 from .norm import layer_norm_rule
@@ -104,19 +105,19 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _fits(module: nn.Module, call: Call, base: int, at: dict) -> bool:
-    """Whether `base_rule` treats this call: a Linear or LayerNorm (with its built-in rule
-    registered, of which the rule here is a faster form) whose first input and single output
-    hold the base rows first."""
+    """Whether `base_rule` treats this call: a Linear, LayerNorm or Embedding (with its
+    built-in rule registered, of which the rule here is a faster form) whose first input and
+    single output hold the base rows first."""
     fit = _BASE.get(type(module))
     if fit is not None and layer_rule_for(module) is not fit[2]:
         fit = None
     a = call.args[0] if call.args else None
-    if fit is None or len(call.grads) != 1 or not isinstance(a, Tensor) or a.dim() < 2:
+    if fit is None or len(call.grads) != 1 or not isinstance(a, Tensor) or a.dim() < 1:
         return False
     g = at.get(id(call.grads[0])) if call.grads[0] else None
-    if a.shape[0] != base or (g is not None and tuple(g.shape[1:-1]) != tuple(a.shape[:-1])):
+    if a.shape[0] != base or (g is not None and g.shape[1] != base):
         return False
-    return fit[0](module, call)
+    return fit[0](module, call, g)
 
 
 def base_rule(
@@ -163,14 +164,51 @@ def _layer_norm(module: nn.Module, calls: list[Call], width: int, groups: int, e
     return got
 
 
+def _tokens_fit(a: Tensor, g: Tensor | None, keep: int) -> bool:
+    """The output gradient [O, *a's dims but the last `keep`, features]."""
+    return g is None or tuple(g.shape[1:-1]) == tuple(a.shape[: a.dim() - keep])
+
+
+def _linear_fits(m: nn.Module, c: Call, g: Tensor | None) -> bool:
+    return c.args[0].dim() >= 2 and _tokens_fit(c.args[0], g, 1)
+
+
+def _layer_norm_fits(m: nn.Module, c: Call, g: Tensor | None) -> bool:
+    a = c.args[0]
+    return bool(c.state) and a.dim() > len(m.normalized_shape) and _tokens_fit(a, g, 1)
+
+
+def _embedding_fits(m: nn.Module, c: Call, g: Tensor | None) -> bool:
+    plain = m.max_norm is None and not m.scale_grad_by_freq
+    return plain and not c.args[0].is_floating_point() and _tokens_fit(c.args[0], g, 0)
+
+
+def _embedding(module: nn.Module, calls: list[Call], width: int, groups: int, empty=_empty):
+    """Row (j·O + o) scatters its output gradients into the table rows input j's tokens (of
+    all its groups) picked; the padding row gets none."""
+    num, dim = module.num_embeddings, module.embedding_dim
+    g0 = calls[0].gout
+    assert g0 is not None
+    m = g0.shape[1] // groups
+    out = empty((m * width * num, dim), g0.dtype, g0.device).zero_()
+    dev = g0.device
+    first = (torch.arange(m * width, device=dev) * num).reshape(m, width, 1)  # [m, O, 1]
+    for c in calls:
+        idx = c.args[0].reshape(m, 1, -1)  # [m, 1, G·T]
+        target = (first + idx).reshape(-1)
+        src = c.gout.reshape(width, m, -1, dim).transpose(0, 1).reshape(-1, dim)  # type: ignore[union-attr]
+        if module.padding_idx is not None:
+            keep = (idx != module.padding_idx).expand(m, width, idx.shape[-1]).reshape(-1)
+            target, src = target[keep], src[keep]
+        out.index_add_(0, target, src)
+    return {"weight": out.view(m * width, num, dim)}
+
+
 #: class → (whether a call fits, the rule over a module's seeded calls, the registered rule
 #: it is a form of)
-_BASE: dict[type, tuple[Callable[[nn.Module, Call], bool], Callable, Callable]] = {
-    nn.Linear: (lambda m, c: True, _linear, linear_rule),
-    nn.modules.linear.NonDynamicallyQuantizableLinear: (lambda m, c: True, _linear, linear_rule),
-    nn.LayerNorm: (
-        lambda m, c: bool(c.state) and c.args[0].dim() > len(m.normalized_shape),
-        _layer_norm,
-        layer_norm_rule,
-    ),
+_BASE: dict[type, tuple[Callable, Callable, Callable]] = {
+    nn.Linear: (_linear_fits, _linear, linear_rule),
+    nn.modules.linear.NonDynamicallyQuantizableLinear: (_linear_fits, _linear, linear_rule),
+    nn.LayerNorm: (_layer_norm_fits, _layer_norm, layer_norm_rule),
+    nn.Embedding: (_embedding_fits, _embedding, embedding_rule),
 }

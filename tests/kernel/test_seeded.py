@@ -38,7 +38,7 @@ def _spy(monkeypatch, name: str) -> list:
 
     monkeypatch.setattr(seeds, name, spy)
     monkeypatch.setattr(capture, name, spy, raising=False)  # (imported there)
-    if name in ("_linear", "_layer_norm"):  # the table holds the functions themselves
+    if name in ("_linear", "_layer_norm", "_embedding"):  # the table holds the functions
         for cls, (fits, rule, stock) in list(seeds._BASE.items()):
             if rule is real:
                 monkeypatch.setitem(seeds._BASE, cls, (fits, spy, stock))
@@ -85,17 +85,19 @@ def test_seeded_pieces_at_their_own_points_equal_torch_func(name, monkeypatch) -
     _assert_rows_equal(got, _reference(fm, x, params, delta, bufs, nodes, weights))
 
 
-def test_linear_and_layer_norm_rules_at_the_base_rows_are_used(monkeypatch) -> None:
-    """On the SDPA block the Linear and LayerNorm calls stay at the base rows (seeds.py's
-    rules), over three nodes' forwards merged; the result equals the expanded pass."""
+def test_linear_layer_norm_and_embedding_rules_at_the_base_rows_are_used(monkeypatch) -> None:
+    """On the SDPA block the Linear, LayerNorm and Embedding calls (a padding row; positions
+    shared by every row) stay at the base rows (seeds.py's rules), over three nodes' forwards
+    merged; the result equals the expanded pass."""
     fm, params, bufs, x = _setup("linear_3d_embedding_layernorm_sdpa")
     delta = _step(params)
     fm.set_modes(False)
     lin, ln = _spy(monkeypatch, "_linear"), _spy(monkeypatch, "_layer_norm")
+    emb = _spy(monkeypatch, "_embedding")
     nodes, weights = GAUSS3
     side = _side(fm, x)
     got, _ = side.integrated_jacobian(params, delta, bufs, nodes, weights)
-    assert len(lin) == 3 and len(ln) == 1  # qkv, out, head; one LayerNorm: one call each
+    assert (len(lin), len(ln), len(emb)) == (3, 1, 2)  # qkv, out, head; ln; tok, pos
     _capture(fm, params).seeded = False
     expanded, _ = _side(fm, x).integrated_jacobian(params, delta, bufs, nodes, weights)
     _assert_rows_equal(got, expanded)
@@ -151,10 +153,11 @@ def test_a_backward_that_cannot_be_batched_falls_back_to_the_expanded_pass(caplo
 
 @pytest.mark.parametrize("wrong", ["layout", "base_rule"])
 def test_a_wrong_seeded_result_is_caught_per_row(wrong, monkeypatch) -> None:
-    """Rolling the rows of the seeded gradients' layout (the Embedding's, expanded) or of the
-    base-row Linear rule keeps every sum over rows but is wrong per row: the node-pass check
-    hands the test side to torch.func, and the result stays exact."""
-    fm, params, bufs, x = _setup("linear_3d_embedding_layernorm_sdpa")
+    """Rolling the rows of the seeded gradients' layout (a custom module's, expanded for its
+    local rule) or of the base-row Linear rule keeps every sum over rows but is wrong per row:
+    the node-pass check hands the test side to torch.func, and the result stays exact."""
+    model = "mixed_covered_uncovered" if wrong == "layout" else "linear_3d_embedding_layernorm_sdpa"
+    fm, params, bufs, x = _setup(model)
     delta = _step(params)
     fm.set_modes(False)
     if wrong == "layout":
