@@ -310,3 +310,27 @@ def test_a_kernel_run_with_kink_pieces_stays_on_the_fast_path(caplog) -> None:
     with torch.no_grad():
         actual = model(x[:8]).double().numpy()
     assert np.max(np.abs(res.completeness_residual)) <= 1e-7 * np.max(np.abs(actual))
+
+
+@pytest.mark.parametrize("block", [1 << 20, 64])
+def test_the_per_row_check_in_blocks_accepts_exact_rows_and_catches_one_wrong(
+    block, monkeypatch
+) -> None:
+    """rows_agree reads J in row blocks (here one block per tensor, and blocks of one row):
+    J·v computed independently (an einsum in float64) passes; one entry of one row off by 1e-6
+    of the row's scale is caught in that row."""
+    monkeypatch.setattr(rowjac, "CHECK_BLOCK_BYTES", block)
+    g = torch.Generator().manual_seed(0)
+    jac = {
+        "a": torch.randn(7, 3, 5, generator=g, dtype=torch.float64),
+        "b": torch.randn(7, 4, generator=g, dtype=torch.float64),
+    }
+    v = {
+        "a": torch.randn(3, 5, generator=g, dtype=torch.float64),
+        "b": torch.randn(4, generator=g, dtype=torch.float64),
+    }
+    exact = torch.einsum("rij,ij->r", jac["a"], v["a"]) + jac["b"] @ v["b"]
+    assert rowjac.rows_agree(jac, v, exact)
+    wrong = {k: t.clone() for k, t in jac.items()}
+    wrong["a"][5, 1, 2] += 1e-6 * float(jac["a"][5].abs().sum())
+    assert not rowjac.rows_agree(wrong, v, exact)
