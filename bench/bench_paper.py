@@ -138,6 +138,16 @@ def ours_run(init: dict, batches, *, test_x, store: str, config: str):
     return time.perf_counter() - t0, res
 
 
+def _shown(arg: str, paper_src: str) -> str:
+    """A command-line argument as the results file shows it: no paths outside the repo."""
+    if arg == paper_src:
+        return "<checkout>"
+    try:
+        return str(Path(arg).resolve().relative_to(ROOT))
+    except ValueError:
+        return arg
+
+
 def _rel_error(pred: torch.Tensor, final: torch.Tensor, initial: torch.Tensor) -> float:
     scale = float((final - initial).abs().max())
     return float((final - pred).abs().max()) / max(scale, 1e-30)
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": " ".join(
             [
                 "bench/bench_paper.py",
-                *[a if a != args.paper_src else "<checkout>" for a in sys.argv[1:]],
+                *[_shown(a, args.paper_src) for a in sys.argv[1:]],
             ]
         ),
         "paper_code": "github.com/mainlp/explaind (passed with --paper-src)",
