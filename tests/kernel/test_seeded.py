@@ -225,15 +225,21 @@ def test_the_workspace_lends_again_only_what_nobody_holds() -> None:
     assert got[2].data_ptr() not in ptrs  # 3n is more than twice n + 4: not lent
 
 
-def test_jacobians_of_earlier_steps_stay_intact_while_buffers_are_reused() -> None:
-    """Two steps of fused nodes on a Linear model large enough for the workspace: a result
-    the caller still holds is never overwritten; a dropped one's buffer is written again."""
+def _workspace_model():
+    """A Linear model large enough for the workspace's buffers, in float64 eval mode."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 40))
     fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
     params = {k: v.detach().double() for k, v in model.named_parameters()}
     x = torch.randn(8, 64, dtype=torch.float64)
     fm.set_modes(False)
+    return fm, params, x
+
+
+def test_jacobians_of_earlier_steps_stay_intact_while_buffers_are_reused() -> None:
+    """Two steps of fused nodes on a Linear model large enough for the workspace: a result
+    the caller still holds is never overwritten; a dropped one's buffer is written again."""
+    fm, params, x = _workspace_model()
     nodes, weights = GAUSS3
     side = _side(fm, x)
     d1, d2 = _step(params, seed=2), _step(params, seed=5)
@@ -256,12 +262,7 @@ def test_kink_pieces_through_the_workspace_stay_on_the_rules() -> None:
     back, lent again in other shapes): the rules hold and equal torch.func at each point."""
     from explaind_kernel.node_pass import piece_pass
 
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 40))
-    fm = FunctionalModel(model, output_module=None, device=CPU, dtype=torch.float64)
-    params = {k: v.detach().double() for k, v in model.named_parameters()}
-    x = torch.randn(8, 64, dtype=torch.float64)
-    fm.set_modes(False)
+    fm, params, x = _workspace_model()
     counts = [2, 2, 2, 2, 2, 4, 4, 6]
     rows = np.repeat(np.arange(8), counts)
     s = np.concatenate([np.linspace(0.05, 0.95, c) for c in counts])
