@@ -9,8 +9,10 @@ path, `compare_quadrature` and the demo all enter `torch_runtime`, so they run a
 ...     result = compute(...)
 
 `auto_cpu_threads` picks the count for `cpu_threads="auto"` (the kernel's default). On a busy
-machine — a one-minute load average above the threads torch would use, less the one this
-process adds — it keeps one thread without measuring: each of the kernel's many small
+machine — other processes' runnable threads now (/proc/loadavg) enough that one of torch's
+threads would share a core; where there is no /proc, a one-minute load average above the
+threads torch would use, less the one this process adds — it keeps one thread without
+measuring: each of the kernel's many small
 operations waits for its slowest thread, and a thread that shares its core with another
 process makes that wait a time slice (measured on 2 busy cores: 2 threads 8.5× slower than 1
 on the bench's small Transformer). Otherwise a short calibration (about 0.1 s, once per shape
@@ -93,14 +95,43 @@ def _load_average() -> float | None:
         return None
 
 
+def _others_running(samples: int = 5) -> int | None:
+    """Threads of other processes running or runnable now: the kernel's count of runnable
+    threads (/proc/loadavg, fourth field) less this thread, the least of a few readings 1 ms
+    apart; None where there is no /proc/loadavg. Unlike the load average, it does not hold
+    this process's own work of the last minute (a kernel run right after training or after
+    another run would otherwise see a busy machine)."""
+    least = None
+    for i in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                running = int(f.read().split()[3].split("/")[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        least = running if least is None else min(least, running)
+        if i + 1 < samples:
+            time.sleep(0.001)
+    return max(0, least - 1)
+
+
+def _busy(most: int) -> str | None:
+    """Why the machine counts as busy for `most` threads (another process would share a
+    core with one of them), or None."""
+    others = _others_running()
+    if others is not None:
+        return f"{others} other runnable thread(s)" if others > most - 2 else None
+    load = _load_average()  # it includes the one this process adds
+    return f"load average {load:.2f}" if load is not None and load > most - 1 else None
+
+
 def auto_cpu_threads(rows: int, params: int) -> int:
     """The intra-op thread count for CPU work on [rows, params] tensors (see module docs)."""
     most = torch.get_num_threads()
     if most <= 1:
         return 1
-    load = _load_average()
-    if load is not None and load > most - 1:
-        log.info("cpu_threads=auto: 1 (machine busy: load average %.2f on %d threads)", load, most)
+    busy = _busy(most)
+    if busy is not None:
+        log.info("cpu_threads=auto: 1 (machine busy: %s on %d threads)", busy, most)
         return 1
     rows = max(1, min(int(rows), 512))
     params = max(1, min(int(params), 16384))

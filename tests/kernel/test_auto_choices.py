@@ -53,6 +53,7 @@ def test_auto_threads_is_one_on_a_busy_machine(monkeypatch) -> None:
     import explaind_kernel.runtime as runtime
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(runtime, "_others_running", lambda: None)  # no /proc: the load average
     monkeypatch.setattr(runtime.os, "getloadavg", lambda: (3.5, 1.0, 1.0))
 
     def no_timing(*a, **k):  # a busy machine is not measured
@@ -110,3 +111,40 @@ def test_a_probe_past_the_fastest_route_stops_after_its_first_block() -> None:
     assert limited_probe(t0, {}) == {} and not mark_block({}, 1, 10)
     assert competitive(1.2, {"rules": 1.0}) and not competitive(1.3, {"rules": 1.0})
     assert competitive(100.0, {})
+
+
+def test_busy_means_other_processes_running_now_not_this_ones_past(monkeypatch) -> None:
+    """With /proc/loadavg, busy is decided by the other processes' runnable threads now (one
+    of torch's threads would share a core), not by a load average that still holds this
+    process's own last minute; the count is read from the kernel's file."""
+    import explaind_kernel.runtime as runtime
+
+    monkeypatch.setattr(runtime.os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # ignored
+    monkeypatch.setattr(runtime, "_others_running", lambda: 0)
+    assert runtime._busy(2) is None and runtime._busy(4) is None
+    monkeypatch.setattr(runtime, "_others_running", lambda: 1)
+    assert runtime._busy(2) == "1 other runnable thread(s)" and runtime._busy(4) is None
+    monkeypatch.setattr(runtime, "_others_running", lambda: 3)
+    assert runtime._busy(4) == "3 other runnable thread(s)"
+
+
+def test_other_runnable_threads_are_counted() -> None:
+    """A process spinning next to this one is counted (where the platform has /proc)."""
+    import subprocess
+    import sys
+
+    from explaind_kernel.runtime import _others_running
+
+    if _others_running() is None:
+        pytest.skip("no /proc/loadavg on this platform")
+    spin = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<5: pass"]
+    )
+    try:
+        import time
+
+        time.sleep(0.3)  # the child is past its start-up and spinning
+        assert _others_running() >= 1
+    finally:
+        spin.kill()
+        spin.wait()
