@@ -318,7 +318,10 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "note": "min over repeats; before runs after after, in a subprocess of this run",
         "load_average_before": list(os.getloadavg()),
-        "command": " ".join(["python", "bench/bench_kernel_speed.py", *sys.argv[1:]]),
+        "command": " ".join(  # the before tree by name only: no path outside the repository
+            ["python", "bench/bench_kernel_speed.py"]
+            + ["<before tree>" if a == args.before_tree else a for a in sys.argv[1:]]
+        ),
         "reduced": REDUCED if args.reduced else None,
         "after": after,
     }
