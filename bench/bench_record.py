@@ -1,12 +1,13 @@
 """Recording overhead and trace size: training wall time with vs without ``record()``.
 
-Same process, alternating plain and recorded runs of the same seeded training, median
-ratio over the pairs. Besides wall time it reports CPU time (whole process, and the
-training thread alone, which includes the hooks), and the background writer's CPU per
-step: on a shared machine wall time swings with other load, CPU time much less. Sizes: bytes the trace stores per step against the raw fp32 size
+A plain and a recorded twin of the same seeded training, side by side in one process,
+alternating in blocks of steps (``bench/interleave.py``: the VM's drift falls on both), the
+median ratio over the repeats. Besides wall time it reports CPU time (whole process, and
+the training thread alone, which includes the hooks), and the background writer's CPU per
+step. Sizes: bytes the trace stores per step against the raw fp32 size
 of what it captures (4 bytes x parameters for the gradient + the input batch bytes).
 
-    python bench/bench_record.py                 # both models, 300 steps, 3 alternations
+    python bench/bench_record.py                 # all models, 300 steps, 3 repeats
     python bench/bench_record.py --steps 50 --repeats 1 --models cnn
     python bench/bench_record.py --record-option cotangent_codec=auto   # any RecordOptions field
 """
@@ -20,7 +21,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import explaind_trace as et  # noqa: E402
+from bench.interleave import interleaved_overhead, train_steps  # noqa: E402
 from examples.cifar2.model import SmallCNN, synthetic_cifar2  # noqa: E402
 from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
 from explaind_trace.info import describe  # noqa: E402
@@ -69,13 +69,8 @@ SETUPS = {"transformer": transformer_setup, "cnn": cnn_setup, "sdpa": sdpa_setup
 
 
 def train(model, opt, x, y, batch: int, steps: int) -> None:
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    """``steps`` seeded steps (the batches drawn from a generator seeded 1)."""
+    train_steps(model, opt, x, y, batch, torch.Generator().manual_seed(1), steps)
 
 
 #: extra RecordOptions fields for the recorded runs (--record-option KEY=VALUE)
@@ -92,77 +87,56 @@ def _option(text: str) -> tuple[str, object]:
         return key, value  # a plain string
 
 
-def run(name: str, *, steps: int, recorded: bool, checkpoint_every: int, workdir: str, tag: str):
-    model, opt, x, y, batch = SETUPS[name](seed=0)
-    path = os.path.join(workdir, f"{name}-{tag}.lmdb")
-    cpu0, main0 = time.process_time(), time.thread_time()
-    start = time.perf_counter()
-    if recorded:
-        with et.record(model, opt, store=path, checkpoint_every=checkpoint_every, **RECORD_OPTIONS):
-            train(model, opt, x, y, batch, steps)
-    else:
-        train(model, opt, x, y, batch, steps)
-    elapsed = time.perf_counter() - start  # includes draining the writer and closing the trace
-    cpu = time.process_time() - cpu0  # all threads of this process (training, writer)
-    main = time.thread_time() - main0  # the training thread alone (includes the hooks)
+def bench(name: str, *, steps: int, repeats: int, checkpoint_every: int, block: int) -> dict:
+    """``repeats`` side-by-side measurements (``bench/interleave.py``) of ``name``'s training,
+    plain and recorded to an LMDB trace; the last trace's sizes."""
+    runs = []
     info = None
-    if recorded:
-        info = describe(path, check_drift=False)
-    params = sum(p.numel() for p in model.parameters())
-    batch_bytes = x[:batch].numel() * x.element_size()
-    return elapsed, (cpu, main), info, params, batch_bytes
 
+    def make():
+        return SETUPS[name](seed=0)
 
-def bench(name: str, *, steps: int, repeats: int, checkpoint_every: int) -> dict:
-    plain, recorded, ratios, cpu_plain, cpu_recorded, cpu_ratios = [], [], [], [], [], []
-    main_ratios, background = [], []
-    info = None
-    opts = {"steps": steps, "checkpoint_every": checkpoint_every}
+    opts = {"checkpoint_every": checkpoint_every, **RECORD_OPTIONS}
     with tempfile.TemporaryDirectory() as workdir:
-        warm = {**opts, "steps": min(steps, 20)}
-        run(name, recorded=False, workdir=workdir, tag="warm-p", **warm)
-        run(name, recorded=True, workdir=workdir, tag="warm-r", **warm)
+        warm = os.path.join(workdir, f"{name}-warm.lmdb")
+        interleaved_overhead(make, store=warm, steps=min(steps, 20), block=10, record_kwargs=opts)
         for r in range(repeats):
-            t0, c0, _, params, batch_bytes = run(
-                name, recorded=False, workdir=workdir, tag=f"p{r}", **opts
+            path = os.path.join(workdir, f"{name}-{r}.lmdb")
+            one = interleaved_overhead(
+                make, store=path, steps=steps, block=block, record_kwargs=opts
             )
-            t1, c1, info, _, _ = run(name, recorded=True, workdir=workdir, tag=f"r{r}", **opts)
-            plain.append(t0)
-            recorded.append(t1)
-            ratios.append(t1 / t0)
-            cpu_plain.append(c0[0])
-            cpu_recorded.append(c1[0])
-            cpu_ratios.append(c1[0] / c0[0])
-            main_ratios.append(c1[1] / c0[1])
-            background.append((c1[0] - c1[1] - (c0[0] - c0[1])) / steps)
+            runs.append(one)
+            info = describe(path, check_drift=False)
             print(
-                f"{name}: plain {t0:.2f}s  recorded {t1:.2f}s  ratio {t1 / t0:.3f}  "
-                f"(process cpu ratio {c1[0] / c0[0]:.3f}, training-thread cpu ratio "
-                f"{c1[1] / c0[1]:.3f})",
+                f"{name}: plain {one['plain_seconds']:.2f}s  recorded {one['recorded_seconds']:.2f}s"
+                f"  ratio {one['ratio']:.3f}  (process cpu ratio {one['cpu_ratio']:.3f}, "
+                f"training-thread cpu ratio {one['training_thread_cpu_ratio']:.3f})",
                 flush=True,
             )
     if info is None:
         raise RuntimeError("no recorded run")
-    raw_per_step = 4 * params + batch_bytes
+    model, _, x, _, batch = make()
+    params = sum(p.numel() for p in model.parameters())
+    raw_per_step = 4 * params + x[:batch].numel() * x.element_size()
     stored_per_step = info["stored_bytes"] / steps
+
+    def med(key: str) -> float:
+        return statistics.median(o[key] for o in runs)
+
     return {
         "steps": steps,
         "repeats": repeats,
+        "block": block,
         "checkpoint_every": checkpoint_every,
         "parameters": params,
-        "plain_seconds": plain,
-        "recorded_seconds": recorded,
-        "ratios": ratios,
-        "median_ratio": statistics.median(ratios),
-        "plain_cpu_seconds": cpu_plain,
-        "recorded_cpu_seconds": cpu_recorded,
-        "cpu_ratios": cpu_ratios,
-        "median_cpu_ratio": statistics.median(cpu_ratios),
-        "training_thread_cpu_ratios": main_ratios,
-        "median_training_thread_cpu_ratio": statistics.median(main_ratios),
-        "writer_cpu_ms_per_step": 1000 * statistics.median(background),
-        "plain_ms_per_step": 1000 * statistics.median(plain) / steps,
-        "recorded_ms_per_step": 1000 * statistics.median(recorded) / steps,
+        "runs": runs,
+        "ratios": [o["ratio"] for o in runs],
+        "median_ratio": med("ratio"),
+        "median_cpu_ratio": med("cpu_ratio"),
+        "median_training_thread_cpu_ratio": med("training_thread_cpu_ratio"),
+        "writer_cpu_ms_per_step": med("writer_cpu_ms_per_step"),
+        "plain_ms_per_step": 1000 * med("plain_seconds") / steps,
+        "recorded_ms_per_step": 1000 * med("recorded_seconds") / steps,
         "raw_fp32_bytes_per_step": raw_per_step,
         "stored_bytes_per_step": stored_per_step,
         "stored_bytes_per_step_by_kind": info.get("bytes_per_step"),
@@ -177,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block", type=int, default=20, help="steps per block of the twins")
     ap.add_argument("--checkpoint-every", type=int, default=100)
     ap.add_argument("--models", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "record.json"))
@@ -208,7 +183,11 @@ def main(argv: list[str] | None = None) -> None:
     }
     for name in args.models:
         results["models"][name] = bench(
-            name, steps=args.steps, repeats=args.repeats, checkpoint_every=args.checkpoint_every
+            name,
+            steps=args.steps,
+            repeats=args.repeats,
+            checkpoint_every=args.checkpoint_every,
+            block=args.block,
         )
     results["load_average_after"] = os.getloadavg()
     out = Path(args.out)

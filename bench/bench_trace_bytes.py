@@ -12,8 +12,9 @@ and the stored bytes per step (progress ``stored_bytes`` / steps: checkpoints ev
 first-time samples, RNG states, cotangents, fingerprints, record structure) are set against
 the raw fp32 gradient (4 bytes × parameters), with the bytes by kind.
 
-Recording time: each recording mode right after a plain run of its own, in one process, the
-modes' order rotated per repeat (median ratio to plain over the pairs). Kernel time: ``compute_kernel`` on a stored and a
+Recording time: per mode, a plain and a recorded twin of the training side by side in one
+process, alternating in blocks of steps (``bench/interleave.py``), the modes' order rotated
+per repeat; the median of the recorded / plain ratios over the repeats. Kernel time: ``compute_kernel`` on a stored and a
 recompute trace of a smaller run (batch 64, few steps, 2 test inputs), alternated; the
 recompute trace's replay runs every forward once more, with a backward. The results of the
 two are checked bitwise equal. On a shared machine the wall times are indicative only; the
@@ -43,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import explaind_trace as et  # noqa: E402
 from bench.bench_record import train  # noqa: E402  (the same seeded batches)
+from bench.interleave import interleaved_overhead  # noqa: E402
 from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
 from explaind_kernel import compute_kernel  # noqa: E402
 
@@ -101,30 +103,45 @@ def bytes_per_step(args) -> dict:
 
 
 def recording_time(args) -> dict:
-    """Each mode timed right after a plain run of its own (ratio per pair, median over the
-    repeats); the modes' order rotates from repeat to repeat, so that no mode always runs
-    first or last (on a shared machine drifting load otherwise biases the later ones)."""
+    """Recorded / plain wall time per mode, each from a plain and a recorded twin trained
+    side by side in blocks (``bench/interleave.py``: drift slower than a block falls on both);
+    the modes' order rotates from repeat to repeat; median over the repeats."""
     modes = list(MODES)
-    times: dict[str, list[float]] = {"plain": [], **{m: [] for m in modes}}
-    pairs: dict[str, list[float]] = {m: [] for m in modes}
-    kw = {"steps": args.time_steps, "batch": args.batch, "every": args.checkpoint_every}
-    run(None, **{**kw, "steps": 5})  # warm up
+    runs: dict[str, list[dict]] = {m: [] for m in modes}
+
+    def make():
+        model, opt, x, y = setup()
+        return model, opt, x, y, args.batch
+
+    kw = {"steps": args.time_steps, "block": args.block}
+    opts = {"checkpoint_every": args.checkpoint_every}
+    interleaved_overhead(make, store=f"memory://bench-bytes-{next(_names)}", steps=10, block=5)
     for r in range(args.repeats):
         for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
-            plain = run(None, **kw)[0]
-            recorded = run(mode, **kw)[0]
-            times["plain"].append(plain)
-            times[mode].append(recorded)
-            pairs[mode].append(recorded / plain)
-    ratios = {m: statistics.median(pairs[m]) for m in modes}
-    print(f"recording / plain (median of {args.repeats} pairs): {ratios}", flush=True)
+            store = f"memory://bench-bytes-{next(_names)}"
+            one = interleaved_overhead(
+                make, store=store, record_kwargs={**opts, **MODES[mode]}, **kw
+            )
+            runs[mode].append(one)
+            print(f"{mode}: recorded / plain {one['ratio']:.3f}", flush=True)
+    ratios = {m: statistics.median(o["ratio"] for o in runs[m]) for m in modes}
+    print(f"recording / plain (median of {args.repeats}): {ratios}", flush=True)
+    plain = [o["plain_seconds"] for m in modes for o in runs[m]]
     return {
         "steps": args.time_steps,
-        "method": "each mode right after its own plain run, order rotated per repeat",
-        "seconds": times,
-        "ratios": pairs,
-        "plain_ms_per_step": 1000 * statistics.median(times["plain"]) / args.time_steps,
+        "block": args.block,
+        "method": "a plain and a recorded twin side by side in blocks of steps, the recorder "
+        "flushed inside its time at each block's end (bench/interleave.py); modes rotated",
+        "runs": runs,
+        "ratios": {m: [o["ratio"] for o in runs[m]] for m in modes},
+        "plain_ms_per_step": 1000 * statistics.median(plain) / args.time_steps,
         "median_ratio_to_plain": ratios,
+        "median_training_thread_cpu_ratio": {
+            m: statistics.median(o["training_thread_cpu_ratio"] for o in runs[m]) for m in modes
+        },
+        "median_writer_cpu_ms_per_step": {
+            m: statistics.median(o["writer_cpu_ms_per_step"] for o in runs[m]) for m in modes
+        },
     }
 
 
@@ -168,11 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=300, help="steps of the bytes runs")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--checkpoint-every", type=int, default=100)
-    ap.add_argument("--time-steps", type=int, default=100, help="steps of the timed runs")
+    ap.add_argument("--time-steps", type=int, default=200, help="steps of the timed runs")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--block", type=int, default=20, help="steps per block of the timed twins")
     ap.add_argument("--kernel-steps", type=int, default=12)
     ap.add_argument("--kernel-every", type=int, default=6)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--parts", default="bytes,recording,kernel", help="which measurements")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "trace_bytes.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -184,12 +203,15 @@ def main(argv: list[str] | None = None) -> None:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "model": f"ModularAdditionTransformer(p={P}, d_model=128, n_heads=4, d_mlp=512), AdamW",
-        "note": "shared machine: wall times indicative only; ratios of alternated runs in one "
-        "process are the robust figure",
-        "bytes": bytes_per_step(args),
-        "recording": recording_time(args),
-        "kernel": kernel_time(args),
+        "note": "wall times drift with the machine; the recording ratios are of twins trained "
+        "side by side in blocks, the kernel ratio of alternated runs",
+        "load_average_at_start": list(os.getloadavg()),
     }
+    parts = {"bytes": bytes_per_step, "recording": recording_time, "kernel": kernel_time}
+    for name in args.parts.split(","):
+        if name not in parts:
+            ap.error(f"--parts: {name!r} is not one of {', '.join(parts)}")
+        results[name] = parts[name](args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

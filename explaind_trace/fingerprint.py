@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import TraceCorruptError
@@ -67,24 +68,60 @@ def _norm(flat: torch.Tensor) -> torch.Tensor:
 
 
 def fingerprints(
-    grads: Mapping[str, torch.Tensor], cache: dict[str, torch.Tensor] | None = None
+    grads: Mapping[str, torch.Tensor], cache: dict[str, Any] | None = None
 ) -> dict[str, dict[str, Any]]:
     """``{name: {"bits": int, "norm": float, "at": tensor}}`` of dense gradients (CPU values;
-    one device-to-host copy for all tensors). ``cache`` keeps the positions per name."""
+    one device-to-host copy for all tensors of other devices). ``cache`` keeps the positions
+    per name.
+
+    Contiguous float32/float64 CPU gradients go through numpy (``_host``): three numpy
+    calls per tensor where torch took six, 0.21 against 0.53 ms per step on the p = 97
+    bench model (bench/bench_trace_bytes.py); the same bit sums and samples, the norm in
+    the gradient's dtype (``tests/trace/test_fingerprint.py`` checks both paths against a
+    per-tensor reference)."""
     cache = {} if cache is None else cache
+    host = {n: g for n, g in grads.items() if _on_host(g)}
+    out = _host(host, cache) if host else {}
+    rest = {n: g for n, g in grads.items() if n not in host}
+    if rest:
+        out.update(_device(rest, cache))
+    return {n: out[n] for n in grads}
+
+
+def _on_host(g: torch.Tensor) -> bool:
+    return g.is_cpu and g.dtype in (torch.float32, torch.float64) and g.is_contiguous()
+
+
+def _host(grads: Mapping[str, torch.Tensor], cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name, g in grads.items():
+        a = g.detach().numpy().reshape(-1)
+        idx = cache.get(name)
+        if not isinstance(idx, np.ndarray):
+            idx = cache[name] = np.array(positions(name, a.size), dtype=np.int64)
+        ints = a.view(np.int32 if a.itemsize == 4 else np.int64)
+        out[name] = {
+            "bits": int(ints.sum(dtype=np.int64)),
+            "norm": float(np.sqrt(np.dot(a, a))),
+            "at": torch.from_numpy(a[idx]),
+        }
+    return out
+
+
+def _device(grads: Mapping[str, torch.Tensor], cache: dict[str, Any]) -> dict[str, dict[str, Any]]:
     bits, norms, samples, names = [], [], [], []
     for name, g in grads.items():
         g = g.detach()
         idx = cache.get(name)
-        if idx is None or idx.device != g.device:
-            idx = cache[name] = torch.tensor(positions(name, g.numel()), device=g.device)
+        if not isinstance(idx, torch.Tensor) or idx.device != g.device:
+            idx = cache[name] = torch.tensor(
+                positions(name, g.numel()), dtype=torch.int64, device=g.device
+            )
         flat = g.reshape(-1)
         bits.append(_bits(flat))
         norms.append(_norm(flat))
         samples.append(flat[idx])
         names.append(name)
-    if not names:
-        return {}
     host_bits = torch.stack(bits).cpu().tolist()
     host_norms = torch.stack(norms).cpu().tolist()
     return {
