@@ -47,6 +47,7 @@ from bench.bench_record import train  # noqa: E402  (the same seeded batches)
 from bench.interleave import interleaved_overhead  # noqa: E402
 from examples.modular_addition.model import ModularAdditionTransformer, make_dataset  # noqa: E402
 from explaind_kernel import compute_kernel  # noqa: E402
+from explaind_trace.stores.memory import MemoryStore  # noqa: E402
 
 P = 97
 MODES = {
@@ -115,7 +116,9 @@ def recording_time(args) -> dict:
 
     kw = {"steps": args.time_steps, "block": args.block}
     opts = {"checkpoint_every": args.checkpoint_every}
-    interleaved_overhead(make, store=f"memory://bench-bytes-{next(_names)}", steps=10, block=5)
+    warm = f"memory://bench-bytes-{next(_names)}"
+    interleaved_overhead(make, store=warm, steps=10, block=5)
+    MemoryStore.drop(warm.removeprefix("memory://"))
     for r in range(args.repeats):
         for mode in modes[r % len(modes) :] + modes[: r % len(modes)]:
             store = f"memory://bench-bytes-{next(_names)}"

@@ -126,6 +126,7 @@ class _Custom(nn.Module):
         return self.fc2(torch.tanh(_Doubler.apply(self.fc1(x))))
 
 
+@pytest.mark.fallback
 def test_a_backward_that_cannot_be_batched_falls_back_to_the_expanded_pass(caplog) -> None:
     """The seeded backward fails on a custom autograd function: the test side says so, takes
     the expanded pass from then on, and stays exact."""
