@@ -18,18 +18,21 @@ matplotlib.use("Agg")
 torch.set_num_threads(1)
 
 
-#: kernel log messages of a fast path abandoned because it raised. A bug in a layer rule or
-#: a seeded pass shows only as one of these (the kernel stays exact on the slower route: a
-#: buffer bug of cf6c786 hid that way), so a test that logs one fails unless it is marked
-#: ``fallback`` (it exercises the fallback, or its model needs it). Fallbacks because a
-#: check disagreed, or because torch.func cannot transform a model, are not listed.
+#: log messages of a fast path abandoned because it raised. A bug in a layer rule, a seeded
+#: pass or the cotangent codec shows only as one of these (the kernel stays exact on the
+#: slower route, the trace lossless with the generic codec: a buffer bug of cf6c786 hid that
+#: way), so a test that logs one fails unless it is marked ``fallback`` (it exercises the
+#: fallback, or its model needs it). Fallbacks because a check disagreed, or because
+#: torch.func cannot transform a model, are not listed.
 FALLBACKS = (
     "per-row layer rules failed",
     "the per-row rules could not be checked",
     "batched per-sample gradients failed",
     "batched output tangents failed",
     "backward over all explained outputs at once failed",
+    "the cotangent codec failed",
 )
+_LOGGERS = ("explaind_kernel", "explaind_trace")
 
 
 class _Fallbacks(logging.Handler):
@@ -46,15 +49,17 @@ class _Fallbacks(logging.Handler):
 @pytest.fixture(autouse=True)
 def _no_silent_fallback(request: pytest.FixtureRequest):
     handler = _Fallbacks()
-    logger = logging.getLogger("explaind_kernel")
-    logger.addHandler(handler)
+    loggers = [logging.getLogger(name) for name in _LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
     try:
         yield
     finally:
-        logger.removeHandler(handler)
+        for logger in loggers:
+            logger.removeHandler(handler)
     if handler.seen and request.node.get_closest_marker("fallback") is None:
         pytest.fail(
-            "the kernel abandoned a fast path because it raised (mark the test "
+            "a fast path was abandoned because it raised (mark the test "
             "@pytest.mark.fallback if it means to): " + "; ".join(handler.seen[:3]),
             pytrace=False,
         )
