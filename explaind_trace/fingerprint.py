@@ -75,10 +75,10 @@ def fingerprints(
     per name.
 
     Contiguous float32/float64 CPU gradients go through numpy (``_host``): three numpy
-    calls per tensor where torch took six, 0.21 against 0.53 ms per step on the p = 97
-    bench model (bench/bench_trace_bytes.py); the same bit sums and samples, the norm in
-    the gradient's dtype (``tests/trace/test_fingerprint.py`` checks both paths against a
-    per-tensor reference)."""
+    calls per tensor where torch took six; on the gradients of bench_trace_bytes.py's p = 97
+    model (12 tensors), 0.21 against 0.53 ms per call alone, 0.38 against 0.58-0.75 ms in a
+    training step. The same bit sums and samples, the norm in the gradient's dtype
+    (``tests/trace/test_fingerprint.py`` checks both paths against a per-tensor reference)."""
     cache = {} if cache is None else cache
     host = {n: g for n, g in grads.items() if _on_host(g)}
     out = _host(host, cache) if host else {}
