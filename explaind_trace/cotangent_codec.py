@@ -55,6 +55,7 @@ from .cotangent_rows import (
     KIND_ZERO,
     bits,
     fit,
+    fit_shared,
     fit_transposed,
     rebuild_rows,
     reconstruct,
@@ -132,11 +133,17 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
     missed = torch.zeros(n, dtype=torch.bool)  # a ce row whose reconstruction is not exact
     misses = torch.full((n,), v + 1, dtype=torch.int64)  # entries the row's rebuild misses
     negs, poss = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    exact = torch.zeros(n, dtype=torch.bool)  # rows the shared-scale fast path rebuilt
     cb = bits(c)
     step = max(1, _BLOCK // v)
     for start in range(0, n, step):
         stop = min(n, start + step)
         block = c[start:stop]
+        shared = fit_shared(z[start:stop], block)
+        if shared is not None:  # every row a ce row of one scale, rebuilt exactly
+            kinds[start:stop], target[start:stop], scale[start:stop] = KIND_CE, *shared
+            misses[start:stop], exact[start:stop] = 0, True
+            continue
         neg, pos = (block < 0).sum(1), (block > 0).sum(1)
         negs[start:stop], poss[start:stop] = neg, pos
         signless = (neg + pos == 0).nonzero().squeeze(1)  # zeros (or -0.0: not zero bits)
@@ -169,9 +176,12 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
         target[live[ok]], scale[live[ok]] = y[ok], a[ok]
         missed[live[ok & (m > 0)]] = True
         misses[live[ok]] = m[ok]
+    if bool(exact.all()):  # the common case: nothing left to fit, no residual
+        none = torch.zeros(0, dtype=torch.int64)
+        return _pack(cotangent, c, kinds, target, scale, none, none.to(cb.dtype), c[:0], level)
     shape = tuple(cotangent.shape)
     if len(shape) == 3:  # maybe a loss on logits.transpose(1, 2): the whole leaf at once
-        signed = (torch.minimum(negs, poss) <= 1) & (negs + poss > 0)
+        signed = exact | ((torch.minimum(negs, poss) <= 1) & (negs + poss > 0))
         rows = (signed & (misses > 0)).nonzero().squeeze(1)
         if rows.numel() * 2 > int(signed.sum()):
             yt, at_, mt = fit_transposed(z, c, rows, negs, poss, shape)
@@ -194,21 +204,38 @@ def encode_cotangent(output: Tensor, cotangent: Tensor, *, level: int = 1) -> di
         nz = x.nonzero()
         idx.append(at[nz[:, 0]] * v + nz[:, 1])
         diff.append(x[nz[:, 0], nz[:, 1]])
-    idx_t, diff_t = torch.cat(idx), torch.cat(diff)
     gen = c[kinds == KIND_GENERIC]
+    return _pack(
+        cotangent, c, kinds, target[ce], scale[ce], torch.cat(idx), torch.cat(diff), gen, level
+    )
+
+
+def _pack(
+    cotangent: Tensor,
+    c: Tensor,
+    kinds: Tensor,
+    target: Tensor,
+    scale: Tensor,
+    res_idx: Tensor,
+    res_val: Tensor,
+    generic: Tensor,
+    level: int,
+) -> dict[str, Any]:
+    """The codec map of ``c`` (``cotangent`` as [N, V]) from its fields (``target`` and
+    ``scale`` of the ce rows only), or the tensor codec's map when that takes fewer bytes."""
     t = lambda x: codec.encode_tensor(x, level=level)  # noqa: E731
     encoded = {
         "codec": CODEC,
-        "dtype": name,
+        "dtype": codec.dtype_name(c.dtype),
         "shape": list(cotangent.shape),
         "hash": _HASH,
         "digest": _digest(codec.tensor_u8(c), _HASH),
         "kinds": t(kinds),
-        "target": t(target[ce]),
-        "scale": t(scale[ce].to(scale_dtype(c.dtype))),
-        "res_idx": t(idx_t),
-        "res_val": t(diff_t),
-        "generic": t(gen),
+        "target": t(target),
+        "scale": t(scale.to(scale_dtype(c.dtype))),
+        "res_idx": t(res_idx),
+        "res_val": t(res_val),
+        "generic": t(generic),
     }
     # never more bytes than the tensor codec (small outputs, mostly generic rows)
     if 2 * _payload(encoded) >= c.numel() * c.element_size():

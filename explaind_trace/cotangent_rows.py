@@ -28,6 +28,7 @@ __all__ = [
     "rebuild_transposed",
     "rebuild_rows",
     "fit",
+    "fit_shared",
     "fit_transposed",
 ]
 
@@ -132,6 +133,34 @@ def _estimate(c: Tensor, ls: Tensor, y: Tensor) -> Tensor:
     e = torch.exp(ls.gather(1, j).to(torch.promote_types(ls.dtype, torch.float32))).double()
     a = (-(c.gather(1, j).double() / e)).squeeze(1)
     return torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0).to(c.dtype)
+
+
+def fit_shared(z: Tensor, c: Tensor, probe: int = 8) -> tuple[Tensor, Tensor] | None:
+    """The targets [n] and the one scale (a 0-dim tensor of ``c``'s dtype) that rebuild every
+    row of ``c`` [n, V] bit for bit from the logits ``z``, or None when no shared scale does.
+
+    The common case in a few whole-block operations: a loss to minimise with one scale for
+    every row (a mean or sum cross-entropy without class weights or ignored rows), so each
+    row's one negative entry is its target. The scale is estimated on the first ``probe`` rows
+    (their most common estimate, or one of its neighbours, must rebuild them exactly), then
+    checked on the whole block: a cotangent without the structure costs a few small
+    operations. ``fit`` handles everything else row by row."""
+    n, v = c.shape
+    k = min(n, probe)
+    zk, ck = z[:k], c[:k]
+    yk = ck.argmin(1)
+    lk = torch.log_softmax(zk, -1)
+    a0 = _estimate(ck, lk, yk).median()  # the majority estimate, when there is one
+    inf = torch.full_like(a0, float("inf"))
+    cbk = bits(ck)
+    for a in (a0, torch.nextafter(a0, inf), torch.nextafter(a0, -inf)):
+        if bool(a != 0) and torch.equal(bits(reconstruct(zk, yk, a.expand(k), lk)), cbk):
+            break
+    else:
+        return None
+    y = c.argmin(1)
+    r = reconstruct(z, y, a.expand(n))
+    return (y, a) if torch.equal(bits(r), bits(c)) else None
 
 
 def fit(

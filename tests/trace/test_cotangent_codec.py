@@ -330,3 +330,85 @@ def test_the_scale_estimate_is_the_loss_gradient_or_a_neighbour(dtype, reduction
     inf = torch.full_like(a, float("inf"))
     near = (a0 == a) | (torch.nextafter(a0, inf) == a) | (torch.nextafter(a0, -inf) == a)
     assert int(near.sum()) >= 0.95 * 256, int(near.sum())
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_a_plain_cross_entropy_is_fitted_whole_by_one_shared_scale(
+    dtype, reduction, monkeypatch
+) -> None:
+    """torch's own CE backward without weights or ignored rows: ``fit_shared`` finds the
+    labels and the loss gradient (−1 for a sum, −1/N for a mean) for the whole block, so the
+    row-by-row ``fit`` never runs, and the map has every row ce with an empty residual."""
+    from explaind_trace import cotangent_rows as cr
+
+    g = torch.Generator().manual_seed(7)
+    z = (torch.randn(96, 97, generator=g) * 3).to(dtype).requires_grad_(True)
+    y = torch.randint(0, 97, (96,), generator=g)
+    (c,) = torch.autograd.grad(F.cross_entropy(z, y, reduction=reduction), z)
+    z = z.detach()
+    shared = cr.fit_shared(z, c)
+    assert shared is not None
+    assert torch.equal(shared[0], y)
+    assert float(shared[1]) == (
+        -1.0 if reduction == "sum" else float(torch.tensor(-1 / 96, dtype=torch.float64).to(dtype))
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the row-by-row fit ran")
+
+    monkeypatch.setattr(cc, "fit", refuse)
+    e = cc.EncodedCotangent(codec.unpack(codec.pack(cc.encode_cotangent(z, c))), where="t")
+    assert set(e.kinds.tolist()) == {cc.KIND_CE} and e.res_idx.numel() == 0
+    assert torch.equal(e.target, y)
+    assert _bytes(e.resolve(z)) == _bytes(c)
+
+
+@pytest.mark.parametrize("loss", ["weight", "ignore", "negated", "smoothing", "mse", "random",
+                                  "partial", "perturbed", "upcast"])  # fmt: skip
+def test_the_shared_scale_declines_what_it_cannot_rebuild_exactly(loss: str) -> None:
+    """Class weights, ignored rows, a maximised loss, label smoothing, MSE, random rows, a
+    block that is cross-entropy only in its first rows, a flipped bit, a float32 loss on
+    half logits: no shared scale, and the codec's row-by-row path still round-trips bit for
+    bit."""
+    from explaind_trace import cotangent_rows as cr
+
+    dtype = torch.bfloat16 if loss == "upcast" else torch.float32
+    z = _logits([40, 30], dtype, 3.0, 21)
+    c = _cotangent(z, loss, torch.Generator().manual_seed(22))
+    if loss == "partial":  # ce in the probed rows, MSE after them: caught by the whole check
+        assert cr.fit_shared(z[:8], c[:8]) is not None
+    assert cr.fit_shared(z, c) is None
+    enc = codec.unpack(codec.pack(cc.encode_cotangent(z, c)))
+    got = cc.EncodedCotangent(enc, where="t").resolve(z) if cc.is_encoded(enc) else None
+    got = codec.decode_tensor(enc) if got is None else got
+    assert _bytes(got) == _bytes(c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blocks_mix_the_shared_scale_and_the_row_by_row_fit(dtype, monkeypatch) -> None:
+    """A [B, T, V] leaf analysed in blocks of 16 rows (``_BLOCK`` made small): blocks of a
+    plain cross-entropy are taken whole, the others (MSE, class weights, a loss on the
+    transposed logits) row by row, and the leaf round-trips bit for bit."""
+    monkeypatch.setattr(cc, "_BLOCK", 16 * 50)
+    g = torch.Generator().manual_seed(30)
+    z = _logits([6, 16, 50], dtype, 3.0, 31)
+    x = z.clone().requires_grad_(True)
+    y = torch.randint(0, 50, (6, 16), generator=g)
+    w = (torch.rand(50, generator=g) + 0.5).to(dtype)
+    loss = (
+        F.cross_entropy(x[:2].reshape(-1, 50), y[:2].reshape(-1))  # blocks 0-1: shared scale
+        + ((x[2] - 1) ** 2).mean()  # block 2: MSE, generic rows
+        + F.cross_entropy(x[3], y[3], weight=w)  # block 3: one scale per row
+        + F.cross_entropy(x[4:].transpose(1, 2), y[4:])  # blocks 4-5: the [B, V, T] loss
+    )
+    (c,) = torch.autograd.grad(loss, x)
+    taken = []
+    shared = cc.fit_shared
+    monkeypatch.setattr(cc, "fit_shared", lambda z, c: taken.append(shared(z, c)) or taken[-1])
+    e = cc.EncodedCotangent(codec.unpack(codec.pack(cc.encode_cotangent(z, c))), where="t")
+    assert [t is not None for t in taken] == [True, True, False, False, False, False]
+    kinds = e.kinds.reshape(6, 16)
+    assert (kinds[:2] == cc.KIND_CE).all() and (kinds[2] == cc.KIND_GENERIC).all()
+    assert int((kinds[3] == cc.KIND_CE).sum()) >= 14
+    assert _bytes(e.resolve(z)) == _bytes(c)
