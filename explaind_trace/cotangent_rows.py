@@ -142,7 +142,7 @@ def fit_shared(z: Tensor, c: Tensor, probe: int = 8) -> tuple[Tensor, Tensor] | 
     The common case in a few whole-block operations: a loss to minimise with one scale for
     every row (a mean or sum cross-entropy without class weights or ignored rows), so each
     row's one negative entry is its target. The scale is estimated on the first ``probe`` rows
-    (their most common estimate, or one of its neighbours, must rebuild them exactly), then
+    (the median of their estimates, or one of its neighbours, must rebuild them exactly), then
     checked on the whole block: a cotangent without the structure costs a few small
     operations. ``fit`` handles everything else row by row."""
     n, v = c.shape
@@ -150,7 +150,7 @@ def fit_shared(z: Tensor, c: Tensor, probe: int = 8) -> tuple[Tensor, Tensor] | 
     zk, ck = z[:k], c[:k]
     yk = ck.argmin(1)
     lk = torch.log_softmax(zk, -1)
-    a0 = _estimate(ck, lk, yk).median()  # the majority estimate, when there is one
+    a0 = _estimate(ck, lk, yk).median()  # the majority's estimate, when most rows agree
     inf = torch.full_like(a0, float("inf"))
     cbk = bits(ck)
     for a in (a0, torch.nextafter(a0, inf), torch.nextafter(a0, -inf)):
