@@ -29,6 +29,7 @@ import torch
 
 from . import codec
 from .cotangent_codec import encode_cotangent
+from .gate import WriterGate
 from .packing import PackedTensors
 from .rngstates import RngEncoder
 from .rowids import RowIds
@@ -64,14 +65,18 @@ class GilPacer:
 
     A hand-off costs the writer a sleep and a wake-up, which on a busy machine preempts
     the training thread; pacing bounds the training thread's wait for the GIL (about one
-    interval) without a hand-off after every small encode step.
+    interval) without a hand-off after every small encode step. With a ``gate``
+    (``gate.WriterGate``), each call first waits until the gate lets the writer run.
     """
 
-    def __init__(self, interval: float = 0.0002) -> None:
+    def __init__(self, interval: float = 0.0002, *, gate: WriterGate | None = None) -> None:
         self.interval = interval
+        self.gate = gate
         self._last = time.perf_counter()
 
     def __call__(self) -> None:
+        if self.gate is not None:
+            self.gate.wait()
         now = time.perf_counter()
         if now - self._last >= self.interval:
             yield_gil()
@@ -88,6 +93,7 @@ class TensorEncoder:
         cotangent_codec: str = "generic",
         level: int = 1,
         checksums: bool = True,
+        gate: WriterGate | None = None,
     ) -> None:
         self.lossy = "bf16" if grad_codec == "bf16" else None
         self.cotangent_codec = cotangent_codec
@@ -98,7 +104,7 @@ class TensorEncoder:
         self.known_samples: set[str] = set()
         self.raw_bytes = 0
         self.stored_bytes = 0
-        self.pace = GilPacer()
+        self.pace = GilPacer(gate=gate)
         self.row_ids = RowIds()
         self._last_buffers: tuple[Mapping[str, torch.Tensor], dict[str, Any]] | None = None
         self.rngs = RngEncoder(level)

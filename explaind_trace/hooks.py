@@ -106,6 +106,7 @@ class OutputCapture:
     ``keep_outputs``: also hand over the output leaves that receive a cotangent (for the
     cotangent codec, which encodes a cotangent from its logits); a leaf changed in place
     after the forward is not handed over (its cotangent is then stored by the tensor codec).
+    ``on_backward``: called when a cotangent arrives (the recorder opens the writer's gate).
     """
 
     def __init__(
@@ -114,8 +115,10 @@ class OutputCapture:
         scale_fn: Callable[[], torch.Tensor | None],
         *,
         keep_outputs: bool = False,
+        on_backward: Callable[[], None] | None = None,
     ):
         self.captured = captured
+        self._on_backward = on_backward
         self.keep_outputs = keep_outputs
         self._outs: list[tuple[torch.Tensor, int] | None] = []
         self.received = False
@@ -177,6 +180,8 @@ class OutputCapture:
         def on_grad(grad: torch.Tensor) -> None:
             if not self._live:
                 return None
+            if self._on_backward is not None:
+                self._on_backward()
             g = grad.detach()
             prev = self._acc[i]
             scale = self._scale_fn()

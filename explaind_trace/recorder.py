@@ -347,6 +347,7 @@ class Recorder:
             captured,
             lambda: current_grad_scale(self.scaler),
             keep_outputs=self.options.cotangent_codec == "auto",
+            on_backward=self.writer.gate.backward_started,
         )
         return None
 

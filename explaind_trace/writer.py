@@ -1,7 +1,8 @@
 """Background trace writer: encodes, compresses and commits records off the training thread.
 
 The training thread only copies tensors to CPU and hands them over through a bounded
-queue (back-pressure instead of unbounded memory). Each job is one atomic store commit
+queue (back-pressure instead of unbounded memory). The writer does its work while the
+training thread is inside a recorded backward, which runs without the GIL (``gate.py``). Each job is one atomic store commit
 that also rewrites the ``progress`` record, so progress always describes committed data.
 A failure in the thread is kept and re-raised in the training thread as
 ``TraceWriteError`` by ``check()``/``submit()``/``close()`` (its message says "disk full"
@@ -21,6 +22,7 @@ from typing import Any
 from . import codec
 from .encoder import TensorEncoder
 from .errors import DiskFullError, ExplaindError, NotATraceError, TraceExistsError, TraceWriteError
+from .gate import WriterGate
 from .records import CapturedForward, CapturedStep, Checkpoint
 from .schema import META, PROGRESS
 from .state import encode_final
@@ -87,8 +89,14 @@ class TraceWriter:
         checksums: bool = True,
     ) -> None:
         self.store = store
+        #: the recorder opens it while a recorded backward runs (see ``gate.py``)
+        self.gate = WriterGate()
         self.encoder = TensorEncoder(
-            grad_codec=grad_codec, cotangent_codec=cotangent_codec, level=level, checksums=checksums
+            grad_codec=grad_codec,
+            cotangent_codec=cotangent_codec,
+            level=level,
+            checksums=checksums,
+            gate=self.gate,
         )
         self.progress: dict[str, Any] = {
             "steps": 0,
@@ -119,15 +127,24 @@ class TraceWriter:
             ) from e
 
     def _submit(self, job: Any) -> None:
-        while True:
-            self.check()
-            if not self._thread.is_alive():
-                raise TraceWriteError("the trace writer thread is not running")
-            try:
-                self._queue.put(job, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self.check()
+        if not self._thread.is_alive():
+            raise TraceWriteError("the trace writer thread is not running")
+        try:
+            self._queue.put_nowait(job)
+            return
+        except queue.Full:
+            pass
+        with self.gate.held_open():  # back-pressure: the writer runs while we wait
+            while True:
+                self.check()
+                if not self._thread.is_alive():
+                    raise TraceWriteError("the trace writer thread is not running")
+                try:
+                    self._queue.put(job, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         self._submit(_Meta(meta))
@@ -143,7 +160,8 @@ class TraceWriter:
 
     def flush(self) -> None:
         """Block until every submitted job is committed; raise if writing failed."""
-        self._queue.join()
+        with self.gate.held_open():
+            self._queue.join()
         self.check()
 
     @property
@@ -152,13 +170,14 @@ class TraceWriter:
 
     def close(self) -> None:
         """Drain the queue, stop and join the thread; raise ``TraceWriteError`` on failure."""
-        while self._thread.is_alive():
-            try:
-                self._queue.put(_STOP, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        self._thread.join()
+        with self.gate.held_open():
+            while self._thread.is_alive():
+                try:
+                    self._queue.put(_STOP, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            self._thread.join()
         self.check()
 
     # -- writer-thread side ---------------------------------------------------------------
@@ -170,6 +189,7 @@ class TraceWriter:
                 if job is _STOP:
                     return
                 if self._error is None:  # after a failure: drain without writing
+                    self.gate.wait()  # the training thread's forward goes first
                     self._commit(job)
             except BaseException as e:  # kept and re-raised in the training thread
                 logger.error("trace writer failed: %s: %s", type(e).__name__, e)
