@@ -169,7 +169,9 @@ def likely_cause(
     if off <= 1e-4 * scale:
         return (
             "the values differ only in the last bits: a nondeterministic kernel (e.g. a GPU "
-            "reduction or atomics) or a different accumulation order"
+            "reduction or atomics), a different accumulation order, or a replay model "
+            "configured otherwise than the trained one (e.g. a key/value cache on, which "
+            "changes the memory layout attention runs on)"
         )
     if norm_got > 0 and norm_want < norm_got:
         r = norm_want / norm_got
