@@ -27,12 +27,9 @@ from collections.abc import Iterator
 
 import torch
 
+from .hooks import graph_task
+
 __all__ = ["WriterGate"]
-
-
-def _graph_task() -> int | None:
-    fn = getattr(torch._C, "_current_graph_task_id", None)
-    return int(fn()) if fn is not None else None
 
 
 class WriterGate:
@@ -62,7 +59,7 @@ class WriterGate:
         on the thread running that backward). Opens the gate until the backward ends."""
         if not self.enabled:
             return
-        task = _graph_task()
+        task = graph_task()
         with self._lock:
             if self._backward and task == self._task:
                 return

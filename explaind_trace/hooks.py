@@ -28,6 +28,7 @@ __all__ = [
     "GradTracker",
     "prune_pending",
     "autocast_state",
+    "graph_task",
 ]
 
 
@@ -94,7 +95,7 @@ def dense_grads(params: dict[str, torch.nn.Parameter]) -> list[tuple[str, torch.
     return out
 
 
-def _graph_task() -> int | None:
+def graph_task() -> int | None:
     """Id of the backward pass running now (torch's graph task), None where unavailable."""
     fn = getattr(torch._C, "_current_graph_task_id", None)
     return int(fn()) if fn is not None else None
@@ -194,7 +195,7 @@ class OutputCapture:
                 g = g.clone()  # autograd may reuse the buffer it handed us
             self._acc[i] = g if prev is None else prev + g
             self.received = True
-            self.task = _graph_task()
+            self.task = graph_task()
             return None
 
         return on_grad
@@ -271,7 +272,7 @@ class GradTracker:
                 # zero_grad(set_to_none=False) between a forward and its backward is not
                 # detected here (it is at the next forward and at step()).
                 if old[0]() is None:
-                    self.cleared_in_task = _graph_task()
+                    self.cleared_in_task = graph_task()
             seen[name] = (weakref.ref(g), g._version)
 
         return on_accumulated
