@@ -1,17 +1,18 @@
 """Background trace writer: encodes, compresses and commits records off the training thread.
 
-The training thread only copies tensors to CPU and hands them over through a bounded
-queue (back-pressure instead of unbounded memory). The writer does its work while the
-training thread is inside a recorded backward, which runs without the GIL (``gate.py``). Each job is one atomic store commit
-that also rewrites the ``progress`` record, so progress always describes committed data.
-A failure in the thread is kept and re-raised in the training thread as
-``TraceWriteError`` by ``check()``/``submit()``/``close()`` (its message says "disk full"
-when that is the cause); when space allows, the failure is also written into the trace's
-progress record, so ``explaind info`` says "stopped by an error: disk full ...".
+The training thread only copies tensors to CPU and hands them over through a bounded queue
+(back-pressure instead of unbounded memory). The writer does its work while the training
+thread is inside a recorded backward, which runs without the GIL (``gate.py``). Each job is
+one atomic store commit that also rewrites the ``progress`` record, so progress always
+describes committed data. A failure in the thread is kept and re-raised in the training
+thread as ``TraceWriteError`` by ``check()``/``submit()``/``close()`` (its message says
+"disk full" when that is the cause); when space allows, the failure is also written into the
+trace's progress record, so ``explaind info`` says "stopped by an error: disk full ...".
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import queue
@@ -127,24 +128,19 @@ class TraceWriter:
             ) from e
 
     def _submit(self, job: Any) -> None:
-        self.check()
-        if not self._thread.is_alive():
-            raise TraceWriteError("the trace writer thread is not running")
-        try:
-            self._queue.put_nowait(job)
-            return
-        except queue.Full:
-            pass
-        with self.gate.held_open():  # back-pressure: the writer runs while we wait
+        blocking = False
+        with contextlib.ExitStack() as held:
             while True:
                 self.check()
                 if not self._thread.is_alive():
                     raise TraceWriteError("the trace writer thread is not running")
                 try:
-                    self._queue.put(job, timeout=0.1)
+                    self._queue.put(job, block=blocking, timeout=0.1)
                     return
                 except queue.Full:
-                    continue
+                    if not blocking:  # back-pressure: the writer runs while we wait
+                        held.enter_context(self.gate.held_open())
+                        blocking = True
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         self._submit(_Meta(meta))
