@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .functional import to_numpy64
-from .rules.base import LinearStep, OptimizerRule, ParamStep, row_dot
+from .rules.base import LinearStep, OptimizerRule, ParamStep, row_dot, row_products
 
 #: the range of the carry's scale σ outside which it is folded back into the buffer
 _SIGMA_RANGE = (1e-12, 1e12)
@@ -211,7 +211,7 @@ class FlatAdjoints(_Adjoints):
             fs = [s * (1.0 if lin.skipped else (lin.f or 0.0)) for lin, s in zip(lins, sig)]
             init = layout.flatten(m0, like) * layout.spread(fs, like)
             ccols.append(init)
-        got = to_numpy64(self.c @ torch.stack(ccols, 1)).T
+        got = to_numpy64(row_products(self.c, torch.stack(ccols, 1))).T
         cols = iter(got)
         zero = np.zeros(self.rows)
         total_g = next(cols)
@@ -234,7 +234,7 @@ class FlatAdjoints(_Adjoints):
                 jcols += [g * e] + ([w * e] if w is not None else [])
             m = torch.stack(jcols, 1)
             spans = layout.spans
-            prods = [jbar[n].reshape(self.rows, -1) @ m[spans[n]] for n in names]
+            prods = [row_products(jbar[n].reshape(self.rows, -1), m[spans[n]]) for n in names]
             got_j = to_numpy64(torch.stack(prods))  # [tensors, R, columns]
             if comps:
                 per_tensor, got_j = got_j[:, :, 0].T.copy(), got_j[:, :, 1:]

@@ -269,8 +269,11 @@ class ChunkSweep:
                             sums.sample_component[:, :, c].T, cols, _scaled(prods.k_param[n], scale)
                         )
             data_t += k.sum(0)
+            # per tensor: the products' own sums where the route has them, else ⟨Z_n, Σ_i G_i⟩
             for c, n in enumerate(names):
-                if n in prods.grad_sum:
+                if prods.k_sum is not None and n in prods.k_sum:
+                    sums.component_data[:, c] += _scaled(prods.k_sum[n], scale)
+                elif n in prods.grad_sum:
                     v = row_dot(z_grad[n], prods.grad_sum[n])
                     sums.component_data[:, c] += _scaled(v, scale)
             for j, (pname, mask) in enumerate(problem.slices.values()):

@@ -69,6 +69,9 @@ class ForwardProducts:
     k: Tensor  # [B, R] per batch row
     k_param: dict[str, Tensor] | None  # {param: [B, R]} per parameter tensor (when asked)
     grad_sum: dict[str, Tensor]  # Σ_i G_i per parameter tensor (for slices and checks)
+    # {param: [R]} Σ_i K_n per parameter tensor (= ⟨Z_n, Σ_i G_i⟩), where a route had the
+    # per-tensor products anyway; None: the caller takes ⟨Z_n, grad_sum_n⟩
+    k_sum: dict[str, Tensor] | None = None
 
 
 class TrainingSide:
@@ -93,6 +96,7 @@ class TrainingSide:
         self._batched_ok = True
         self._forwards = 0
         self.timings: dict[str, float] = {}
+        self._check_seconds = 0.0  # the rules route's last per-sample check took this long
 
     @property
     def route(self) -> str | None:
@@ -174,15 +178,18 @@ class TrainingSide:
     def _calibrate(self, params, buffers, forward, z_grad, per_param) -> ForwardProducts:
         """Measure every route that applies on this forward and keep the fastest for the run.
 
-        The rules route runs in full; a batched route runs its replay and its first two blocks
-        of rows, and its time is extrapolated to all blocks (train_blocks.mark_block: so
-        measuring costs about one forward of each route, never a whole slow route), or stops
-        after its first block once that alone took longer than the fastest route so far;
-        forward_ad is timed again after its first probe (a warm-up) when that one came within
-        1.25 times the fastest (the cold probe ran within 10% of the warm one on the bench). "jvp"
-        computes forward_ad's tangents by a double backward: it is measured only where
-        forward_ad cannot run. The chosen route then answers this forward in full: auto gives
-        exactly what the explicit choice of that route gives."""
+        The rules route runs in full, timed without its per-sample check (which runs on one
+        forward in `check_every`: on the p = 97 Transformer the first forward's check doubled
+        its time, and auto took the per-sample route, about twice as slow there); a batched
+        route runs its replay and its first two blocks of rows, and its time is extrapolated
+        to all blocks (train_blocks.mark_block: so measuring costs about one forward of each
+        route, never a whole slow route), or stops after its first block once that alone took
+        longer than the fastest route so far; forward_ad is timed again after its first probe
+        (a warm-up) when that one came within 1.25 times the fastest (the cold probe ran
+        within 10% of the warm one on the bench). "jvp" computes forward_ad's tangents by a
+        double backward: it is measured only where forward_ad cannot run. The chosen route
+        then answers this forward in full: auto gives exactly what the explicit choice of
+        that route gives."""
         results: dict[str, ForwardProducts] = {}
         load_decompositions()  # once per process: not part of any route's time
         for route in ("rules", "forward_ad", "jvp", "per_sample"):
@@ -192,11 +199,13 @@ class TrainingSide:
                 continue
             t0 = time.perf_counter()
             if route == "rules":
+                self._check_seconds = 0.0
                 got = self._rule_products(params, buffers, forward, z_grad, per_param)
                 if got is None:
                     continue
                 results[route] = got
-                self.timings[route] = time.perf_counter() - t0
+                # without its per-sample check, which runs on one forward in check_every
+                self.timings[route] = time.perf_counter() - t0 - self._check_seconds
                 continue
             probe = limited_probe(t0, self.timings)
             try:
@@ -251,7 +260,7 @@ class TrainingSide:
         batch = len(forward.ids)
         k = torch.zeros(batch, rows, dtype=fm.dtype, device=fm.device)
         k_param = {} if per_param else None
-        grad_sum = {}
+        grad_sum, k_sum = {}, {}
         for n in names:
             g = grads[n].reshape(batch, -1)
             kn = g @ z_grad[n].reshape(rows, -1).T
@@ -259,9 +268,13 @@ class TrainingSide:
             if k_param is not None:
                 k_param[n] = kn
             grad_sum[n] = g.sum(0).reshape(params[n].shape)
+            k_sum[n] = kn.sum(0)
         count = getattr(fm, "training_checks", 0)
         if count % self.check_every == 0:
-            if not rows_check(fm, params, buffers, forward, grads, z_grad, k, seed=count):
+            t0 = time.perf_counter()
+            holds = rows_check(fm, params, buffers, forward, grads, z_grad, k, seed=count)
+            self._check_seconds = time.perf_counter() - t0
+            if not holds:
                 log.warning(
                     "per-sample gradients by layer rules do not hold per sample on this model "
                     "(samples interact in the forward, e.g. train-mode batch norm); using a "
@@ -270,7 +283,7 @@ class TrainingSide:
                 fm.training_rules_ok = False  # type: ignore[attr-defined]
                 return None
         fm.training_checks = count + 1  # type: ignore[attr-defined]
-        return ForwardProducts(k, k_param, grad_sum)
+        return ForwardProducts(k, k_param, grad_sum, k_sum)
 
     def _batched(
         self,
@@ -337,6 +350,7 @@ class TrainingSide:
             else None
         )
         grad_sum = {n: torch.zeros_like(leaves_p[n]) for n in names}
+        k_sum = {n: torch.zeros(rows, dtype=dtype, device=device) for n in names}
         plist = [leaves_p[n] for n in names]
         zflat = {n: z_grad[n].reshape(rows, -1) for n in names}
 
@@ -352,6 +366,7 @@ class TrainingSide:
                 if k_param is not None:
                     k_param[n][start:stop] = kn
                 grad_sum[n] += g.sum(0).reshape(grad_sum[n].shape)
+                k_sum[n] += kn.sum(0)
             if mark_block(probe, done, -(-batch // step)):
                 break
-        return ForwardProducts(k, k_param, grad_sum)
+        return ForwardProducts(k, k_param, grad_sum, k_sum)

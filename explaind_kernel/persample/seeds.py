@@ -135,12 +135,19 @@ def _linear(module: nn.Module, calls: list[Call], width: int, groups: int, empty
     assert g0 is not None
     m, out = g0.shape[1] // groups, g0.shape[-1]
     a = torch.cat([c.args[0].detach().reshape(m, -1, c.args[0].shape[-1]) for c in calls], 1)
-    g = torch.cat([c.gout.reshape(width, m, -1, out) for c in calls], 2)  # type: ignore[union-attr]
-    gt = g.permute(1, 0, 3, 2).reshape(m, width * out, -1)  # input j: [O·out, tokens]
+    # input j's output gradients as [tokens, O·out], each call's copied in once (whole rows of
+    # `out` entries move: transposing tokens and features instead cost ~3 times as much)
+    gs = [c.gout.reshape(width, m, -1, out) for c in calls]  # type: ignore[union-attr]
+    g = torch.empty((m, sum(x.shape[2] for x in gs), width, out), dtype=g0.dtype, device=g0.device)
+    at = 0
+    for x in gs:
+        g[:, at : at + x.shape[2]].copy_(x.permute(1, 2, 0, 3))
+        at += x.shape[2]
+    gt = g.view(m, at, width * out).transpose(1, 2)  # [O·out, tokens]: the BLAS reads it so
     w = empty((m, width * out, a.shape[-1]), gt.dtype, gt.device)
     got = {"weight": torch.bmm(gt, a.to(gt.dtype), out=w).view(m * width, out, a.shape[-1])}
     if "bias" in calls[0].state:
-        got["bias"] = gt.sum(-1).reshape(m * width, out)
+        got["bias"] = g.sum(1).reshape(m * width, out)
     return got
 
 

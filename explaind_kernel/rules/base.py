@@ -94,6 +94,13 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
     return a.reshape(a.shape[0], -1) @ b.reshape(-1)
 
 
+def row_products(a: Tensor, cols: Tensor) -> Tensor:
+    """[R, k] the products of a [R, N] with a few columns `cols` [N, k], as (colsᵀ·aᵀ)ᵀ: the
+    BLAS reads the long axis contiguously that way (on a 2-core EPYC, a [800, 8281] block
+    times 2–5 columns ran 2.5–3.5 times faster than a @ cols, one column alike)."""
+    return (cols.T.contiguous() @ a.T).T
+
+
 class OptimizerRule:
     """The adjoint recursion of one optimizer family."""
 
