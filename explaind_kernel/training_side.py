@@ -187,9 +187,10 @@ class TrainingSide:
         longer than the fastest route so far; forward_ad is timed again after its first probe
         (a warm-up) when that one came within 1.25 times the fastest (the cold probe ran
         within 10% of the warm one on the bench). "jvp" computes forward_ad's tangents by a
-        double backward: it is measured only where forward_ad cannot run. The chosen route
-        then answers this forward in full: auto gives exactly what the explicit choice of
-        that route gives."""
+        double backward: it is measured only where forward_ad cannot run; "per_sample" only
+        where the rules do not hold (its B backwards of the batch, one per sample, give what
+        the rules route gets from one). The chosen route then answers this forward in full:
+        auto gives exactly what the explicit choice of that route gives."""
         results: dict[str, ForwardProducts] = {}
         load_decompositions()  # once per process: not part of any route's time
         for route in ("rules", "forward_ad", "jvp", "per_sample"):
@@ -197,6 +198,8 @@ class TrainingSide:
                 continue
             if route == "jvp" and "forward_ad" in self.timings:
                 continue
+            if route == "per_sample" and "rules" in results:
+                continue  # B backwards of the batch for what the rules get from one
             t0 = time.perf_counter()
             if route == "rules":
                 self._check_seconds = 0.0

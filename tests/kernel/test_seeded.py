@@ -63,6 +63,39 @@ def test_seeded_rows_equal_the_expanded_pass_and_autograd(name, monkeypatch) -> 
     _assert_rows_equal(got, ref)
 
 
+@pytest.mark.parametrize("shape", [(3, 1000, 5, 33), (2, 64, 4, 512), (4, 40, 3, 7)])
+def test_blocked_products_equal_float64_sums(shape, monkeypatch) -> None:
+    """The Linear rule's blocked products (blocks of output rows, a tail where the rows do
+    not divide) equal the T-term sums written out, in float64."""
+    m, n, t, width = shape
+    g = torch.randn(m, t, n, dtype=torch.float64).transpose(1, 2)  # the rule's strided view
+    a = torch.randn(m, t, width, dtype=torch.float64)
+    ref = sum(g[:, :, k, None] * a[:, None, k, :] for k in range(t))
+    monkeypatch.setattr(seeds, "BLOCKED_FROM", 1)  # every product in blocks
+    got = seeds._bmm_blocked(g, a, torch.empty(m, n, width, dtype=torch.float64))
+    assert float((got - ref).abs().max()) <= 1e-12 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("entries", [1, 64])  # blocks of one row; blocks and tails
+@pytest.mark.parametrize("name", ["linear_3d_embedding_layernorm_sdpa", "mixed_covered_uncovered"])
+def test_seeded_rows_in_blocks_equal_autograd(name, entries, monkeypatch) -> None:
+    """With every Linear product in blocks of output rows, the seeded rows still equal the
+    expanded pass and plain autograd per input."""
+    monkeypatch.setattr(seeds, "BLOCKED_FROM", 1)
+    monkeypatch.setattr(seeds, "BLOCK_ENTRIES", entries)
+    fm, params, bufs, x = _setup(name)
+    fm.set_modes(False)
+    side = _side(fm, x)
+    width = side.width(params, bufs)
+    got = rowjac.rule_jacobian(side, params, bufs, (x,), side.index, width)
+    assert _capture(fm, params).seeded, "the seeded pass fell back"
+    _capture(fm, params).seeded = False
+    expanded = rowjac.rule_jacobian(side, params, bufs, (x,), side.index, width)
+    ref = _side(fm, x, mode="autograd").jacobian(params, bufs)
+    _assert_rows_equal(got, expanded)
+    _assert_rows_equal(got, ref)
+
+
 @pytest.mark.parametrize("name", SHIFTABLE)
 def test_seeded_pieces_at_their_own_points_equal_torch_func(name, monkeypatch) -> None:
     """Kink pieces (inputs at their own points, groups of unequal size, weights on the seeds)
