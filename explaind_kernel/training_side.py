@@ -56,8 +56,13 @@ from .train_forward import forward_products, load_decompositions
 from .train_jvp import jvp_products
 from .train_persample import block_grads
 from .train_rows import rows_check, rule_grads
+from .workmodel import forward_flops
 
 ROUTES = TRAINING_MODES
+#: auto does not measure forward_ad where its arithmetic is at least this many times the
+#: rules route's (`TrainingSide._tangent_bound`): on the bench Transformers 2.7–4.5 times,
+#: and its probe alone cost more than the whole rules route's forward
+TANGENT_MARGIN = 2.0
 
 log = logging.getLogger(__name__)
 
@@ -189,10 +194,12 @@ class TrainingSide:
         within 10% of the warm one on the bench). "jvp" computes forward_ad's tangents by a
         double backward: it is measured only where forward_ad cannot run; "per_sample" only
         where the rules do not hold (its B backwards of the batch, one per sample, give what
-        the rules route gets from one). The chosen route then answers this forward in full:
-        auto gives exactly what the explicit choice of that route gives."""
+        the rules route gets from one); neither tangent route where the rules hold and the
+        tangents' arithmetic is over TANGENT_MARGIN times the rules' (`_tangent_bound`).
+        The chosen route then answers this forward in full: auto gives exactly what the
+        explicit choice of that route gives."""
         results: dict[str, ForwardProducts] = {}
-        load_decompositions()  # once per process: not part of any route's time
+        bound = None  # the tangent routes' arithmetic over the rules', once the rules ran
         for route in ("rules", "forward_ad", "jvp", "per_sample"):
             if route in ("forward_ad", "jvp") and per_param:
                 continue
@@ -200,6 +207,16 @@ class TrainingSide:
                 continue
             if route == "per_sample" and "rules" in results:
                 continue  # B backwards of the batch for what the rules get from one
+            if route in ("forward_ad", "jvp") and "rules" in results:
+                if bound is None:
+                    bound = self._tangent_bound(params, buffers, forward, z_grad)
+                if bound > TANGENT_MARGIN:
+                    log.info(
+                        "training route %s not measured: >= %.1fx the rules' work", route, bound
+                    )
+                    continue
+            if route != "rules":
+                load_decompositions()  # once per process: not part of any route's time
             t0 = time.perf_counter()
             if route == "rules":
                 self._check_seconds = 0.0
@@ -242,6 +259,22 @@ class TrainingSide:
         if best == "forward_ad":
             return self._forward_ad(params, buffers, forward, z_grad, strict=True)
         return self._batched(params, buffers, forward, z_grad, per_param=per_param, mode=best)
+
+    def _tangent_bound(self, params, buffers, forward, z_grad) -> float:
+        """A lower bound on forward_ad's arithmetic over the rules route's, for this forward:
+        at least one forward-tangent pass of the batch per adjoint row (R·F, F the batch's
+        forward FLOPs as FlopCounterMode counts them) against the rules' replay, backward and
+        per-sample gradients (about 4·F) and their products with Z (2·B·P·R)."""
+        fm = self.fm
+        rows = next(iter(z_grad.values())).shape[0]
+        width = sum(int(z[0].numel()) for z in z_grad.values())
+        args = tree_to(tuple(forward.args), fm.device, fm.dtype)
+        kwargs = tree_to(dict(forward.kwargs), fm.device, fm.dtype)
+        bufs = {k: v.clone() for k, v in buffers.items()}
+        with fm.recorded_mode(forward):
+            f = forward_flops(lambda: fm(params, bufs, args, kwargs))
+        rules = 4.0 * f + 2.0 * len(forward.ids) * width * rows
+        return rows * f / rules if rules > 0 else 0.0
 
     def _rule_products(self, params, buffers, forward, z_grad, per_param):
         """K by per-sample layer rules (train_rows.py), or None (and batched routes from then

@@ -148,3 +148,111 @@ def test_other_runnable_threads_are_counted() -> None:
     finally:
         spin.kill()
         spin.wait()
+
+
+def _calibrations(monkeypatch) -> list:
+    """The TrainingSide objects whose auto calibration ran, and the routes each probed."""
+    from explaind_kernel import training_side as ts
+
+    seen: list = []
+    real_cal, real_fad, real_bat = (
+        ts.TrainingSide._calibrate,
+        ts.TrainingSide._forward_ad,
+        ts.TrainingSide._batched,
+    )
+
+    def calibrate(self, *a, **k):
+        self.probed = []
+        seen.append(self)
+        return real_cal(self, *a, **k)
+
+    def forward_ad(self, *a, **k):
+        getattr(self, "probed", []).append("forward_ad")
+        return real_fad(self, *a, **k)
+
+    def batched(self, *a, **k):
+        getattr(self, "probed", []).append(k.get("mode"))
+        return real_bat(self, *a, **k)
+
+    monkeypatch.setattr(ts.TrainingSide, "_calibrate", calibrate)
+    monkeypatch.setattr(ts.TrainingSide, "_forward_ad", forward_ad)
+    monkeypatch.setattr(ts.TrainingSide, "_batched", batched)
+    return seen
+
+
+@pytest.mark.parametrize("margin", [0.01, 100.0])
+def test_auto_measures_only_routes_that_can_beat_the_rules(margin, monkeypatch) -> None:
+    """Where the rules hold, auto never probes the per-sample route (B backwards of the batch
+    for what the rules get from one), and probes forward_ad only when its arithmetic bound is
+    within TANGENT_MARGIN of the rules'; the run equals the explicit rules route bitwise."""
+    from explaind_kernel import training_side as ts
+
+    setup = KernelSetup("mlp", SETUPS[0].make_model, SETUPS[0].make_data, SETUPS[0].make_opt, 3)
+    store = f"memory://auto-bound-{margin}"
+    fresh, test_x, _ = train(setup, store)
+    monkeypatch.setattr(ts, "TANGENT_MARGIN", margin)
+    seen = _calibrations(monkeypatch)
+    auto = compute_kernel(store, fresh, test_x[:2], progress=False, cpu_threads=1)
+    (side,) = seen
+    assert "per_sample" not in side.probed and "per_sample" not in side.timings
+    assert ("forward_ad" in side.probed) == (margin > 1.0), side.probed
+    assert auto.extra["training_routes"] == {"rules": 3}
+    explicit = compute_kernel(
+        store, fresh, test_x[:2], progress=False, cpu_threads=1, training_mode="rules"
+    )
+    for f in FIELDS:
+        assert np.array_equal(getattr(auto, f), getattr(explicit, f)), f
+
+
+def test_the_tangent_bound_is_rows_of_batch_forwards_over_the_rules_work(monkeypatch) -> None:
+    """_tangent_bound = R·F / (4·F + 2·B·P·R), F the recorded batch's forward FLOPs counted
+    here independently on a fresh model of the architecture."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from explaind_kernel import training_side as ts
+
+    setup = KernelSetup("mlp", SETUPS[0].make_model, SETUPS[0].make_data, SETUPS[0].make_opt, 2)
+    store = "memory://auto-bound-formula"
+    fresh, test_x, _ = train(setup, store)
+    got: list = []
+    real = ts.TrainingSide._tangent_bound
+
+    def spy(self, params, buffers, forward, z_grad):
+        got.append((real(self, params, buffers, forward, z_grad), forward, z_grad))
+        return got[-1][0]
+
+    monkeypatch.setattr(ts.TrainingSide, "_tangent_bound", spy)
+    compute_kernel(store, fresh, test_x[:2], progress=False, cpu_threads=1)
+    bound, forward, z_grad = got[0]
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        setup.make_model()(forward.args[0].float())
+    f = float(counter.get_total_flops())
+    rows = 2 * 3  # two inputs × three outputs
+    params = sum(p.numel() for p in fresh.parameters())
+    assert f > 0 and next(iter(z_grad.values())).shape[0] == rows
+    expect = rows * f / (4 * f + 2 * len(forward.ids) * params * rows)
+    assert bound == pytest.approx(expect, rel=1e-12)
+
+
+def test_the_rules_are_timed_without_their_per_sample_check(monkeypatch) -> None:
+    """The first forward's per-sample check (one forward in check_every) is not charged to the
+    rules route's measured time."""
+    import time
+
+    from explaind_kernel import training_side as ts
+
+    setup = KernelSetup("mlp", SETUPS[0].make_model, SETUPS[0].make_data, SETUPS[0].make_opt, 2)
+    store = "memory://auto-check-time"
+    fresh, test_x, _ = train(setup, store)
+    real = ts.rows_check
+
+    def slow_check(*a, **k):
+        time.sleep(0.5)
+        return real(*a, **k)
+
+    monkeypatch.setattr(ts, "rows_check", slow_check)
+    seen = _calibrations(monkeypatch)
+    compute_kernel(store, fresh, test_x[:2], progress=False, cpu_threads=1)
+    (side,) = seen
+    assert 0.0 < side.timings["rules"] < 0.5
