@@ -105,7 +105,9 @@ def _passes(side, theta, delta, buffers, s, w, ins=None, step: int = MAX_GROUP):
     """Σ over groups q of w[q, i]·∂f/∂θ(x_i; θ + s[q, i]·Δθ) per input i (of `ins`, by
     default all), in passes of up to `step` groups."""
     side.fm.set_modes(False)
+    space = side.fm.row_capture(list(theta)).workspace
     total: dict[str, Tensor] | None = None
+    owned = False  # whether `total` is this function's own sum (else the first pass's output)
     for lo in range(0, s.shape[0], step):
         hi = lo + step
         part = _group(side, theta, delta, buffers, s[lo:hi], w[lo:hi], ins)
@@ -113,8 +115,18 @@ def _passes(side, theta, delta, buffers, s, w, ins=None, step: int = MAX_GROUP):
             return None
         if total is None:
             total = part
-        else:  # out of place: a rule may hand back a tensor the capture shares (a tap's g)
-            total = {k: total[k] + v for k, v in part.items()}
+        elif not owned:  # a rule may hand back a tensor the capture shares (a tap's g): the
+            # sum goes into buffers of its own, where the later passes are added in place
+            total = {
+                k: torch.add(total[k], v, out=space.empty(v.shape, v.dtype, v.device))
+                for k, v in part.items()
+            }
+            owned = True
+        else:
+            for k, v in part.items():
+                total[k].add_(v)
+        del part
+        space.reclaim()  # the next pass writes into the buffers of the one just added
     return total
 
 

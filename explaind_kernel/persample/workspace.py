@@ -60,6 +60,14 @@ class Workspace:
         self._free = [b for b in self._lent if _holders(b) == 1]
         self._lent = []
 
+    def reclaim(self) -> None:
+        """Within a step: take back the lent buffers nobody holds any more, and keep lending
+        the others (a `release` then still finds those)."""
+        keep = []
+        for b in self._lent:
+            (self._free if _holders(b) == 1 else keep).append(b)
+        self._lent = keep
+
     def clear(self) -> None:
         """Drop every buffer."""
         self._free, self._lent = [], []

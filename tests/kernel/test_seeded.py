@@ -310,6 +310,46 @@ def test_kink_pieces_through_the_workspace_stay_on_the_rules() -> None:
         _assert_rows_equal(got, ref_side._jacobian_at(params, delta, {}, rows, s, w))
 
 
+def test_kink_pieces_in_several_passes_are_summed_into_buffers_of_their_own() -> None:
+    """Nine pieces per input at the workspace's sizes: passes of 4, 4 and 1 groups, the first
+    pass's output summed with the second into a lent buffer, the third added in place; a
+    pass's buffers, once added, go to the next pass. Twice over: equal to torch.func."""
+    from explaind_kernel.node_pass import piece_pass
+
+    fm, params, x = _workspace_model()
+    rows = np.repeat(np.arange(8), 9)
+    s = np.tile(np.linspace(0.05, 0.95, 9), 8)
+    w = np.full(rows.size, 1.0 / 9)
+    side = _side(fm, x, check_every=1)
+    ref_side = _side(fm, x, rules=False)
+    space = fm.row_capture(list(params)).workspace
+    for seed in (2, 5):
+        delta = _step(params, seed=seed)
+        got = piece_pass(side, params, delta, {}, rows, s, w)
+        assert side.rules
+        _assert_rows_equal(got, ref_side._jacobian_at(params, delta, {}, rows, s, w))
+    assert space._free, "the added passes' buffers were taken back within the step"
+
+
+def test_reclaim_takes_back_what_nobody_holds_and_keeps_lending_the_rest() -> None:
+    """reclaim() frees the dropped buffers for the next pass of the step; a buffer still held
+    stays lent, and the step's release() takes it back once it is dropped."""
+    from explaind_kernel.persample.workspace import MIN_BYTES, Workspace
+
+    ws = Workspace()
+    n = MIN_BYTES // 8
+    a, b = ws.empty((n,), torch.float64, CPU), ws.empty((n,), torch.float64, CPU)
+    pa, pb = a.data_ptr(), b.data_ptr()
+    del a
+    ws.reclaim()
+    again = ws.empty((n,), torch.float64, CPU)
+    assert again.data_ptr() == pa
+    assert ws.empty((n,), torch.float64, CPU).data_ptr() not in (pa, pb)  # b is held
+    del b
+    ws.release()
+    assert pb in {t.data_ptr() for t in ws._free}
+
+
 class _ReluNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
