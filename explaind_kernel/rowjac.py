@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.func import jacrev, vmap
 
 from .persample import Shift
+from .persample.attention import seeded_attention
 from .persample.local import math_attention
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _seeded_pass(side, cap, params, buffers, xs, index, shift, weights, groups: 
     idx = index.repeat_interleave(groups, 0)
     sh = Shift(shift[0].to(ref.dtype).reshape(-1), shift[1]) if shift is not None else None
     base = int(idx.shape[0])
-    with math_attention(), cap.capture(base, params, sh, seeded=True) as run:
+    with math_attention(), seeded_attention(), cap.capture(base, params, sh, seeded=True) as run:
         y = side.selector(side._call(run, buffers, pairs), idx)
         if weights is not None:
             y = y * weights.to(ref.dtype).reshape(-1, 1)
@@ -153,7 +154,11 @@ def points_jacobian(
     ref = next(iter(points[0].values()))
 
     def seeded() -> None:  # one forward of the m inputs per point, all outputs seeded at once
-        with math_attention(), cap.capture_points(m, points, seeded=True) as runs:
+        with (
+            math_attention(),
+            seeded_attention(),
+            cap.capture_points(m, points, seeded=True) as runs,
+        ):
             ys = [
                 side.selector(side._call(run, buffers, xs), index) * w
                 for run, w in zip(runs, weights)

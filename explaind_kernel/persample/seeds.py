@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vmap
 
 from .embedding import embedding_rule
 from .linear import linear_rule
@@ -48,14 +49,7 @@ def seeded_backward(
     for y in outputs:
         eye = torch.eye(width, dtype=y.dtype, device=y.device)
         seeds.append(eye.reshape(width, *([1] * (y.dim() - 1)), width).expand(width, *y.shape))
-    got = torch.autograd.grad(
-        outputs,
-        [s[0] for s in slots],
-        seeds,
-        is_grads_batched=True,
-        allow_unused=True,
-        retain_graph=keep,
-    )
+    got = _batched_grad(outputs, [s[0] for s in slots], seeds, keep)
     at = {id(s): g for s, g in zip(slots, got)}
     for module, call in calls:
         if _fits(module, call, base, at):
@@ -72,6 +66,21 @@ def seeded_backward(
     for s in taps:
         _fill(s, at, 0, base, width, groups)
     return base * width
+
+
+def _batched_grad(outputs, inputs, seeds, keep: bool) -> list[Tensor | None]:
+    """torch.autograd.grad of `outputs` at `inputs` for every seed (dim 0 of `seeds`), by
+    torch.func's vmap (whose functions may carry their own batching rules: attention.py);
+    None for an input the outputs do not depend on."""
+    unused: list[bool] = []
+
+    def one(*seed):
+        got = torch.autograd.grad(outputs, inputs, seed, allow_unused=True, retain_graph=keep)
+        unused[:] = [g is None for g in got]
+        return tuple(g if g is not None else x.new_zeros(()) for g, x in zip(got, inputs))
+
+    got = vmap(one)(*seeds)
+    return [None if u else g for g, u in zip(got, unused)]
 
 
 def _fill(slot: list, at: dict, bdim: int, base: int, width: int, groups: int) -> None:
