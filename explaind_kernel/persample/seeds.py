@@ -5,7 +5,8 @@ The expanded row pass repeats each base row (a test input, or an (input, group) 
 point) once per explained output, so that one backward of the explained sum gives each row its
 own output gradient; its forward then costs O times that of the base rows. A seeded pass runs
 the forward over the base rows only and seeds the backward with all O explained outputs at once
-(torch.autograd.grad with is_grads_batched: a vmap over the backward graph), asking for the
+(torch.func's vmap of torch.autograd.grad over the seeds; attention there by attention.py's
+function, whose vmap rule puts the seeds into its products' rows), asking for the
 gradient at every recorded module output directly. Afterwards each recorded call is laid out as
 an expanded pass would have recorded it — its inputs repeated, its batched output gradients in
 row order (j·O + o)·G + k — so the layer rules, the folding and the per-row check are unchanged.
